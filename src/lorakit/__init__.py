@@ -1,0 +1,37 @@
+"""lorakit: Low-Rank Adaptation (LoRA) for any PyTorch model.
+
+The public API in one import: ``inject`` adapters into a model, switch/merge/unload them, and save or load
+them as PEFT-compatible safetensors files.
+"""
+
+from .config import FusedSpec, LoraConfig
+from .errors import AdapterError, AdapterLoadError, ConfigError, LoraError, MergeError, TargetError
+from .functional import lora_delta
+from .layers import LoraLayer
+from .merge import combine_adapters, merge, unload, unmerge
+from .model import (
+    Summary,
+    active_adapters,
+    adapter_per_sample,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    find_targets,
+    forward_mixed,
+    inject,
+    list_adapters,
+    lora_layers,
+    mark_trainable,
+    set_active_adapters,
+    summary,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError", "AdapterLoadError", "ConfigError", "FusedSpec", "LoraConfig", "LoraError", "LoraLayer",
+    "MergeError", "Summary", "TargetError", "active_adapters", "adapter_per_sample", "add_adapter",
+    "combine_adapters", "delete_adapter", "disable_adapters", "find_targets", "forward_mixed", "inject",
+    "list_adapters", "lora_delta", "lora_layers", "mark_trainable", "merge", "set_active_adapters", "summary",
+    "unload", "unmerge",
+]

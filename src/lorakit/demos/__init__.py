@@ -1,0 +1,1 @@
+"""Embedded default jobs: they need nothing but the installed packages (no downloads)."""

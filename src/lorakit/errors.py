@@ -1,0 +1,29 @@
+"""lorakit's exception types: every failure a user can cause has its own, with a message that names
+the module, the key and the expected and found values."""
+
+
+class LoraError(Exception):
+    """Base of every lorakit error."""
+
+
+class ConfigError(LoraError, ValueError):
+    """A LoraConfig (or another config) holds an invalid value."""
+
+
+class TargetError(LoraError, ValueError):
+    """target_modules matched nothing, or matched a module lorakit cannot adapt."""
+
+
+class AdapterError(LoraError, KeyError):
+    """An adapter name is unknown, already taken, or used in a way its state forbids."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class MergeError(LoraError, RuntimeError):
+    """A merge/unmerge request conflicts with the layer's state (e.g. mixed batch while merged)."""
+
+
+class AdapterLoadError(LoraError, ValueError):
+    """An adapter file is missing, truncated, not safetensors, or does not fit the model."""

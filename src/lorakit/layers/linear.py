@@ -1,0 +1,153 @@
+"""LoRA for Linear layers, GPT-2's Conv1D (weight stored (in, out): fan_in_fan_out) and fused projections."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import FusedSpec
+from ..errors import AdapterLoadError
+from ..functional import lora_delta, lora_linear
+from .base import AdapterSpec, LoraLayer, init_A
+
+
+class Linear(LoraLayer):
+    """``base(x) + scale * B(A(dropout(x)))`` with A: (r, in_features), B: (out_features, r)."""
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.in_features, self.out_features = linear_features(base_layer, fan_in_fan_out)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create(self, name: str, spec: AdapterSpec, dtype: torch.dtype, device: torch.device) -> None:
+        self.lora_A[name] = nn.Linear(self.in_features, spec.r, bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = nn.Linear(spec.r, self.out_features, bias=False, dtype=dtype, device=device)
+
+    def _remove(self, name: str) -> None:
+        del self.lora_A[name], self.lora_B[name]
+
+    def _reset(self, name: str, spec: AdapterSpec) -> None:
+        init_A(self.lora_A[name].weight, spec)
+        nn.init.zeros_(self.lora_B[name].weight)
+
+    def _update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        A = self.lora_A[name].weight
+        if x.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(A.dtype)
+        return lora_linear(self.lora_dropout[name](x), A, self.lora_B[name].weight)
+
+    def _delta(self, name: str) -> torch.Tensor:
+        delta = lora_delta(self.lora_A[name].weight, self.lora_B[name].weight, 1.0)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def peft_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+    def load_peft_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(tensors["lora_A.weight"])
+            self.lora_B[name].weight.copy_(tensors["lora_B.weight"])
+
+
+class FusedLinear(Linear):
+    """A Linear whose output is several projections side by side (q,k,v or gate,up), LoRA on chosen slices.
+
+    One A of shape (r * k, in) feeds all k enabled slices (one matmul); slice j has its own B_j of shape
+    (size_j, r). Disabled slices get no update. On disk this is an ordinary PEFT LoRA of rank r * k with a
+    block-structured B, so PEFT and vLLM load it unchanged.
+    """
+
+    def __init__(self, base_layer: nn.Module, spec: FusedSpec, fan_in_fan_out: bool = False):
+        super().__init__(base_layer, fan_in_fan_out)
+        self.fused = spec
+        self.slice_sizes = spec.slice_sizes(self.out_features)
+        starts = [sum(self.slice_sizes[:i]) for i in range(len(self.slice_sizes))]
+        self.slices = [(s, s + n) for s, n in zip(starts, self.slice_sizes)]
+        self.enabled = [i for i, on in enumerate(spec.enabled) if on]
+
+    def _create(self, name: str, spec: AdapterSpec, dtype: torch.dtype, device: torch.device) -> None:
+        k = len(self.enabled)
+        rows = sum(self.slice_sizes[i] for i in self.enabled)
+        self.lora_A[name] = nn.Linear(self.in_features, spec.r * k, bias=False, dtype=dtype, device=device)
+        # B stores the enabled slices' B_j stacked: (sum of enabled sizes, r)
+        self.lora_B[name] = nn.Linear(spec.r, rows, bias=False, dtype=dtype, device=device)
+
+    def _blocks(self, name: str):
+        """Yield (slice index, A_j, B_j) for every enabled slice."""
+        r = self.specs[name].r
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        row = 0
+        for j, i in enumerate(self.enabled):
+            size = self.slice_sizes[i]
+            yield i, A[j * r:(j + 1) * r], B[row:row + size]
+            row += size
+
+    def _update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        A = self.lora_A[name].weight
+        if x.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(A.dtype)
+        r = self.specs[name].r
+        ax = torch.nn.functional.linear(self.lora_dropout[name](x), A)  # (..., r * k), one matmul for all slices
+        B = self.lora_B[name].weight
+        pieces, row, j = [], 0, 0
+        for i, size in enumerate(self.slice_sizes):
+            if i in self.enabled:
+                pieces.append(torch.nn.functional.linear(ax[..., j * r:(j + 1) * r], B[row:row + size]))
+                row += size
+                j += 1
+            else:
+                pieces.append(ax.new_zeros(*ax.shape[:-1], size))
+        return torch.cat(pieces, dim=-1)
+
+    def _delta(self, name: str) -> torch.Tensor:
+        A = self.lora_A[name].weight
+        delta = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=A.device)
+        for i, A_j, B_j in self._blocks(name):
+            start, stop = self.slices[i]
+            delta[start:stop] = lora_delta(A_j, B_j, 1.0)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _dense_B(self, name: str) -> torch.Tensor:
+        r = self.specs[name].r
+        B = self.lora_B[name].weight
+        dense = B.new_zeros(self.out_features, r * len(self.enabled))
+        for j, (i, _, B_j) in enumerate(self._blocks(name)):
+            start, stop = self.slices[i]
+            dense[start:stop, j * r:(j + 1) * r] = B_j
+        return dense
+
+    def peft_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self._dense_B(name)}
+
+    def peft_rank_alpha(self, name: str) -> tuple[int, float]:
+        spec, k = self.specs[name], len(self.enabled)
+        factor = k**0.5 if spec.use_rslora else k  # keeps alpha'/r' (or alpha'/sqrt(r')) equal to ours
+        return spec.r * k, spec.alpha * factor
+
+    def load_peft_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        r = self.specs[name].r
+        dense = tensors["lora_B.weight"]
+        mask = torch.zeros(dense.shape, dtype=torch.bool)
+        blocks = []
+        for j, i in enumerate(self.enabled):
+            start, stop = self.slices[i]
+            mask[start:stop, j * r:(j + 1) * r] = True
+            blocks.append(dense[start:stop, j * r:(j + 1) * r])
+        if torch.any(dense[~mask.to(dense.device)] != 0):
+            raise AdapterLoadError(
+                "lora_B.weight of a fused projection has non-zero entries outside its slices "
+                f"(slices {self.slices}, enabled {self.enabled}); it was not saved for this fused layout"
+            )
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(tensors["lora_A.weight"])
+            self.lora_B[name].weight.copy_(torch.cat(blocks, dim=0))
+
+
+def linear_features(layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear-like layer, reading the attributes when it has them."""
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return int(layer.in_features), int(layer.out_features)
+    w = layer.weight
+    return (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])

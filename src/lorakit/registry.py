@@ -1,0 +1,76 @@
+"""The one place that knows layer types: base-layer type -> how to wrap it in a LoRA layer.
+
+Other modules ask ``lookup(module)``; nothing else in lorakit tests module types or names. Later layer
+families (4-bit Linear, ...) call ``register`` for their own base type.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from .config import LoraConfig
+from .layers import Conv, Embedding, FusedLinear, Linear, LoraLayer
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """How to wrap one base type. ``kind`` groups types for "all-linear" ("linear", "embedding", "conv")."""
+
+    build: Callable[[nn.Module, str, LoraConfig], LoraLayer]
+    kind: str
+
+
+def _linear(fan_in_fan_out: bool) -> Callable[[nn.Module, str, LoraConfig], LoraLayer]:
+    def build(module: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
+        fifo = fan_in_fan_out if config.fan_in_fan_out is None else config.fan_in_fan_out
+        fused = config.fused_for(name)
+        if fused is not None:
+            return FusedLinear(module, fused, fan_in_fan_out=fifo)
+        return Linear(module, fan_in_fan_out=fifo)
+
+    return build
+
+
+_REGISTRY: dict[type, LayerType] = {
+    nn.Linear: LayerType(_linear(False), "linear"),
+    nn.Embedding: LayerType(lambda m, n, c: Embedding(m), "embedding"),
+    nn.Conv1d: LayerType(lambda m, n, c: Conv(m), "conv"),
+    nn.Conv2d: LayerType(lambda m, n, c: Conv(m), "conv"),
+    nn.Conv3d: LayerType(lambda m, n, c: Conv(m), "conv"),
+}
+_hf_registered = False
+
+
+def register(base_type: type, build: Callable[[nn.Module, str, LoraConfig], LoraLayer], kind: str) -> None:
+    """Teach lorakit to wrap ``base_type`` (and its subclasses) with the layer ``build`` returns."""
+    _REGISTRY[base_type] = LayerType(build, kind)
+
+
+def _register_transformers() -> None:
+    """GPT-2's Conv1D is a Linear with its weight stored (in, out). Registered only once transformers is
+    imported: a model cannot hold a Conv1D before that, and lorakit never imports transformers itself."""
+    global _hf_registered
+    if _hf_registered or "transformers.pytorch_utils" not in sys.modules:
+        return
+    from transformers.pytorch_utils import Conv1D
+
+    register(Conv1D, _linear(True), "linear")
+    _hf_registered = True
+
+
+def lookup(module: nn.Module) -> LayerType | None:
+    """The LayerType for a module (searching its class hierarchy), or None when lorakit cannot adapt it."""
+    _register_transformers()
+    for cls in type(module).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None
+
+
+def supported_types() -> list[str]:
+    _register_transformers()
+    return sorted(t.__name__ for t in _REGISTRY)
