@@ -7,6 +7,7 @@ them as PEFT-compatible safetensors files.
 from .config import FusedSpec, LoraConfig
 from .errors import AdapterError, AdapterLoadError, ConfigError, LoraError, MergeError, TargetError
 from .functional import lora_delta
+from .io import adapter_state_dict, load_adapter, read_adapter, save_adapter
 from .layers import LoraLayer
 from .merge import combine_adapters, merge, unload, unmerge
 from .model import (
@@ -33,5 +34,5 @@ __all__ = [
     "MergeError", "Summary", "TargetError", "active_adapters", "adapter_per_sample", "add_adapter",
     "combine_adapters", "delete_adapter", "disable_adapters", "find_targets", "forward_mixed", "inject",
     "list_adapters", "lora_delta", "lora_layers", "mark_trainable", "merge", "set_active_adapters", "summary",
-    "unload", "unmerge",
+    "unload", "unmerge", "adapter_state_dict", "load_adapter", "read_adapter", "save_adapter",
 ]

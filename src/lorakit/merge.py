@@ -100,11 +100,10 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], new_name: str)
             state = {k: [] for k in layer.peft_state(pieces[0][0])}
             for n, w in pieces:
                 for k, t in layer.peft_state(n).items():
-                    if k.endswith("B") or k.endswith("B.weight"):
+                    if k == layer.peft_B_key:
                         t = t * (w * float(layer.scale(n)) / layer.specs[new_name].scale)
                     state[k].append(t)
-            b_key = next(k for k in state if k.endswith("B") or k.endswith("B.weight"))
-            merged_state = {k: torch.cat(v, dim=1 if k == b_key else 0) for k, v in state.items()}
+            merged_state = {k: torch.cat(v, dim=1 if k == layer.peft_B_key else 0) for k, v in state.items()}
             layer.load_peft_state(new_name, merged_state)
 
 

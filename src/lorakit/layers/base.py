@@ -73,6 +73,9 @@ class LoraLayer(nn.Module):
             PEFT's local key names ("lora_A.weight", ...), used by io.
     """
 
+    peft_B_key: str = "lora_B.weight"
+    """Key of B in peft_state (scaled when adapters are combined)."""
+
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer

@@ -16,6 +16,8 @@ class Embedding(LoraLayer):
     Parameter names follow PEFT (lora_embedding_A / lora_embedding_B). No dropout: ids cannot be dropped.
     """
 
+    peft_B_key = "lora_embedding_B"
+
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
         self.num_embeddings, self.embedding_dim = base_layer.weight.shape
