@@ -27,3 +27,11 @@ class MergeError(LoraError, RuntimeError):
 
 class AdapterLoadError(LoraError, ValueError):
     """An adapter file is missing, truncated, not safetensors, or does not fit the model."""
+
+
+class DataError(LoraError, ValueError):
+    """A training/eval data file is missing, empty, malformed, or lacks a column the job needs."""
+
+
+class TrainingError(LoraError, RuntimeError):
+    """Training cannot go on (a non-finite loss, a checkpoint that does not fit the run)."""
