@@ -238,36 +238,38 @@ class LoraLayer(nn.Module):
         names = [n for n in (self.active if names is None else names) if n not in self.merged]
         if not names:
             return []
-        w = self.base_weight
+        for name in names:
+            self._require(name)
         if keep_original and self._original_weight is None and not self.merged:
-            self._original_weight = w.detach().clone()
-        total = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        for name in names:
-            coef = self.active.get(name, 1.0)
-            total += self.delta_weight(name) * coef
-        with torch.no_grad():
-            w.copy_((w.to(torch.float32) + total).to(w.dtype))
-        for name in names:
-            self.merged[name] = self.active.get(name, 1.0)
+            self._original_weight = self.base_weight.detach().clone()
+        coefs = {name: self.active.get(name, 1.0) for name in names}
+        self._add_to_weight(coefs, sign=1.0)
+        self.merged.update(coefs)
         return names
 
     def unmerge(self) -> list[str]:
         """Take every merged adapter back out of the base weight (bit-exact when merged with keep_original)."""
         if not self.merged:
             return []
-        w = self.base_weight
-        with torch.no_grad():
-            if self._original_weight is not None:
-                w.copy_(self._original_weight)
-            else:
-                total = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-                for name, coef in self.merged.items():
-                    total += self.delta_weight(name) * coef
-                w.copy_((w.to(torch.float32) - total).to(w.dtype))
+        if self._original_weight is not None:
+            with torch.no_grad():
+                self.base_weight.copy_(self._original_weight)
+        else:
+            self._add_to_weight(self.merged, sign=-1.0)
         names = list(self.merged)
         self.merged.clear()
         self._original_weight = None
         return names
+
+    def _add_to_weight(self, coefs: dict[str, float], sign: float) -> None:
+        """weight += sign * sum(coef * delta), accumulated in fp32 and rounded once to the weight's dtype."""
+        w = self.base_weight
+        with torch.no_grad():
+            acc = w if w.dtype == torch.float32 else w.to(torch.float32)
+            for name, coef in coefs.items():
+                acc.add_(self.delta_weight(name), alpha=sign * coef)
+            if acc is not w:
+                w.copy_(acc)
 
     def train(self, mode: bool = True) -> "LoraLayer":
         super().train(mode)
