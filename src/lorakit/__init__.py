@@ -26,6 +26,17 @@ from .model import (
     set_active_adapters,
     summary,
 )
+from .parametrize import (
+    delete_parametrized_adapter,
+    disable_parametrized,
+    load_parametrized_state,
+    parametrize,
+    parametrized_active,
+    parametrized_state_dict,
+    remove_parametrizations,
+    set_parametrized_active,
+    set_parametrized_enabled,
+)
 
 __version__ = "0.1.0"
 
@@ -34,5 +45,8 @@ __all__ = [
     "MergeError", "Summary", "TargetError", "active_adapters", "adapter_per_sample", "add_adapter",
     "combine_adapters", "delete_adapter", "disable_adapters", "find_targets", "forward_mixed", "inject",
     "list_adapters", "lora_delta", "lora_layers", "mark_trainable", "merge", "set_active_adapters", "summary",
-    "unload", "unmerge", "adapter_state_dict", "load_adapter", "read_adapter", "save_adapter",
+    "unload", "unmerge",
+    "delete_parametrized_adapter", "disable_parametrized", "load_parametrized_state", "parametrize",
+    "parametrized_active", "parametrized_state_dict", "remove_parametrizations", "set_parametrized_active",
+    "set_parametrized_enabled", "adapter_state_dict", "load_adapter", "read_adapter", "save_adapter",
 ]

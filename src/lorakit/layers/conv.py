@@ -54,39 +54,57 @@ class Conv(LoraLayer):
         return self.lora_B[name](A(self.lora_dropout[name](x)))
 
     def _delta(self, name: str) -> torch.Tensor:
-        G, r = self.groups, self.specs[name].r
-        A = self.lora_A[name].weight.reshape(G, r // G, -1)  # (G, r/G, in/G * kernel)
-        B = self.lora_B[name].weight.reshape(G, self.out_channels // G, r // G)
-        delta = lora_delta(A, B, 1.0)  # (G, out/G, in/G * kernel)
-        return delta.reshape(self.out_channels, self.in_channels // G, *self.kernel_size)
+        return conv_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.groups)
 
     # PEFT stores A ungrouped: (r, in, *kernel). Ours is its block-diagonal part.
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        if self.groups == 1:
-            return {"lora_A.weight": A, "lora_B.weight": B}
-        G, r = self.groups, self.specs[name].r
-        rg, cg = r // G, self.in_channels // G
-        full = A.new_zeros(r, self.in_channels, *self.kernel_size)
-        for g in range(G):
-            full[g * rg:(g + 1) * rg, g * cg:(g + 1) * cg] = A[g * rg:(g + 1) * rg]
-        return {"lora_A.weight": full, "lora_B.weight": B}
+        return {"lora_A.weight": conv_A_to_peft(A, self.groups, self.in_channels), "lora_B.weight": B}
 
     def load_peft_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        A, B = tensors["lora_A.weight"], tensors["lora_B.weight"]
-        if self.groups > 1:
-            G, r = self.groups, self.specs[name].r
-            rg, cg = r // G, self.in_channels // G
-            blocks, mask = [], torch.zeros(A.shape[:2], dtype=torch.bool)
-            for g in range(G):
-                blocks.append(A[g * rg:(g + 1) * rg, g * cg:(g + 1) * cg])
-                mask[g * rg:(g + 1) * rg, g * cg:(g + 1) * cg] = True
-            if torch.any(A[~mask.to(A.device)] != 0):
-                raise AdapterLoadError(
-                    f"lora_A.weight of a grouped conv (groups={G}) mixes channel groups; lorakit keeps grouped "
-                    "convs mergeable and cannot represent this adapter"
-                )
-            A = torch.cat(blocks, dim=0)
+        A = conv_A_from_peft(tensors["lora_A.weight"], self.groups, self.specs[name].r)
         with torch.no_grad():
             self.lora_A[name].weight.copy_(A)
-            self.lora_B[name].weight.copy_(B)
+            self.lora_B[name].weight.copy_(tensors["lora_B.weight"])
+
+
+# Shared with lorakit.parametrize: the conv maths and the PEFT layout live here once.
+def conv_delta(A: torch.Tensor, B: torch.Tensor, groups: int, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """``scale * B @ A`` of a conv adapter in the base weight's layout (out, in / G, *kernel), fp32.
+
+    A: (r, in / G, *kernel), B: (out, r / G, 1, ...). Each group g multiplies its own (out / G, r / G) block of
+    B with its (r / G, in / G * kernel) block of A, so the update is a grouped conv like the base.
+    """
+    G, r, out = groups, A.shape[0], B.shape[0]
+    delta = lora_delta(A.reshape(G, r // G, -1), B.reshape(G, out // G, r // G), scale)  # (G, out/G, in/G * k)
+    return delta.reshape(out, *A.shape[1:])
+
+
+def conv_A_to_peft(A: torch.Tensor, groups: int, in_channels: int) -> torch.Tensor:
+    """A in PEFT's on-disk layout (r, in, *kernel): the grouped A placed block-diagonally (itself when G = 1)."""
+    if groups == 1:
+        return A
+    G, r = groups, A.shape[0]
+    rg, cg = r // G, in_channels // G
+    full = A.new_zeros(r, in_channels, *A.shape[2:])
+    for g in range(G):
+        full[g * rg:(g + 1) * rg, g * cg:(g + 1) * cg] = A[g * rg:(g + 1) * rg]
+    return full
+
+
+def conv_A_from_peft(A: torch.Tensor, groups: int, r: int) -> torch.Tensor:
+    """Inverse of conv_A_to_peft; raises AdapterLoadError when A mixes channel groups (not mergeable)."""
+    if groups == 1:
+        return A
+    G = groups
+    rg, cg = r // G, A.shape[1] // G
+    blocks, mask = [], torch.zeros(A.shape[:2], dtype=torch.bool)
+    for g in range(G):
+        blocks.append(A[g * rg:(g + 1) * rg, g * cg:(g + 1) * cg])
+        mask[g * rg:(g + 1) * rg, g * cg:(g + 1) * cg] = True
+    if torch.any(A[~mask.to(A.device)] != 0):
+        raise AdapterLoadError(
+            f"lora_A.weight of a grouped conv (groups={G}) mixes channel groups; lorakit keeps grouped "
+            "convs mergeable and cannot represent this adapter"
+        )
+    return torch.cat(blocks, dim=0)

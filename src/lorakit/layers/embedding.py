@@ -42,7 +42,7 @@ class Embedding(LoraLayer):
         return after_A @ B.T
 
     def _delta(self, name: str) -> torch.Tensor:
-        return lora_delta(self.lora_embedding_A[name], self.lora_embedding_B[name], 1.0).T
+        return embedding_delta(self.lora_embedding_A[name], self.lora_embedding_B[name])
 
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:
         return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
@@ -51,3 +51,9 @@ class Embedding(LoraLayer):
         with torch.no_grad():
             self.lora_embedding_A[name].copy_(tensors["lora_embedding_A"])
             self.lora_embedding_B[name].copy_(tensors["lora_embedding_B"])
+
+
+def embedding_delta(A: torch.Tensor, B: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """``scale * (B @ A).T``: the update of an embedding table (num_embeddings, dim) from A: (r, num) and
+    B: (dim, r), in fp32. Shared with lorakit.parametrize."""
+    return lora_delta(A, B, scale).T

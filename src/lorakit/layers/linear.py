@@ -39,8 +39,7 @@ class Linear(LoraLayer):
         return lora_linear(self.lora_dropout[name](x), A, self.lora_B[name].weight)
 
     def _delta(self, name: str) -> torch.Tensor:
-        delta = lora_delta(self.lora_A[name].weight, self.lora_B[name].weight, 1.0)
-        return delta.T if self.fan_in_fan_out else delta
+        return linear_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.fan_in_fan_out)
 
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
@@ -143,6 +142,15 @@ class FusedLinear(Linear):
         with torch.no_grad():
             self.lora_A[name].weight.copy_(tensors["lora_A.weight"])
             self.lora_B[name].weight.copy_(torch.cat(blocks, dim=0))
+
+
+def linear_delta(
+    A: torch.Tensor, B: torch.Tensor, fan_in_fan_out: bool, scale: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    """``scale * B @ A`` (A: (r, in), B: (out, r)) in the base weight's layout, fp32: (out, in), or (in, out)
+    when the weight is stored transposed (GPT-2's Conv1D). Shared with lorakit.parametrize."""
+    delta = lora_delta(A, B, scale)
+    return delta.T if fan_in_fan_out else delta
 
 
 def linear_features(layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
