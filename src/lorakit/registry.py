@@ -30,9 +30,15 @@ def _linear(fan_in_fan_out: bool) -> Callable[[nn.Module, str, LoraConfig], Lora
         fused = config.fused_for(name)
         if fused is not None:
             return FusedLinear(module, fused, fan_in_fan_out=fifo)
-        return Linear(module, fan_in_fan_out=fifo)
+        # exact types only: a subclass may compute something else than x @ W.T + b
+        return Linear(module, fan_in_fan_out=fifo, plain_matmul=type(module) in _PLAIN_MATMUL)
 
     return build
+
+
+_PLAIN_MATMUL: set[type] = {nn.Linear}
+"""Base types whose forward is exactly ``x @ W.T + b`` (or ``x @ W + b`` when fan_in_fan_out): the fused
+LoRA kernel may compute them itself."""
 
 
 _REGISTRY: dict[type, LayerType] = {
@@ -59,6 +65,7 @@ def _register_transformers() -> None:
     from transformers.pytorch_utils import Conv1D
 
     register(Conv1D, _linear(True), "linear")
+    _PLAIN_MATMUL.add(Conv1D)
     _hf_registered = True
 
 

@@ -8,18 +8,47 @@ from torch import nn
 from ..config import FusedSpec
 from ..errors import AdapterLoadError
 from ..functional import lora_delta, lora_linear
+from ..kernels.lora_linear import lora_linear_fused
 from .base import AdapterSpec, LoraLayer, init_A
 
 
 class Linear(LoraLayer):
     """``base(x) + scale * B(A(dropout(x)))`` with A: (r, in_features), B: (out_features, r)."""
 
-    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False, plain_matmul: bool = False):
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
         self.in_features, self.out_features = linear_features(base_layer, fan_in_fan_out)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        # the base computes exactly x @ W.T + b (registry decides): the fused kernel may then replace it
+        self.plain_matmul = plain_matmul
+        self.use_fused_kernel = True
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._fused_adapter(x, args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base, drop = self.base_layer, self.lora_dropout[name]
+        drop = drop if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0 else None
+        scale = self.specs[name].scale * self.active[name]
+        return lora_linear_fused(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                 scale, drop, self.fan_in_fan_out)
+
+    def _fused_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
+        """The one active adapter when the fused kernel computes exactly what the reference path does."""
+        if not (self.use_fused_kernel and self.plain_matmul) or args or kwargs:
+            return None
+        if self.disabled or self.mixed is not None or self.merged or len(self.active) != 1:
+            return None
+        name = next(iter(self.active))
+        base = self.base_layer
+        if name in self.lora_scale or base.weight.requires_grad or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        A = self.lora_A[name].weight
+        if not torch.is_autocast_enabled(x.device.type) and not (x.dtype == base.weight.dtype == A.dtype):
+            return None
+        return name
 
     def _create(self, name: str, spec: AdapterSpec, dtype: torch.dtype, device: torch.device) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, spec.r, bias=False, dtype=dtype, device=device)
@@ -59,7 +88,7 @@ class FusedLinear(Linear):
     """
 
     def __init__(self, base_layer: nn.Module, spec: FusedSpec, fan_in_fan_out: bool = False):
-        super().__init__(base_layer, fan_in_fan_out)
+        super().__init__(base_layer, fan_in_fan_out)  # plain_matmul False: slices take the reference path
         self.fused = spec
         self.slice_sizes = spec.slice_sizes(self.out_features)
         starts = [sum(self.slice_sizes[:i]) for i in range(len(self.slice_sizes))]

@@ -1,0 +1,106 @@
+"""Fused LoRA linear: base matmul and low-rank update in one autograd node, fewer passes over activations.
+
+The reference path (``base(x) + scale * B(A(dropout(x)))`` through autograd) spends memory-bound passes over
+(tokens x features) tensors on things that carry no FLOPs: the ``scale *`` multiply and the ``+`` in the
+forward pass, ``g * scale`` and ``grad_x_base + grad_x_lora`` in the backward pass. Here they are folded into
+GEMM epilogues (``addmm`` with alpha/beta) or into the tiny (r x features) matrices.
+
+Forward, with X: (N, in), W: (out, in) frozen, A: (r, in), B: (out, r), s the scale, Xd = dropout(X):
+
+    XA  = Xd @ A.T                            (N, r)    saved for backward
+    Y   = X @ W.T + b ;  Y += s * XA @ B.T     one addmm epilogue, no extra pass
+
+Backward, with G = dL/dY:
+
+    GA     = s * (G @ B)                      (N, r)    scale applied on the small tensor
+    dB     = s * (G.T @ XA)                   (out, r)
+    dA     = GA.T @ Xd                        (r, in)
+    dX     = G @ W  (+ GA @ A when Xd is X)   addmm epilogue, no separate add
+    dXd    = GA @ A                           only with dropout (autograd then applies the mask)
+
+Saved for backward: Xd (for dA) and XA, never the (out, in) update B @ A. W is frozen, so X itself is not
+needed by the base matmul's backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoraLinearArgs:
+    """Non-tensor arguments of the fused op. ``transposed``: W is stored (in, out) (GPT-2's Conv1D)."""
+
+    scale: float
+    transposed: bool = False
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_drop, weight, bias, A, B, args: LoraLinearArgs):
+        in_features = A.shape[1]
+        x2 = x.reshape(-1, in_features)
+        xd2 = x2 if x_drop is None else x_drop.reshape(-1, in_features)
+        w_t = weight if args.transposed else weight.t()  # (in, out) view, no copy
+        xa = xd2 @ A.t()
+        if bias is not None:
+            y = torch.addmm(bias, x2, w_t)
+        else:
+            y = x2 @ w_t
+        y.addmm_(xa, B.t(), alpha=args.scale)
+        ctx.save_for_backward(xd2, xa, weight, A, B)
+        ctx.args = args
+        ctx.has_drop = x_drop is not None
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xd2, xa, weight, A, B = ctx.saved_tensors
+        args = ctx.args
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        ga = (g @ B).mul_(args.scale)  # (N, r)
+        grad_A = ga.t() @ xd2 if ctx.needs_input_grad[4] else None
+        grad_B = (g.t() @ xa).mul_(args.scale) if ctx.needs_input_grad[5] else None
+        grad_x = grad_xd = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_x = g @ (weight.t() if args.transposed else weight)  # (N, in)
+            if ctx.has_drop:
+                grad_xd = (ga @ A).view(ctx.x_shape)
+            else:
+                grad_x.addmm_(ga, A)
+            grad_x = grad_x.view(ctx.x_shape)
+        grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None
+
+
+def lora_linear_fused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    dropout: torch.nn.Module | None = None,
+    transposed: bool = False,
+) -> torch.Tensor:
+    """``x @ W.T + b + scale * dropout(x) @ A.T @ B.T`` as one autograd node (W must be frozen).
+
+    Under autocast every operand is cast to the autocast dtype first (the casts of A and B are tiny and
+    differentiable, so fp32 master adapters still get their gradients).
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, A, B = (t.to(dtype) for t in (x, weight, A, B))
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            return _apply(x, weight, bias, A, B, scale, dropout, transposed)
+    return _apply(x, weight, bias, A, B, scale, dropout, transposed)
+
+
+def _apply(x, weight, bias, A, B, scale, dropout, transposed):
+    x_drop = dropout(x) if dropout is not None else None
+    return LoraLinearFunction.apply(x, x_drop, weight, bias, A, B, LoraLinearArgs(float(scale), transposed))

@@ -1,0 +1,133 @@
+"""The fused LoRA linear (kernels/lora_linear.py) against the reference path: outputs and every gradient."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit as lk
+from lorakit.kernels import lora_linear as kernel
+
+
+def _pair(model_dtype=torch.float64, dropout=0.0, bias="none", **config):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8, bias=False)).to(model_dtype)
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["0", "2"], dropout=dropout, bias=bias, **config))
+    with torch.no_grad():
+        for _, layer in lk.lora_layers(model):
+            for name in layer.specs:
+                layer.lora_B[name].weight.normal_()
+    reference = copy.deepcopy(model)
+    for _, layer in lk.lora_layers(reference):
+        layer.use_fused_kernel = False
+    return model, reference
+
+
+def _run(model, x, seed=1):
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y = model(x)
+    y.backward(torch.ones_like(y) * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad, grads
+
+
+def _count_fused_calls(monkeypatch):
+    calls = []
+    original = kernel.LoraLinearFunction.apply
+    monkeypatch.setattr(kernel.LoraLinearFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("bias", ["none", "lora_only"])
+def test_fused_equals_reference_fp64(dropout, bias, monkeypatch):
+    calls = _count_fused_calls(monkeypatch)
+    model, reference = _pair(dropout=dropout, bias=bias)
+    model.train(), reference.train()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    y, gx, grads = _run(model, x)
+    assert len(calls) == 2  # both layers took the fused path
+    y_ref, gx_ref, grads_ref = _run(reference, x)
+    assert torch.allclose(y, y_ref, rtol=0, atol=1e-12)
+    assert torch.allclose(gx, gx_ref, rtol=0, atol=1e-12)
+    assert grads.keys() == grads_ref.keys() and len(grads) == (5 if bias == "lora_only" else 4)  # layer 2 has no bias
+    for name in grads:
+        assert torch.allclose(grads[name], grads_ref[name], rtol=0, atol=1e-11), name
+
+
+def test_fused_fp32_within_tolerance_and_no_grad_input():
+    model, reference = _pair(model_dtype=torch.float32)
+    x = torch.randn(64, 16)
+    torch.manual_seed(1)
+    y = model(x)  # x needs no grad: the first layer skips dX entirely
+    y.sum().backward()
+    torch.manual_seed(1)
+    reference(x).sum().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-5), n
+
+
+def test_gpt2_conv1d_transposed_weight(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    calls = _count_fused_calls(monkeypatch)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"]))
+    for _, layer in lk.lora_layers(model):
+        nn.init.normal_(layer.lora_B["default"].weight)
+    reference = copy.deepcopy(model)
+    for _, layer in lk.lora_layers(reference):
+        layer.use_fused_kernel = False
+    ids = torch.randint(0, 64, (2, 8))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert len(calls) == 4
+    ref = reference(input_ids=ids, labels=ids)
+    ref.loss.backward()
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-12
+    for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-10), n
+
+
+def test_autocast_bf16_matches_reference_within_bf16_noise(monkeypatch):
+    calls = _count_fused_calls(monkeypatch)
+    model, reference = _pair(model_dtype=torch.float32)
+    x = torch.randn(32, 16)
+    outs = []
+    for m in (model, reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        assert y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        outs.append((y.float(), [p.grad for p in m.parameters() if p.grad is not None]))
+    assert len(calls) == 2
+    (y, grads), (y_ref, grads_ref) = outs
+    assert (y - y_ref).abs().max() <= 0.02 * y_ref.abs().max()
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.dtype == torch.float32  # fp32 master adapters get fp32 gradients
+        assert (g - g_ref).abs().max() <= 0.03 * g_ref.abs().max()
+
+
+@pytest.mark.parametrize("case", ["learnable", "two-active", "mixed", "merged", "dtype-mismatch"])
+def test_cases_outside_the_fused_path_use_the_reference(case, monkeypatch):
+    calls = _count_fused_calls(monkeypatch)
+    model, _ = _pair(model_dtype=torch.float32, learnable_scale=(case == "learnable"),
+                     **({"dtype": torch.float64} if case == "dtype-mismatch" else {}))
+    x = torch.randn(4, 16)
+    if case == "two-active":
+        lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["0", "2"]), "b")
+        lk.set_active_adapters(model, ["default", "b"])
+    if case == "merged":
+        lk.merge(model)
+    if case == "mixed":
+        lk.forward_mixed(model, x, adapter_names=["default", None, "default", None])
+    else:
+        model(x)
+    assert calls == []
