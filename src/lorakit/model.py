@@ -111,18 +111,27 @@ def _matches(targets, name: str, module: nn.Module, head: str | None) -> bool:
 
 def output_head(model: nn.Module) -> str | None:
     """Path of the output head that "all-linear" skips: ``model.get_output_embeddings()`` when the model has
-    that method (Hugging Face models), otherwise the last Linear-like module registered."""
+    that method (Hugging Face models); for a Hugging Face model without output embeddings (a classifier such
+    as BertForSequenceClassification) the last Linear-like module outside its backbone ``model.base_model``
+    (none for a bare backbone); otherwise the last Linear-like module registered."""
     getter = getattr(model, "get_output_embeddings", None)
+    outside = ""
     if callable(getter):
         head = getter()
         if head is None:
+            backbone = getattr(model, "base_model", model)
+            outside = next((n for n, m in model.named_modules() if m is backbone and n), "")
+            if not outside:
+                return None
+        else:
+            for name, module, typed in _candidates(model):
+                if head is module or head is typed:
+                    return name
             return None
-        for name, module, typed in _candidates(model):
-            if head is module or head is typed:
-                return name
-        return None
     last = None
     for name, _, typed in _candidates(model):
+        if outside and (name == outside or name.startswith(outside + ".")):
+            continue
         kind = registry.lookup(typed)
         if kind is not None and kind.kind == "linear":
             last = name
