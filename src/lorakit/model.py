@@ -204,6 +204,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> Summa
 
     for path, layer in new_layers.items():
         _replace(model, path, layer)
+    _mark_tied(model)
     for path in saved:
         module = model.get_submodule(path)
         if not isinstance(module, ModulesToSave):
@@ -245,6 +246,19 @@ def _resolve_saved(model: nn.Module, config: LoraConfig) -> list[str]:
             raise TargetError(f"modules_to_save entry {spec!r} matches no module; modules: {names[:40]}")
         paths.extend(hits)
     return paths
+
+
+def _mark_tied(model: nn.Module) -> None:
+    """Flag LoRA layers whose base weight another module also holds (tied input/output embeddings), so that
+    merging does not change that other module."""
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                holders[id(p)] = holders.get(id(p), 0) + 1
+    for _, layer in lora_layers(model):
+        weight = layer.base_layer._parameters.get("weight")
+        layer.weight_tied = layer.weight_tied or (weight is not None and holders.get(id(weight), 0) > 1)
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:

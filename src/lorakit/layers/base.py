@@ -87,6 +87,8 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.merge_on_eval = False
         self.mixed: MixedBatch | None = None
+        self.weight_tied = False  # set by inject: another module reads the same weight tensor (a tied head)
+        self._tied_weight: nn.Parameter | None = None  # the shared tensor, while merged into a private copy
         self._original_weight: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ subclass hooks
@@ -240,7 +242,12 @@ class LoraLayer(nn.Module):
             return []
         for name in names:
             self._require(name)
-        if keep_original and self._original_weight is None and not self.merged:
+        if self.weight_tied and not self.merged:
+            # merging in place would change the module that shares this weight (GPT-2's lm_head tied to wte):
+            # merge into a private copy; unmerge puts the shared tensor back, bit for bit
+            shared = self._tied_weight = self.base_layer.weight
+            self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+        if keep_original and self._original_weight is None and not self.merged and self._tied_weight is None:
             self._original_weight = self.base_weight.detach().clone()
         coefs = {name: self.active.get(name, 1.0) for name in names}
         self._add_to_weight(coefs, sign=1.0)
@@ -251,7 +258,9 @@ class LoraLayer(nn.Module):
         """Take every merged adapter back out of the base weight (bit-exact when merged with keep_original)."""
         if not self.merged:
             return []
-        if self._original_weight is not None:
+        if self._tied_weight is not None:
+            self.base_layer.weight, self._tied_weight = self._tied_weight, None
+        elif self._original_weight is not None:
             with torch.no_grad():
                 self.base_weight.copy_(self._original_weight)
         else:
