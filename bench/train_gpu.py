@@ -1,0 +1,233 @@
+"""LoRA training step on a GPU: the frozen floor, PEFT (three settings) and lorakit, in ONE process.
+
+Llama-shaped models with random weights built from a config (no download), bf16, SDPA attention, r=16 on
+q,k,v,o,gate,up,down, fused AdamW. For each setup: median tokens/s over >= 8 steps after warm-up, and peak
+memory. The floor is the frozen base's forward + backward to the inputs with no optimizer: no LoRA step
+can be faster. Also prints a torch.profiler summary of one lorakit step and, with --check, the loss curves
+of lorakit's fused path against its reference path over 50 steps.
+
+    python bench/train_gpu.py --shape llama-1b            # batch 4 x 2048
+    python bench/train_gpu.py --shape llama-8b --grad-ckpt --batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+SHAPES = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, head_dim=128),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, head_dim=64),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(shape: str, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(model, step_fn, batch, steps: int, warmup: int, device: str) -> dict:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        step_fn()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step_fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return {"tok_s": batch.numel() / statistics.median(times), "peak_gib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--grad-ckpt", action="store_true")
+    parser.add_argument("--only", default="", help="comma list of setups to run (default: all)")
+    parser.add_argument("--check", action="store_true", help="50-step loss curves: fused vs reference path")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--liger", action="store_true", help="also lower the floor with lorakit.fast (liger-kernel)")
+    parser.add_argument("--device", default="cuda", help="cuda (cpu only to smoke-test this script)")
+    args = parser.parse_args()
+
+    import peft
+    import transformers
+
+    import lorakit as lk
+    import lorakit.fast
+
+    device = args.device
+    model = build(args.shape, device)
+    model.config.use_cache = False
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    vocab = model.config.vocab_size
+    batch = torch.randint(0, vocab, (args.batch, args.seq), device=device, generator=None)
+
+    def train_step_factory(m, params, autocast: bool):
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda") if params else None
+
+        def step():
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                loss = m(input_ids=batch, labels=batch).loss
+            loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        return step
+
+    results = {}
+    only = set(filter(None, args.only.split(",")))
+
+    def want(name):
+        return not only or name in only
+
+    def floor(label):
+        """The floor: frozen base, forward + backward to the inputs, no optimizer."""
+        model.requires_grad_(False)
+        handle = model.get_input_embeddings().register_forward_hook(lambda mod, i, o: o.requires_grad_(True))
+        results[label] = measure(model, train_step_factory(model, [], False), batch, args.steps, args.warmup, device)
+        handle.remove()
+
+    def lorakit_row(label, dtype=None, autocast=False, fused=True):
+        lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS, dtype=dtype))
+        for _, layer in lk.lora_layers(model):
+            layer.use_fused_kernel = fused
+        params = [p for p in model.parameters() if p.requires_grad]
+        step = train_step_factory(model, params, autocast)
+        results[label] = measure(model, step, batch, args.steps, args.warmup, device)
+        if args.profile and label == "lorakit bf16 adapters":
+            profile(step)
+        lk.unload(model, merge_adapters=False)
+        gc.collect()
+
+    if want("floor"):
+        floor("frozen base fwd+bwd (floor)")
+
+    # --- PEFT, three settings
+    for label, autocast, kwargs in [
+        ("PEFT default (fp32 adapters)", False, {}),
+        ("PEFT under autocast(bf16)", True, {}),
+        ("PEFT bf16 adapters", False, {"autocast_adapter_dtype": False}),
+    ]:
+        if only and "peft" not in only:
+            continue
+        cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
+        pm = peft.get_peft_model(model, cfg, **kwargs)
+        params = [p for p in pm.parameters() if p.requires_grad]
+        results[label] = measure(pm, train_step_factory(pm, params, autocast), batch, args.steps, args.warmup, device)
+        model = pm.unload()
+        del pm, params
+        gc.collect()
+
+    # --- lorakit
+    if not only or "lorakit" in only:
+        lorakit_row("lorakit bf16 adapters")
+        lorakit_row("lorakit fp32 adapters + autocast", dtype=torch.float32, autocast=True)
+        lorakit_row("lorakit reference path (no fused kernel)", fused=False)
+    if args.liger:  # last: liger patches transformers' Llama module globally
+        lk.fast.speed_up_base(model)
+        floor("floor + liger kernels (new floor)")
+        lorakit_row("lorakit bf16 adapters + liger kernels")
+
+    floor_tok = results.get("frozen base fwd+bwd (floor)", {}).get("tok_s")
+    new_floor = results.get("floor + liger kernels (new floor)", {}).get("tok_s")
+    peft_best = max((v["tok_s"] for k, v in results.items() if k.startswith("PEFT")), default=None)
+    peft_default = results.get("PEFT default (fp32 adapters)", {}).get("tok_s")
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"\n{args.shape} shape, bf16, SDPA, batch {args.batch} x {args.seq}, grad ckpt {args.grad_ckpt}, "
+          f"r=16 on 7 projections, fused AdamW; {gpu}; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, peft {peft.__version__}; {time.strftime('%Y-%m-%d')}")
+    refs = [("/ floor", floor_tok), ("/ new floor", new_floor), ("/ PEFT best", peft_best),
+            ("/ PEFT default", peft_default)]
+    refs = [(k, v) for k, v in refs if v]
+    print(f"| {'setup':<42} | {'tokens/s':>9} | {'peak GiB':>8} | " + " | ".join(f"{k:>14}" for k, _ in refs) + " |")
+    print(f"|{'-' * 44}|{'-' * 11}|{'-' * 10}|" + "|".join("-" * 16 for _ in refs) + "|")
+    for label, r in results.items():
+        cells = " | ".join(f"{r['tok_s'] / v:>14.3f}" for _, v in refs)
+        print(f"| {label:<42} | {r['tok_s'] / 1e3:>8.1f}k | {r['peak_gib']:>8.1f} | {cells} |")
+    if args.check:
+        check_numerics("tiny", device)
+
+
+def profile(step) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print("\ntop CUDA kernels of one lorakit step:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+
+
+def check_numerics(shape: str, device: str) -> None:
+    """50 bf16 training steps, fused kernel versus reference path, same seed and data."""
+    import lorakit as lk
+
+    curves = {}
+    for fused in (True, False):
+        model = build(shape, device)
+        lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS, dropout=0.1))
+        for _, layer in lk.lora_layers(model):
+            layer.use_fused_kernel = fused
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        gen = torch.Generator(device=device).manual_seed(0)
+        torch.manual_seed(0)
+        losses = []
+        for _ in range(50):
+            ids = torch.randint(0, model.config.vocab_size, (4, 256), device=device, generator=gen)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        curves[fused] = losses
+    diff = max(abs(a - b) for a, b in zip(curves[True], curves[False]))
+    print(f"\nnumerics ({shape}, bf16, dropout 0.1, 50 steps): loss {curves[True][0]:.4f} -> {curves[True][-1]:.4f} "
+          f"fused, {curves[False][0]:.4f} -> {curves[False][-1]:.4f} reference; max |diff| {diff:.4f}")
+
+
+if __name__ == "__main__":
+    main()
