@@ -89,7 +89,7 @@ def run_isolated(cfg: TrainConfig, workdir: Path) -> dict[str, Any]:
 
 
 def run_inline(cfg: TrainConfig) -> dict[str, Any]:
-    from .run import run
+    from .runner import run
 
     try:
         return run(cfg, log=lambda _line: None)
@@ -106,7 +106,7 @@ def run_inline(cfg: TrainConfig) -> dict[str, Any]:
 def worker(cfg_path: str, result_path: str) -> int:
     """Child-process entry: train one method, write its summary as JSON."""
     from ..errors import LoraError
-    from .run import run
+    from .runner import run
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

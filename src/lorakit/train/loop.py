@@ -10,7 +10,8 @@ Hooks are any objects with some of these methods (all optional), called in this 
     on_step_end(state, record)     after the step's metrics, evaluation and checkpoint are written
     on_eval(state, record)         after an evaluation
     on_train_end(state, result)
-``state`` is the live LoopState. A hook that raises stops training (tests use this to simulate a kill).
+``state`` is the live LoopState (with .model and .optimizer). A hook that raises stops training (tests use
+this to simulate a kill).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class LoopState:
     elapsed: float = 0.0
     history: list[dict] = field(default_factory=list)
     resumed_from: str | None = None
+    model: nn.Module | None = field(default=None, repr=False)
+    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -155,7 +158,7 @@ def train_loop(model: nn.Module, data: DataBundle, cfg, *, task: str, device: to
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     fingerprint = {k: getattr(cfg, k) for k in TRAJECTORY_FIELDS} | {"train_data_sha256": data_fingerprint(data)}
     metrics = MetricsLog(output_dir / "metrics.jsonl")
-    state = LoopState(total_steps=total)
+    state = LoopState(total_steps=total, model=model, optimizer=optimizer)
 
     if cfg.resume:
         path = find_checkpoint(output_dir, cfg.resume)

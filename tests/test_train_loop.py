@@ -1,0 +1,220 @@
+"""lorakit.train.loop / run / checkpoint: the loop on tiny models built from configs (CPU, fp32).
+
+Resume is checked bit for bit: a run killed by a hook and resumed from its checkpoint writes exactly the
+losses of an uninterrupted run, dropout included (RNG state is part of the checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers_train import make_causal_lm, make_classifier, sentiment_records, text_records, write_jsonl
+from lorakit.errors import TrainingError
+from lorakit.train import TrainConfig, run
+from lorakit.train import report
+from lorakit.train.loop import lr_at
+from lorakit.train.modeling import qlora_available
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the suite shares 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    make_causal_lm(root / "model")
+    return root / "model", write_jsonl(root / "d.jsonl", text_records(48))
+
+
+def config(llama, out, **kw) -> TrainConfig:
+    model, data = llama
+    base = dict(model=str(model), data=str(data), output_dir=str(out), seq_len=32, batch_size=4, max_steps=10,
+                lr=5e-3, progress=False, plot=False, save_every=0)
+    return TrainConfig(**(base | kw))
+
+
+def losses(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve(records: list[dict]) -> list[tuple]:
+    return [(r["step"], r.get("loss"), r.get("eval_loss"), r.get("grad_norm")) for r in records]
+
+
+class KillAt:
+    """A hook that stops training after ``step`` like a kill would (no clean-up runs after it)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, state, record):
+        if state.step == self.step:
+            raise KeyboardInterrupt(f"simulated kill at step {self.step}")
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [lr_at(s, 10, 1.0, 2, 0.1) for s in range(10)]
+    assert lrs[0] == pytest.approx(1 / 3) and lrs[1] == pytest.approx(2 / 3)
+    assert lrs[2] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    assert lr_at(10, 10, 1.0, 2, 0.1) == pytest.approx(0.1)
+    assert lrs[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+
+
+def test_loss_falls_and_files_are_written(llama, tmp_path):
+    summary = run(config(llama, tmp_path, max_steps=30, eval_every=5, plot=True, lr=1e-2, batch_size=8), log=quiet)
+    records = losses(tmp_path)
+    train = [r["loss"] for r in records if "loss" in r]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert len(train) == 30 and len(evals) == 6
+    assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 0.3
+    assert evals[-1] < evals[0] - 0.15
+    assert summary["final_eval_ppl"] == pytest.approx(math.exp(summary["final_eval_loss"]))
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/lorakit_train.json",
+                 "train_config.toml", "summary.json", "metrics.jsonl", "checkpoints/step-000030/state.json"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert TrainConfig.load(tmp_path / "train_config.toml").lr == 1e-2
+
+
+def test_resume_after_kill_gives_the_same_loss_curve(llama, tmp_path):
+    settings = dict(max_steps=10, grad_accum=2, dropout=0.1, save_every=3, eval_every=5)  # crosses an epoch
+    full = tmp_path / "full"
+    run(config(llama, full, **settings), log=quiet)
+
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run(config(llama, killed, **settings), hooks=[KillAt(7)], log=quiet)
+    assert [r["step"] for r in losses(killed) if "loss" in r] == list(range(1, 8))
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+
+    summary = run(config(llama, killed, resume="latest", **settings), log=quiet)
+    assert summary["resumed_from"].endswith("step-000006")
+    assert curve(losses(killed)) == curve(losses(full))  # exactly equal, fp32 on CPU
+    a = load_file(full / "adapter" / "adapter_model.safetensors")
+    b = load_file(killed / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    with pytest.raises(TrainingError, match="different run.*lr"):
+        run(config(llama, killed, resume="latest", **(settings | {"lr": 1e-3})), log=quiet)
+
+
+def test_gradient_accumulation_equals_the_big_batch(llama, tmp_path):
+    big = run(config(llama, tmp_path / "big", max_steps=3, batch_size=4, grad_accum=1), log=quiet)
+    small = run(config(llama, tmp_path / "small", max_steps=3, batch_size=2, grad_accum=2), log=quiet)
+    assert [r["loss"] for r in losses(tmp_path / "small") if "loss" in r] == pytest.approx(
+        [r["loss"] for r in losses(tmp_path / "big") if "loss" in r], abs=1e-6)
+    a = load_file(tmp_path / "big" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "small" / "adapter" / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # Adam amplifies fp32 rounding
+    assert big["tokens"] == small["tokens"]
+
+
+def test_gradient_checkpointing_gives_the_same_losses(llama, tmp_path):
+    run(config(llama, tmp_path / "a", max_steps=3), log=quiet)
+    run(config(llama, tmp_path / "b", max_steps=3, gradient_checkpointing=True), log=quiet)
+    la = [r["loss"] for r in losses(tmp_path / "a") if "loss" in r]
+    lb = [r["loss"] for r in losses(tmp_path / "b") if "loss" in r]
+    assert lb == pytest.approx(la, abs=1e-6)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(llama, tmp_path):
+    class Poison:
+        def on_step_end(self, state, record):
+            if state.step == 2:
+                weight = next(p for n, p in state.model.named_parameters() if "lora_B" in n)
+                with torch.no_grad():
+                    weight.fill_(float("nan"))
+
+    with pytest.raises(TrainingError, match=r"the loss became nan at step 3 .*Try: lower --lr"):
+        run(config(llama, tmp_path, save_every=1), hooks=[Poison()], log=quiet)
+    assert [r["step"] for r in losses(tmp_path)] == [1, 2]
+    assert (tmp_path / "checkpoints" / "step-000002" / "state.json").is_file()
+    assert not load_file(tmp_path / "checkpoints" / "step-000002" / "trainable.safetensors")[
+        next(k for k in load_file(tmp_path / "checkpoints" / "step-000002" / "trainable.safetensors") if "lora_B" in k)
+    ].isnan().any()
+
+
+def test_classifier_learns_and_reports_accuracy(tmp_path):
+    make_classifier(tmp_path / "bert")
+    data = write_jsonl(tmp_path / "s.jsonl", sentiment_records(120))
+    cfg = TrainConfig(model=str(tmp_path / "bert"), data=str(data), output_dir=str(tmp_path / "out"), seq_len=16,
+                      batch_size=8, max_steps=80, lr=5e-3, eval_fraction=0.25, eval_every=80, progress=False,
+                      plot=False, save_every=0)
+    summary = run(cfg, log=quiet)
+    assert summary["task"] == "classification"
+    assert summary["final_eval_accuracy"] >= 0.9
+    info = json.loads((tmp_path / "out" / "adapter" / "lorakit_train.json").read_text())
+    assert info["label_names"] == ["0", "1"]
+    saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["classifier"] and saved["task_type"] == "SEQ_CLS"
+
+
+def test_full_fine_tuning_saves_a_plain_model(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    summary = run(config(llama, tmp_path, max_steps=3, method="full"), log=quiet)
+    assert summary["trainable_params"] == summary["total_params"]
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    base = AutoModelForCausalLM.from_pretrained(llama[0])
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(tuned.state_dict()[name], base.state_dict()[name])
+    # the checkpoint holds every weight plus two AdamW moments for each
+    assert summary["checkpoint_bytes"] == 3 * 4 * summary["total_params"] + 4 * len(list(tuned.parameters()))
+
+
+def test_checkpoints_are_pruned_and_no_temp_left(llama, tmp_path):
+    run(config(llama, tmp_path, max_steps=8, save_every=2, keep_checkpoints=2), log=quiet)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
+    assert not [p for p in tmp_path.rglob(".*")]
+
+
+def test_plot_is_skipped_with_a_note_without_matplotlib(llama, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "have_matplotlib", lambda: False)
+    summary = run(config(llama, tmp_path, max_steps=2, plot=True), log=quiet)
+    assert "matplotlib is not installed" in summary["plot"]
+    assert not (tmp_path / "loss.png").exists()
+
+
+def test_bf16_autocast_runs_on_cpu(llama, tmp_path):
+    summary = run(config(llama, tmp_path, max_steps=2, autocast="bf16"), log=quiet)
+    assert summary["autocast"] == "bf16" and math.isfinite(summary["final_loss"])
+
+
+def test_synthetic_data_for_presets(tmp_path):
+    cfg = TrainConfig(model_config="llama-tiny", output_dir=str(tmp_path), seq_len=32, max_steps=3,
+                      progress=False, plot=False, lr=1e-2)
+    summary = run(cfg, log=quiet)
+    assert summary["steps"] == 3 and summary["data"][0]["kind"] == "synthetic copy task"
+
+
+@pytest.mark.skipif(not qlora_available(), reason="lorakit.quant.quantize_model / prepare_for_kbit_training "
+                    "have not landed yet")
+def test_qlora_trains_an_adapter(llama, tmp_path):
+    summary = run(config(llama, tmp_path, max_steps=6, method="qlora"), log=quiet)
+    train = [r["loss"] for r in losses(tmp_path) if "loss" in r]
+    assert math.isfinite(train[-1]) and train[-1] < train[0]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert summary["trainable_params"] < summary["total_params"]
+
+
+def test_config_is_not_mutated_between_runs(llama, tmp_path):
+    cfg = config(llama, tmp_path, max_steps=1, seq_len=0)
+    run(dataclasses.replace(cfg), log=quiet)
+    assert TrainConfig.load(tmp_path / "train_config.toml").seq_len == 128  # the model's limit
