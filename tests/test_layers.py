@@ -9,19 +9,19 @@ independent of the base dtype; dropout only in train mode; gradients only into A
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit.layers import AdapterSpec, Conv, Embedding, FusedLinear, Linear, LoraLayer
 from lorakit.config import FusedSpec
+from lorakit.layers import AdapterSpec, Conv, Embedding, FusedLinear, Linear, LoraLayer
 
 transformers = pytest.importorskip("transformers")
-from transformers.pytorch_utils import Conv1D  # noqa: E402
+from transformers.pytorch_utils import Conv1D
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 layer vs float64 reference (sums of <= 64 products)
 
@@ -43,22 +43,41 @@ CASES = {
     "linear": Case(lambda: nn.Linear(12, 10), Linear, _x(5, 12)),
     "linear-3d-input": Case(lambda: nn.Linear(12, 10, bias=False), Linear, _x(2, 3, 12)),
     "conv1d-gpt2": Case(lambda: Conv1D(10, 12), lambda m: Linear(m, fan_in_fan_out=True), _x(2, 3, 12)),
-    "fused-equal": Case(lambda: nn.Linear(8, 24), lambda m: FusedLinear(m, FusedSpec((True, False, True))),
-                        _x(4, 8), r=2),
-    "fused-gqa": Case(lambda: nn.Linear(8, 32), lambda m: FusedLinear(m, FusedSpec((True, True, False), (16, 8, 8))),
-                      _x(4, 8), r=3),
-    "fused-gpt2": Case(lambda: Conv1D(24, 8),
-                       lambda m: FusedLinear(m, FusedSpec((False, True, True)), fan_in_fan_out=True), _x(4, 8), r=2),
-    "embedding-padding": Case(lambda: nn.Embedding(20, 12, padding_idx=0), Embedding,
-                              lambda g: torch.tensor([[0, 3, 19, 0], [5, 5, 1, 2]]), dropout_applies=False),
+    "fused-equal": Case(
+        lambda: nn.Linear(8, 24), lambda m: FusedLinear(m, FusedSpec((True, False, True))), _x(4, 8), r=2
+    ),
+    "fused-gqa": Case(
+        lambda: nn.Linear(8, 32),
+        lambda m: FusedLinear(m, FusedSpec((True, True, False), (16, 8, 8))),
+        _x(4, 8),
+        r=3,
+    ),
+    "fused-gpt2": Case(
+        lambda: Conv1D(24, 8),
+        lambda m: FusedLinear(m, FusedSpec((False, True, True)), fan_in_fan_out=True),
+        _x(4, 8),
+        r=2,
+    ),
+    "embedding-padding": Case(
+        lambda: nn.Embedding(20, 12, padding_idx=0),
+        Embedding,
+        lambda g: torch.tensor([[0, 3, 19, 0], [5, 5, 1, 2]]),
+        dropout_applies=False,
+    ),
     "conv1d": Case(lambda: nn.Conv1d(6, 8, 3, stride=2, padding=1), Conv, _x(2, 6, 11)),
     "conv2d": Case(lambda: nn.Conv2d(4, 6, 3, padding=1), Conv, _x(2, 4, 7, 7)),
-    "conv2d-groups-dilation": Case(lambda: nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), Conv,
-                                   _x(2, 4, 9, 8), r=4),
-    "conv2d-reflect": Case(lambda: nn.Conv2d(3, 5, (3, 1), padding=(1, 0), padding_mode="reflect"), Conv,
-                           _x(2, 3, 6, 5)),
-    "conv3d-groups": Case(lambda: nn.Conv3d(4, 4, (1, 3, 3), stride=(1, 2, 1), padding=(0, 1, 1), groups=2), Conv,
-                          _x(1, 4, 3, 6, 5), r=2),
+    "conv2d-groups-dilation": Case(
+        lambda: nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), Conv, _x(2, 4, 9, 8), r=4
+    ),
+    "conv2d-reflect": Case(
+        lambda: nn.Conv2d(3, 5, (3, 1), padding=(1, 0), padding_mode="reflect"), Conv, _x(2, 3, 6, 5)
+    ),
+    "conv3d-groups": Case(
+        lambda: nn.Conv3d(4, 4, (1, 3, 3), stride=(1, 2, 1), padding=(0, 1, 1), groups=2),
+        Conv,
+        _x(1, 4, 3, 6, 5),
+        r=2,
+    ),
 }
 IDS = sorted(CASES)
 
@@ -93,7 +112,7 @@ def reference_update(base: nn.Module, layer: LoraLayer, name: str, x: torch.Tens
         delta = torch.zeros(base.weight.shape, dtype=torch.float64)
         for o in range(out):  # group g's outputs read only group g's rank rows and input channels
             g = o // (out // G)
-            a = A[g * rg:(g + 1) * rg, g * cg:(g + 1) * cg]
+            a = A[g * rg : (g + 1) * rg, g * cg : (g + 1) * cg]
             delta[o] = torch.einsum("j,j...->...", B[o].reshape(-1), a)
         ref = copy.deepcopy(base).double()
         ref.weight = nn.Parameter(delta)
@@ -140,7 +159,9 @@ def test_learnable_scale_is_used_and_trained(case):
 
 
 @pytest.mark.parametrize("case", IDS)
-@pytest.mark.parametrize("base_dtype,adapter_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "base_dtype,adapter_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+)
 def test_adapter_dtype_independent_of_base_keeps_base_output_dtype(case, base_dtype, adapter_dtype):
     c = CASES[case]
     torch.manual_seed(0)

@@ -41,8 +41,9 @@ def _mlp():
 
 
 def _gpt2(tmp_path):
-    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    )
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
     return transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
@@ -60,17 +61,19 @@ def make(case: str, gpt2=None, dtype=torch.float32, names=("default",)):
         model = _mlp()
         cfg = dict(target_modules=["0", "1", "3"])
         x = torch.randint(0, 30, (4, 5))
-        fwd = lambda m: m(x)  # noqa: E731
+        fwd = lambda m: m(x)
     elif case == "conv":
         model = ConvNet()
         cfg = dict(target_modules=[nn.Conv2d, nn.Conv1d, nn.Linear], r=4)
         x = torch.randn(3, 2, 7, 7)
-        fwd = lambda m: m(x)  # noqa: E731
+        fwd = lambda m: m(x)
     else:
         model = copy.deepcopy(gpt2)
-        cfg = dict(target_modules=["c_attn", "c_proj", "c_fc", "wte"], fused_slices={"c_attn": [True, False, True]})
+        cfg = dict(
+            target_modules=["c_attn", "c_proj", "c_fc", "wte"], fused_slices={"c_attn": [True, False, True]}
+        )
         x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
-        fwd = lambda m: m(input_ids=x).logits  # noqa: E731
+        fwd = lambda m: m(input_ids=x).logits
     model = model.to(dtype)
     for i, name in enumerate(names):
         lk.inject(model, lk.LoraConfig(**{"r": 2, "alpha": 4.0, **cfg}), name)
@@ -118,7 +121,9 @@ def test_merge_equals_unmerged_and_unmerge_restores_fp32(case, gpt2):
 def _bf16_ulp(t: torch.Tensor) -> torch.Tensor:
     """Spacing of bf16 numbers at |t| (8 significant bits): 2 ** (floor(log2 |t|) - 7); 0 where t == 0."""
     t = t.double().abs()
-    return torch.where(t > 0, torch.exp2(torch.floor(torch.log2(t.clamp_min(1e-300))) - 7), torch.zeros_like(t))
+    return torch.where(
+        t > 0, torch.exp2(torch.floor(torch.log2(t.clamp_min(1e-300))) - 7), torch.zeros_like(t)
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -192,7 +197,9 @@ def test_merge_on_eval_merges_in_eval_and_unmerges_in_train():
     lk.inject(model, lk.LoraConfig(r=2, target_modules=["1", "3"], merge_on_eval=True))
     with torch.no_grad():
         for _, layer in lk.lora_layers(model):
-            layer.lora_B["default"].weight.normal_(std=0.05)  # an update smaller than the weight, as after training
+            layer.lora_B["default"].weight.normal_(
+                std=0.05
+            )  # an update smaller than the weight, as after training
     layers = [layer for _, layer in lk.lora_layers(model)]
     model.train()
     assert not any(layer.merged for layer in layers)
@@ -245,9 +252,11 @@ def test_weighted_active_set_merges_and_combine_adapters_equals_it(case):
         model, fwd = make("mlp", names=("a", "b"))
     else:
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+        model = nn.Sequential(
+            nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+        )
         x = torch.randn(2, 3, 6, 6)
-        fwd = lambda m: m(x)  # noqa: E731
+        fwd = lambda m: m(x)
         for i, name in enumerate(("a", "b")):
             lk.inject(model, lk.LoraConfig(r=2 + i, alpha=3.0, target_modules=[nn.Conv2d, nn.Linear]), name)
             g = torch.Generator().manual_seed(i)

@@ -46,8 +46,12 @@ class SmallConvNet(nn.Module):
         super().__init__()
         norm = nn.BatchNorm2d if batch_norm else (lambda c: nn.Identity())
         self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), norm(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, padding=1, groups=2), norm(16), nn.ReLU(),
+            nn.Conv2d(1, 8, 3, padding=1),
+            norm(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1, groups=2),
+            norm(16),
+            nn.ReLU(),
             nn.AdaptiveAvgPool2d(2),
         )
         self.classifier = nn.Linear(16 * 2 * 2, 10)
@@ -67,15 +71,39 @@ def hf(tmp_path_factory):
     """Tiny GPT-2, Llama (GQA) and BERT classifier, built from configs, saved and loaded back once."""
     root = tmp_path_factory.mktemp("hf")
     return {
-        "gpt2": _saved_and_loaded(transformers.GPT2LMHeadModel, transformers.GPT2Config(
-            vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0),
-            root / "gpt2"),
-        "llama": _saved_and_loaded(transformers.LlamaForCausalLM, transformers.LlamaConfig(
-            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64), root / "llama"),
-        "bert": _saved_and_loaded(transformers.BertForSequenceClassification, transformers.BertConfig(
-            vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=64, num_labels=3), root / "bert"),
+        "gpt2": _saved_and_loaded(
+            transformers.GPT2LMHeadModel,
+            transformers.GPT2Config(
+                vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+            ),
+            root / "gpt2",
+        ),
+        "llama": _saved_and_loaded(
+            transformers.LlamaForCausalLM,
+            transformers.LlamaConfig(
+                vocab_size=96,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+            ),
+            root / "llama",
+        ),
+        "bert": _saved_and_loaded(
+            transformers.BertForSequenceClassification,
+            transformers.BertConfig(
+                vocab_size=96,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=64,
+                num_labels=3,
+            ),
+            root / "bert",
+        ),
     }
 
 
@@ -142,7 +170,9 @@ def test_summary_counts_hf_models(hf):
 
     bert = fresh(hf, "bert")
     base = n_params(bert)
-    info = lk.inject(bert, lk.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    info = lk.inject(
+        bert, lk.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+    )
     lora, head = 2 * 2 * 4 * (32 + 32), 32 * 3 + 3  # the classifier copy trains in full
     assert (info.trainable, info.total) == (lora + head, base + lora + head)
 
@@ -153,19 +183,30 @@ def _llama_paths(kind):
 
 
 TARGET_FORMS = {
-    "names": (dict(target_modules=["q_proj", "v_proj"]), _llama_paths("self_attn.q_proj") + _llama_paths(
-        "self_attn.v_proj")),
-    "dotted-suffix": (dict(target_modules=["mlp.up_proj", "0.self_attn.o_proj"]),
-                      ["model.layers.0.self_attn.o_proj"] + _llama_paths("mlp.up_proj")),
-    "regex": (dict(target_modules=r"model\.layers\.1\.self_attn\.(k|v)_proj"),
-              ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]),
+    "names": (
+        dict(target_modules=["q_proj", "v_proj"]),
+        _llama_paths("self_attn.q_proj") + _llama_paths("self_attn.v_proj"),
+    ),
+    "dotted-suffix": (
+        dict(target_modules=["mlp.up_proj", "0.self_attn.o_proj"]),
+        ["model.layers.0.self_attn.o_proj"] + _llama_paths("mlp.up_proj"),
+    ),
+    "regex": (
+        dict(target_modules=r"model\.layers\.1\.self_attn\.(k|v)_proj"),
+        ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"],
+    ),
     "types": (dict(target_modules=[nn.Embedding]), ["model.embed_tokens"]),
-    "predicate": (dict(target_modules=[lambda n, m: isinstance(m, nn.Linear) and m.out_features == 16]),
-                  _llama_paths("self_attn.k_proj") + _llama_paths("self_attn.v_proj")),
-    "all-linear-exclude": (dict(target_modules="all-linear", exclude_modules=["self_attn.q_proj", "gate_proj",
-                                                                               "mlp.up_proj", "down_proj"]),
-                           [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("k_proj", "v_proj",
-                                                                                           "o_proj")]),
+    "predicate": (
+        dict(target_modules=[lambda n, m: isinstance(m, nn.Linear) and m.out_features == 16]),
+        _llama_paths("self_attn.k_proj") + _llama_paths("self_attn.v_proj"),
+    ),
+    "all-linear-exclude": (
+        dict(
+            target_modules="all-linear",
+            exclude_modules=["self_attn.q_proj", "gate_proj", "mlp.up_proj", "down_proj"],
+        ),
+        [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("k_proj", "v_proj", "o_proj")],
+    ),
     "types-with-exclude-regex": (dict(target_modules=[nn.Linear], exclude_modules=r".*(proj)"), ["lm_head"]),
 }
 
@@ -179,12 +220,16 @@ def test_target_forms(hf, form):
     assert sorted(wrapped(model)) == sorted(expected)
 
 
-@pytest.mark.parametrize("model_name,head", [("gpt2", "lm_head"), ("llama", "lm_head"), ("bert", "classifier"),
-                                             ("mlp", "head")])
+@pytest.mark.parametrize(
+    "model_name,head", [("gpt2", "lm_head"), ("llama", "lm_head"), ("bert", "classifier"), ("mlp", "head")]
+)
 def test_all_linear_skips_the_output_head(hf, model_name, head):
     model = DigitsMLP() if model_name == "mlp" else fresh(hf, model_name)
-    linear_like = [n for n, m in model.named_modules() if lk.registry.lookup(m) and
-                   lk.registry.lookup(m).kind == "linear"]
+    linear_like = [
+        n
+        for n, m in model.named_modules()
+        if lk.registry.lookup(m) and lk.registry.lookup(m).kind == "linear"
+    ]
     info = lk.inject(model, lk.LoraConfig(r=2, target_modules="all-linear"))
     assert head in linear_like and head not in info.wrapped
     assert sorted(info.wrapped) == sorted(n for n in linear_like if n != head)
@@ -203,14 +248,27 @@ def test_pattern_matching_nothing_lists_candidates(hf):
         lk.inject(DigitsMLP(), lk.LoraConfig(target_modules=r"layer\d+"))
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    (dict(r=0), "r"), (dict(r=1.5), "r"), (dict(r=True), "r"), (dict(alpha=0), "alpha"),
-    (dict(dropout=1.0), "dropout"), (dict(dropout=-0.1), "dropout"), (dict(target_modules="(unclosed"), "target"),
-    (dict(bias="x"), "bias"), (dict(init="x"), "init"), (dict(target_modules=[]), "target_modules"),
-    (dict(target_modules=None), "target_modules"), (dict(rank_pattern={"fc1": 0}), "rank_pattern"),
-    (dict(alpha_pattern={"[": 2.0}), "alpha_pattern"), (dict(target_modules=[3]), "target_modules"),
-    (dict(dtype=torch.int8), "dtype"), (dict(fused_slices={"c_attn": [False, False]}), "FusedSpec"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(r=0), "r"),
+        (dict(r=1.5), "r"),
+        (dict(r=True), "r"),
+        (dict(alpha=0), "alpha"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(target_modules="(unclosed"), "target"),
+        (dict(bias="x"), "bias"),
+        (dict(init="x"), "init"),
+        (dict(target_modules=[]), "target_modules"),
+        (dict(target_modules=None), "target_modules"),
+        (dict(rank_pattern={"fc1": 0}), "rank_pattern"),
+        (dict(alpha_pattern={"[": 2.0}), "alpha_pattern"),
+        (dict(target_modules=[3]), "target_modules"),
+        (dict(dtype=torch.int8), "dtype"),
+        (dict(fused_slices={"c_attn": [False, False]}), "FusedSpec"),
+    ],
+)
 def test_config_validation(kwargs, field):
     args = dict(target_modules=["fc1"])
     args.update(kwargs)
@@ -220,8 +278,13 @@ def test_config_validation(kwargs, field):
 
 def test_rank_and_alpha_patterns(hf):
     model = fresh(hf, "llama")
-    cfg = lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
-                        alpha_pattern={"v_proj": 3.0})
+    cfg = lk.LoraConfig(
+        r=4,
+        alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
+        alpha_pattern={"v_proj": 3.0},
+    )
     lk.inject(model, cfg)
     specs = {n: layer.specs["default"] for n, layer in lk.lora_layers(model)}
     assert specs["model.layers.0.self_attn.q_proj"].r == 4 and specs["model.layers.1.self_attn.q_proj"].r == 2
@@ -241,8 +304,11 @@ def test_bias_modes(bias):
     model = DigitsMLP()
     lk.inject(model, lk.LoraConfig(r=2, target_modules=["fc1"], bias=bias))
     adapter = {"fc1.lora_A.default.weight", "fc1.lora_B.default.weight"}
-    biases = {"none": set(), "all": {"fc1.base_layer.bias", "fc2.bias", "head.bias"},
-              "lora_only": {"fc1.base_layer.bias"}}[bias]
+    biases = {
+        "none": set(),
+        "all": {"fc1.base_layer.bias", "fc2.bias", "head.bias"},
+        "lora_only": {"fc1.base_layer.bias"},
+    }[bias]
     assert _trainable(model) == adapter | biases
     loss = model(torch.randn(3, 64)).sum()
     loss.backward()
@@ -310,8 +376,9 @@ def test_active_set_one_several_weighted_is_the_weighted_sum_of_deltas():
         weighted = model(x).double() - base
     # only the head is adapted, so the output is linear in its weight: deltas add up exactly (fp32 rounding)
     torch.testing.assert_close(summed, single["a"] + single["c"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(weighted, 0.7 * single["a"] - 0.2 * single["b"] + 1.5 * single["c"],
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        weighted, 0.7 * single["a"] - 0.2 * single["b"] + 1.5 * single["c"], rtol=1e-5, atol=1e-5
+    )
     assert lk.active_adapters(model) == {"a": 0.7, "b": -0.2, "c": 1.5}
     with pytest.raises(lk.AdapterError, match="nope"):
         lk.set_active_adapters(model, ["a", "nope"])
@@ -355,8 +422,11 @@ def test_disable_adapters_equals_base_and_restores(hf):
 def test_forward_mixed_equals_per_row_runs(hf):
     model = fresh(hf, "bert")
     for name, seed in (("a", 1), ("b", 2)):
-        lk.inject(model, lk.LoraConfig(r=2, target_modules=["query", "value", "dense"],
-                                       modules_to_save=["classifier"]), name)
+        lk.inject(
+            model,
+            lk.LoraConfig(r=2, target_modules=["query", "value", "dense"], modules_to_save=["classifier"]),
+            name,
+        )
         randomize(model, name, seed=seed)
         with torch.no_grad():
             model.classifier.modules_to_save[name].weight.add_(0.3 * seed)  # heads differ per adapter
@@ -368,10 +438,10 @@ def test_forward_mixed_equals_per_row_runs(hf):
         for i, name in enumerate(rows):
             if name is None:
                 with lk.disable_adapters(model):
-                    expected.append(model(input_ids=x[i:i + 1]).logits)
+                    expected.append(model(input_ids=x[i : i + 1]).logits)
             else:
                 lk.set_active_adapters(model, name)
-                expected.append(model(input_ids=x[i:i + 1]).logits)
+                expected.append(model(input_ids=x[i : i + 1]).logits)
     expected = torch.cat(expected)
     torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)  # batched vs single-row matmuls
     assert not torch.allclose(expected[0], expected[1], atol=1e-3)

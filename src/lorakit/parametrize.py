@@ -17,10 +17,11 @@ Not applicable here, rejected with ConfigError rather than silently ignored: ``d
 adapter's input, which a weight parametrization never sees), ``modules_to_save``, ``fused_slices`` and
 ``merge_on_eval`` (the weight is always "merged" in effect). Mixed-adapter batches need ``inject``.
 
-Tensors inside a parametrization: ``lora_A[name]`` and ``lora_B[name]`` (ParameterDicts), with the shapes of the
-wrapper layers: Linear / Conv1D A (r, in), B (out, r); Embedding A (r, num_embeddings), B (dim, r); conv
-A (r, in / groups, *kernel), B (out, r / groups, 1, ...). ``parametrized_state_dict`` exports them under PEFT's
-keys (grouped conv A expanded block-diagonally, as ``layers.Conv`` does), so ``io`` writes the same files.
+Tensors inside a parametrization: ``lora_A[name]`` and ``lora_B[name]`` (ParameterDicts), with the shapes
+of the wrapper layers: Linear / Conv1D A (r, in), B (out, r); Embedding A (r, num_embeddings), B (dim, r);
+conv A (r, in / groups, *kernel), B (out, r / groups, 1, ...). ``parametrized_state_dict`` exports them under
+PEFT's keys (grouped conv A expanded block-diagonally, as ``layers.Conv`` does), so ``io`` writes the same
+files.
 """
 
 from __future__ import annotations
@@ -63,7 +64,11 @@ class LoraParametrization(nn.Module):
     """
 
     def __init__(
-        self, kind: str, in_shape: tuple[int, ...], out_features: int, fan_in_fan_out: bool = False,
+        self,
+        kind: str,
+        in_shape: tuple[int, ...],
+        out_features: int,
+        fan_in_fan_out: bool = False,
         groups: int = 1,
     ):
         super().__init__()
@@ -92,7 +97,9 @@ class LoraParametrization(nn.Module):
             )
         b_tail = (1,) * (len(self.in_shape) - 1) if self.kind == "conv" else ()
         A = nn.Parameter(torch.empty(spec.r, *self.in_shape, dtype=dtype, device=device))
-        B = nn.Parameter(torch.zeros(self.out_features, spec.r // self.groups, *b_tail, dtype=dtype, device=device))
+        B = nn.Parameter(
+            torch.zeros(self.out_features, spec.r // self.groups, *b_tail, dtype=dtype, device=device)
+        )
         init_A(A, spec)
         self.lora_A[name], self.lora_B[name] = A, B
         if spec.learnable_scale:
@@ -126,7 +133,9 @@ class LoraParametrization(nn.Module):
 
     def _require(self, name: str) -> None:
         if name not in self.specs:
-            raise AdapterError(f"no adapter named {name!r} on this parametrization; it has {sorted(self.specs)}")
+            raise AdapterError(
+                f"no adapter named {name!r} on this parametrization; it has {sorted(self.specs)}"
+            )
 
     # ------------------------------------------------------------------ maths
     def delta(self, name: str, weight: float = 1.0) -> torch.Tensor:
@@ -147,12 +156,14 @@ class LoraParametrization(nn.Module):
         for name, weight in self.active.items():
             d = self.delta(name, weight)
             total = d if total is None else total + d
-        acc = torch.promote_types(W.dtype, total.dtype)  # fp32, or fp64 for an fp64 weight: one rounding at the end
+        acc = torch.promote_types(
+            W.dtype, total.dtype
+        )  # fp32, or fp64 for an fp64 weight: one rounding at the end
         return (W.to(acc) + total.to(acc)).to(W.dtype)
 
     # ------------------------------------------------------------------ PEFT layout
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under PEFT's local keys, exactly as the wrapper layer of the same kind gives them."""
+        """The adapter's tensors under PEFT's local keys, as the wrapper layer of its kind gives them."""
         self._require(name)
         A, B = self.lora_A[name].detach(), self.lora_B[name].detach()
         if self.kind == "embedding":
@@ -219,14 +230,20 @@ def _check_config(config: LoraConfig) -> None:
     for field, (bad, why) in unsupported.items():
         if bad:
             raise ConfigError(
-                f"LoraConfig.{field}={getattr(config, field)!r} is not supported by the parametrization variant: {why}"
+                f"LoraConfig.{field}={getattr(config, field)!r} is not supported by the parametrization "
+                f"variant: {why}"
             )
 
 
 def _spec(config: LoraConfig, path: str) -> AdapterSpec:
     return AdapterSpec(
-        r=config.rank_for(path), alpha=float(config.alpha_for(path)), dropout=0.0, init=config.init,
-        use_rslora=config.use_rslora, learnable_scale=config.learnable_scale, dtype=config.dtype,
+        r=config.rank_for(path),
+        alpha=float(config.alpha_for(path)),
+        dropout=0.0,
+        init=config.init,
+        use_rslora=config.use_rslora,
+        learnable_scale=config.learnable_scale,
+        dtype=config.dtype,
     )
 
 
@@ -287,16 +304,21 @@ def parametrize(model: nn.Module, config: LoraConfig, name: str = "default") -> 
     for path in find_targets(model, config):
         module = modules[path]
         if isinstance(module, (LoraLayer, ModulesToSave)):
-            raise TargetError(f"module {path!r} is already wrapped by inject; use one LoRA variant per module")
+            raise TargetError(
+                f"module {path!r} is already wrapped by inject; use one LoRA variant per module"
+            )
         W = _original_weight(module)
         if not (isinstance(W, torch.Tensor) and W.dtype.is_floating_point):
-            raise TargetError(f"module {path!r}: weight is not a floating-point tensor, it cannot be parametrized")
+            raise TargetError(
+                f"module {path!r}: weight is not a floating-point tensor, it cannot be parametrized"
+            )
         existing = _lora_parametrization(module)
         lp = existing[1] if existing else _new_parametrization(module, path, config)
         spec = _spec(config, path)
         if spec.r % lp.groups:
             raise ConfigError(
-                f"module {path!r} is a conv with groups={lp.groups}: the rank must be divisible by it, got r={spec.r}"
+                f"module {path!r} is a conv with groups={lp.groups}: the rank must be divisible by it, "
+                f"got r={spec.r}"
             )
         plan.append((path, module, lp, existing is None))
 
@@ -370,7 +392,7 @@ def parametrized_active(model: nn.Module) -> dict[str, float]:
 def set_parametrized_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch every LoRA parametrization on or off (off: ``module.weight`` is the base weight, bit for bit).
 
-    Inside ``torch.nn.utils.parametrize.cached()`` a switch takes effect at the next cache (outside the block).
+    Inside ``torch.nn.utils.parametrize.cached()`` a switch takes effect at the next cache (after the block).
     """
     for _, _, lp in parametrized_layers(model):
         lp.enabled = bool(enabled)
@@ -401,18 +423,29 @@ def delete_parametrized_adapter(model: nn.Module, name: str) -> None:
     del parametrized_configs(model)[name]
 
 
-def _detach(module: nn.Module, merge: bool) -> None:
-    """Take the LoRA parametrization off ``module.weight``, folding the active adapters in when ``merge``."""
+def _detach(module: nn.Module, merge: bool, tied: bool = False) -> None:
+    """Take the LoRA parametrization off ``module.weight``, folding the active adapters in when ``merge``.
+
+    ``tied``: another module holds the same original tensor (GPT-2's lm_head and wte); merging then gives this
+    module a new Parameter and leaves the shared one, and so the other module, untouched.
+    """
     index, lp = _lora_parametrization(module)
     plist = module.parametrizations["weight"]
     if len(plist) == 1:
-        P.remove_parametrizations(module, "weight", leave_parametrized=merge)
+        if merge and tied:
+            with torch.no_grad():
+                merged = module.weight.detach().clone()
+            requires_grad = plist.original.requires_grad
+            P.remove_parametrizations(module, "weight", leave_parametrized=False)
+            module.weight = nn.Parameter(merged, requires_grad=requires_grad)
+        else:
+            P.remove_parametrizations(module, "weight", leave_parametrized=merge)
         return
     if merge:
-        if index != 0:
+        if index != 0 or tied:
             raise MergeError(
-                f"the LoRA parametrization of {type(module).__name__}.weight follows another parametrization; "
-                "it cannot be folded into the stored weight (remove with merge=False, or remove the other first)"
+                f"the LoRA parametrization of {type(module).__name__}.weight follows another parametrization "
+                "or a tied weight; it cannot be folded into the stored weight (remove with merge=False)"
             )
         with torch.no_grad():
             plist.original.copy_(lp(plist.original))
@@ -423,11 +456,18 @@ def remove_parametrizations(model: nn.Module, merge: bool = True) -> nn.Module:
     """Take every LoRA parametrization off the model, in place; returns the model.
 
     merge=True leaves each weight parametrized, i.e. with its active adapters folded in (computed in fp32,
-    rounded once; the Parameter object stays the same, so optimizers still hold it); merge=False restores the
-    original weights bit for bit. Like ``unload``, every parameter is left trainable afterwards.
+    rounded once; the Parameter object stays the same, so optimizers still hold it, except for a weight tied
+    to another module, which gets a new Parameter so that the other module keeps the original); merge=False
+    restores the original weights bit for bit. Like ``unload``, every parameter is left trainable afterwards.
     """
+    holders: dict[int, int] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                holders[id(p)] = holders.get(id(p), 0) + 1
     for _, module, _ in list(parametrized_layers(model)):
-        _detach(module, merge=merge)
+        tied = holders.get(id(module.parametrizations["weight"].original), 0) > 1
+        _detach(module, merge=merge, tied=tied)
     parametrized_configs(model).clear()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -447,7 +487,9 @@ def parametrized_state_dict(model: nn.Module, name: str = "default") -> dict[str
     return state
 
 
-def load_parametrized_state(model: nn.Module, tensors: dict[str, torch.Tensor], name: str = "default") -> None:
+def load_parametrized_state(
+    model: nn.Module, tensors: dict[str, torch.Tensor], name: str = "default"
+) -> None:
     """Copy PEFT-layout tensors (as ``parametrized_state_dict`` returns them) into adapter ``name``.
 
     Every key is checked (missing, unexpected, shape, floating dtype) and converted before the first copy,
@@ -469,7 +511,9 @@ def load_parametrized_state(model: nn.Module, tensors: dict[str, torch.Tensor], 
     for key, want in expected.items():
         found = tensors[key]
         if not isinstance(found, torch.Tensor) or not found.dtype.is_floating_point:
-            raise AdapterLoadError(f"key {key!r} must be a floating-point tensor, found {getattr(found, 'dtype', type(found))}")
+            raise AdapterLoadError(
+                f"key {key!r} must be a floating-point tensor, found {getattr(found, 'dtype', type(found))}"
+            )
         if tuple(found.shape) != tuple(want.shape):
             raise AdapterLoadError(
                 f"key {key!r}: the model expects shape {tuple(want.shape)}, found {tuple(found.shape)}"
@@ -487,8 +531,17 @@ def load_parametrized_state(model: nn.Module, tensors: dict[str, torch.Tensor], 
 
 
 __all__ = [
-    "LoraParametrization", "delete_parametrized_adapter", "disable_parametrized", "load_parametrized_state",
-    "mark_parametrized_trainable", "parametrize", "parametrized_active", "parametrized_configs",
-    "parametrized_layers", "parametrized_state_dict", "remove_parametrizations", "set_parametrized_active",
+    "LoraParametrization",
+    "delete_parametrized_adapter",
+    "disable_parametrized",
+    "load_parametrized_state",
+    "mark_parametrized_trainable",
+    "parametrize",
+    "parametrized_active",
+    "parametrized_configs",
+    "parametrized_layers",
+    "parametrized_state_dict",
+    "remove_parametrizations",
+    "set_parametrized_active",
     "set_parametrized_enabled",
 ]
