@@ -38,6 +38,11 @@ from .parametrize import (
     set_parametrized_enabled,
 )
 
+from .errors import QuantError
+from .layers import Linear4bit
+from .qlora import memory_report, merge_requantized, merge_to_dense, prepare_for_kbit_training, quantize_model
+from .quant_loading import load_quantized
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -49,4 +54,6 @@ __all__ = [
     "delete_parametrized_adapter", "disable_parametrized", "load_parametrized_state", "parametrize",
     "parametrized_active", "parametrized_state_dict", "remove_parametrizations", "set_parametrized_active",
     "set_parametrized_enabled", "adapter_state_dict", "load_adapter", "read_adapter", "save_adapter",
+    "Linear4bit", "QuantError", "load_quantized", "memory_report", "merge_requantized", "merge_to_dense",
+    "prepare_for_kbit_training", "quantize_model",
 ]

@@ -35,3 +35,8 @@ class DataError(LoraError, ValueError):
 
 class TrainingError(LoraError, RuntimeError):
     """Training cannot go on (a non-finite loss, a checkpoint that does not fit the run)."""
+
+
+class QuantError(LoraError, ValueError):
+    """A weight cannot be quantized (non-float, NaN/Inf, unknown quant type or block size) or a 4-bit state
+    does not fit the layer it is loaded into."""

@@ -13,7 +13,7 @@ from typing import Callable
 from torch import nn
 
 from .config import LoraConfig
-from .layers import Conv, Embedding, FusedLinear, Linear, LoraLayer
+from .layers import Conv, Embedding, FusedLinear, Linear, Linear4bit, LoraLayer
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ LoRA kernel may compute them itself."""
 
 _REGISTRY: dict[type, LayerType] = {
     nn.Linear: LayerType(_linear(False), "linear"),
+    Linear4bit: LayerType(_linear(False), "linear"),  # 4-bit base: the ordinary LoRA Linear on top
     nn.Embedding: LayerType(lambda m, n, c: Embedding(m), "embedding"),
     nn.Conv1d: LayerType(lambda m, n, c: Conv(m), "conv"),
     nn.Conv2d: LayerType(lambda m, n, c: Conv(m), "conv"),

@@ -5,5 +5,7 @@ from .conv import Conv
 from .embedding import Embedding
 from .linear import FusedLinear, Linear
 from .modules_to_save import ModulesToSave
+from .quantized import Linear4bit
 
-__all__ = ["AdapterSpec", "Conv", "Embedding", "FusedLinear", "Linear", "LoraLayer", "MixedBatch", "ModulesToSave"]
+__all__ = ["AdapterSpec", "Conv", "Embedding", "FusedLinear", "Linear", "Linear4bit", "LoraLayer", "MixedBatch",
+           "ModulesToSave"]

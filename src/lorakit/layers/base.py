@@ -10,13 +10,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from ..errors import AdapterError, ConfigError, MergeError
 from ..functional import add_scaled
+
+
+@runtime_checkable
+class WeightStore(Protocol):
+    """A base layer that stores its weight in a format of its own (Linear4bit: 4-bit codes and scales).
+
+    Merging asks it to add a delta and to snapshot/restore its weight, instead of writing ``weight`` directly.
+    """
+
+    def add_to_weight_(self, delta: torch.Tensor) -> None: ...
+
+    def weight_snapshot(self) -> object: ...
+
+    def restore_weight(self, snapshot: object) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -89,7 +103,7 @@ class LoraLayer(nn.Module):
         self.mixed: MixedBatch | None = None
         self.weight_tied = False  # set by inject: another module reads the same weight tensor (a tied head)
         self._tied_weight: nn.Parameter | None = None  # the shared tensor, while merged into a private copy
-        self._original_weight: torch.Tensor | None = None
+        self._original_weight: object | None = None  # a weight copy, or a WeightStore snapshot
 
     # ------------------------------------------------------------------ subclass hooks
     def _create(self, name: str, spec: AdapterSpec, dtype: torch.dtype, device: torch.device) -> None:
@@ -248,7 +262,9 @@ class LoraLayer(nn.Module):
             shared = self._tied_weight = self.base_layer.weight
             self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
         if keep_original and self._original_weight is None and not self.merged and self._tied_weight is None:
-            self._original_weight = self.base_weight.detach().clone()
+            base = self.base_layer
+            store = isinstance(base, WeightStore)
+            self._original_weight = base.weight_snapshot() if store else self.base_weight.detach().clone()
         coefs = {name: self.active.get(name, 1.0) for name in names}
         self._add_to_weight(coefs, sign=1.0)
         self.merged.update(coefs)
@@ -261,8 +277,11 @@ class LoraLayer(nn.Module):
         if self._tied_weight is not None:
             self.base_layer.weight, self._tied_weight = self._tied_weight, None
         elif self._original_weight is not None:
-            with torch.no_grad():
-                self.base_weight.copy_(self._original_weight)
+            if isinstance(self.base_layer, WeightStore):
+                self.base_layer.restore_weight(self._original_weight)
+            else:
+                with torch.no_grad():
+                    self.base_weight.copy_(self._original_weight)
         else:
             self._add_to_weight(self.merged, sign=-1.0)
         names = list(self.merged)
@@ -272,6 +291,11 @@ class LoraLayer(nn.Module):
 
     def _add_to_weight(self, coefs: dict[str, float], sign: float) -> None:
         """weight += sign * sum(coef * delta), accumulated in fp32 and rounded once to the weight's dtype."""
+        if isinstance(self.base_layer, WeightStore):
+            with torch.no_grad():
+                total = sum(self.delta_weight(name) * (sign * coef) for name, coef in coefs.items())
+                self.base_layer.add_to_weight_(total)
+            return
         w = self.base_weight
         with torch.no_grad():
             acc = w if w.dtype == torch.float32 else w.to(torch.float32)
