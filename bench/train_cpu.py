@@ -1,0 +1,91 @@
+"""LoRA training step on the CPU against the frozen floor and PEFT, in one process.
+
+GPT-2-124M shape (random weights from a config), fp32, batch 4 x 256, LoRA r=16 on c_attn, c_proj, c_fc,
+AdamW. The floor is the frozen base's forward + backward to the inputs with no optimizer. Providers run
+in turn, step after step, so that drift on a shared machine hits all alike; figures are medians.
+
+    python bench/train_cpu.py [--steps 6 --batch 4 --seq 256 --layers 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=12)
+    args = parser.parse_args()
+
+    import peft
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import lorakit as lk
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=args.layers, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    base = GPT2LMHeadModel(cfg).train()
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+    targets = ["c_attn", "c_proj", "c_fc"]
+
+    floor = copy.deepcopy(base).requires_grad_(False)
+    floor.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    ours = copy.deepcopy(base)
+    lk.inject(ours, lk.LoraConfig(r=16, alpha=32, target_modules=targets))
+    reference = copy.deepcopy(ours)
+    for _, layer in lk.lora_layers(reference):
+        layer.use_fused_kernel = False
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+
+    def step_fn(model, optimize: bool):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4) if optimize else None
+
+        def step():
+            model(input_ids=x, labels=x).loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        return step
+
+    providers = {
+        "frozen base fwd+bwd (floor)": step_fn(floor, False),
+        "PEFT": step_fn(theirs, True),
+        "lorakit (fused kernel)": step_fn(ours, True),
+        "lorakit (reference path)": step_fn(reference, True),
+    }
+    for fn in providers.values():
+        fn()
+    times = {k: [] for k in providers}
+    for _ in range(args.steps):
+        for k, fn in providers.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    floor_t, peft_t = med["frozen base fwd+bwd (floor)"], med["PEFT"]
+    print(f"GPT-2-124M shape ({args.layers} layers), fp32, batch {args.batch} x {args.seq}, r=16 on {targets}, "
+          f"AdamW; torch {torch.__version__} ({torch.get_num_threads()} threads), peft {peft.__version__}; "
+          f"{os.cpu_count()} cores {platform.machine()}; {time.strftime('%Y-%m-%d')}; median of {args.steps}")
+    print(f"| {'setup':<30} | {'s/step':>7} | {'tokens/s':>8} | {'/ floor':>7} | {'/ PEFT':>6} |")
+    print(f"|{'-' * 32}|{'-' * 9}|{'-' * 10}|{'-' * 9}|{'-' * 8}|")
+    for k, t in med.items():
+        print(f"| {k:<30} | {t:>7.3f} | {x.numel() / t:>8.0f} | {floor_t / t:>7.3f} | {peft_t / t:>6.3f} |")
+
+
+if __name__ == "__main__":
+    main()
