@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers_train import make_causal_lm, make_classifier, sentiment_records, text_records, write_jsonl
-from lorakit.errors import TrainingError
+from lorakit.errors import ConfigError, TrainingError
 from lorakit.train import TrainConfig, run
 from lorakit.train import report
 from lorakit.train.loop import lr_at
@@ -111,7 +111,7 @@ def test_resume_after_kill_gives_the_same_loss_curve(llama, tmp_path):
     b = load_file(killed / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    with pytest.raises(TrainingError, match="different run.*lr"):
+    with pytest.raises(ConfigError, match="different run.*lr"):
         run(config(llama, killed, resume="latest", **(settings | {"lr": 1e-3})), log=quiet)
 
 

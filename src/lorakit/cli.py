@@ -48,11 +48,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ train
+TRAIN_HOOKS: list = []
+"""Loop hooks (see lorakit.train.loop) that ``lorakit train`` passes to every run: an extension point."""
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import run
 
     cfg = _train_config(args)
-    summary = run(cfg)
+    summary = run(cfg, hooks=TRAIN_HOOKS)
     _print_train_summary(summary, cfg)
     return 0
 
@@ -228,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         _one_line(args, err)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        resume = " (continue with --resume)" if args.command == "train" else ""
+        print(f"lorakit {args.command}: interrupted{resume}", file=sys.stderr)
         return 130
 
 

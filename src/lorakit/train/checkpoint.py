@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import TrainingError
+from ..errors import ConfigError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -107,31 +107,31 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
     if resume == "latest":
         found = list_checkpoints(output_dir / "checkpoints")
         if not found:
-            raise TrainingError(f"--resume latest: no checkpoint under {output_dir / 'checkpoints'}")
+            raise ConfigError(f"--resume latest: no checkpoint under {output_dir / 'checkpoints'}")
         return found[-1]
     path = Path(resume)
     if not (path / "state.json").is_file():
-        raise TrainingError(f"--resume {resume!r} is not a checkpoint folder (no state.json in it)")
+        raise ConfigError(f"--resume {resume!r} is not a checkpoint folder (no state.json in it)")
     return path
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, fingerprint: dict, scaler=None) -> dict:
     """Restore parameters, optimizer, RNG and scaler from ``path``; return its state.json.
 
-    Refuses (TrainingError) a checkpoint written by a run with other settings or other data, since
+    Refuses (ConfigError) a checkpoint written by a run with other settings or other data, since
     continuing it would not reproduce the uninterrupted run.
     """
     state = json.loads((path / "state.json").read_text())
     saved = state.get("fingerprint", {})
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in fingerprint.items() if saved.get(k) != v]
     if diffs:
-        raise TrainingError(f"checkpoint {path} was written by a different run ({'; '.join(diffs[:4])}); "
+        raise ConfigError(f"checkpoint {path} was written by a different run ({'; '.join(diffs[:4])}); "
                             "resume with the same settings or start a new output_dir")
     tensors = load_file(str(path / "trainable.safetensors"))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
         missing = sorted(set(params) - set(tensors))[:3]
-        raise TrainingError(f"checkpoint {path} does not fit the model (missing {missing})")
+        raise ConfigError(f"checkpoint {path} does not fit the model (missing {missing})")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name])

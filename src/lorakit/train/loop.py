@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .data import IGNORE_INDEX, DataBundle, EpochSampler, collate
 from .report import MetricsLog, current_memory_mb, peak_memory_mb, reset_peak_memory
@@ -88,7 +88,7 @@ def autocast_context(mode: str, device: torch.device) -> tuple[contextlib.Abstra
         return contextlib.nullcontext(), mode
     dtype = torch.bfloat16 if mode == "bf16" else torch.float16
     if device.type == "cpu" and mode == "fp16":
-        raise TrainingError("--autocast fp16 needs a GPU; use bf16 or none on CPU")
+        raise ConfigError("--autocast fp16 needs a GPU; use bf16 or none on CPU")
     return torch.autocast(device.type, dtype=dtype), mode
 
 
@@ -96,7 +96,7 @@ def optimizer_for(model: nn.Module, lr: float, weight_decay: float) -> torch.opt
     """AdamW over trainable parameters; matrices decay, vectors (biases, norms) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise TrainingError("the model has no trainable parameter")
+        raise ConfigError("the model has no trainable parameter (check --target-modules)")
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
