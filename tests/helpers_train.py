@@ -37,7 +37,7 @@ def vocabulary() -> list[str]:
 
 
 def make_tokenizer(directory: str | Path, classifier: bool = False):
-    """A word-level fast tokenizer saved to ``directory``: [PAD]=0, [UNK]=1, <s>, </s>, [CLS], [SEP], roles."""
+    """A word-level fast tokenizer saved to ``directory``: [PAD]=0, [UNK]=1, <s>, </s>, [CLS], [SEP], roles"""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -50,8 +50,14 @@ def make_tokenizer(directory: str | Path, classifier: bool = False):
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
         )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
-        cls_token="[CLS]", sep_token="[SEP]", additional_special_tokens=specials[6:],
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="<s>",
+        eos_token="</s>",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        additional_special_tokens=specials[6:],
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(directory))
@@ -67,28 +73,53 @@ def make_causal_lm(directory: str | Path, family: str = "llama", max_positions: 
     tokenizer = make_tokenizer(directory)
     torch.manual_seed(seed)
     if family == "llama":
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                             pad_token_id=0, bos_token_id=2, eos_token_id=3)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=max_positions,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
         model = LlamaForCausalLM(config)
     else:
-        config = GPT2Config(vocab_size=len(tokenizer), n_embd=48, n_layer=2, n_head=4, n_positions=max_positions,
-                            pad_token_id=0, bos_token_id=2, eos_token_id=3)
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=48,
+            n_layer=2,
+            n_head=4,
+            n_positions=max_positions,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
         model = GPT2LMHeadModel(config)
     model.save_pretrained(directory)
     return model, tokenizer
 
 
 def make_classifier(directory: str | Path, num_labels: int = 2, seed: int = 0):
-    """A 2-layer BERT sequence classifier with the test tokenizer ([CLS] ... [SEP]), saved to ``directory``."""
+    """A 2-layer BERT sequence classifier with the test tokenizer ([CLS] ... [SEP]) saved to ``directory``"""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     directory = Path(directory)
     tokenizer = make_tokenizer(directory, classifier=True)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=96, max_position_embeddings=64, num_labels=num_labels, pad_token_id=0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=0,
+    )
     model = BertForSequenceClassification(config)
     model.save_pretrained(directory)
     return model, tokenizer

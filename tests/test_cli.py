@@ -12,10 +12,15 @@ import os
 
 import pytest
 import torch
-
 from helpers_train import (
-    make_causal_lm, make_classifier, sentences, sentiment_records, text_records, write_jsonl,
+    make_causal_lm,
+    make_classifier,
+    sentences,
+    sentiment_records,
+    text_records,
+    write_jsonl,
 )
+
 from lorakit import cli
 from lorakit.train import TrainConfig, run
 from lorakit.train.modeling import qlora_available
@@ -51,14 +56,40 @@ def files(tmp_path_factory):
     make_causal_lm(root / "gpt2", family="gpt2")
     make_classifier(root / "bert")
     text = write_jsonl(root / "text.jsonl", text_records(48))
-    qa = write_jsonl(root / "qa.jsonl", [{"prompt": f"question {s}", "completion": "yes"} for s in sentences(40, 1)])
+    qa = write_jsonl(
+        root / "qa.jsonl", [{"prompt": f"question {s}", "completion": "yes"} for s in sentences(40, 1)]
+    )
     senti = write_jsonl(root / "senti.jsonl", sentiment_records(60))
-    quiet = lambda _line: None  # noqa: E731
+    quiet = lambda _line: None
     for name, data in (("a", text), ("b", qa)):
-        run(TrainConfig(model=str(root / "llama"), data=str(data), output_dir=str(root / f"run_{name}"),
-                        seq_len=32, max_steps=15, lr=2e-2, progress=False, plot=False, save_every=0), log=quiet)
-    run(TrainConfig(model=str(root / "bert"), data=str(senti), output_dir=str(root / "run_cls"), seq_len=16,
-                    max_steps=5, lr=1e-2, progress=False, plot=False, save_every=0), log=quiet)
+        run(
+            TrainConfig(
+                model=str(root / "llama"),
+                data=str(data),
+                output_dir=str(root / f"run_{name}"),
+                seq_len=32,
+                max_steps=15,
+                lr=2e-2,
+                progress=False,
+                plot=False,
+                save_every=0,
+            ),
+            log=quiet,
+        )
+    run(
+        TrainConfig(
+            model=str(root / "bert"),
+            data=str(senti),
+            output_dir=str(root / "run_cls"),
+            seq_len=16,
+            max_steps=5,
+            lr=1e-2,
+            progress=False,
+            plot=False,
+            save_every=0,
+        ),
+        log=quiet,
+    )
     return root
 
 
@@ -78,22 +109,47 @@ def metrics(out) -> list[dict]:
 # ------------------------------------------------------------------------------------------ train
 def test_train_causal_lm_end_to_end(files, tmp_path, capsys):
     out = tmp_path / "out"
-    rc, stdout, err = call(capsys, "train", "--model", files / "llama", "--data", files / "text.jsonl",
-                           "--output-dir", out, "--max-steps", 30, "--lr", "1e-2", "--batch-size", 8,
-                           "--eval-every", 10, "--seq-len", 32, "--no-progress")
+    rc, stdout, err = call(
+        capsys,
+        "train",
+        "--model",
+        files / "llama",
+        "--data",
+        files / "text.jsonl",
+        "--output-dir",
+        out,
+        "--max-steps",
+        30,
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        8,
+        "--eval-every",
+        10,
+        "--seq-len",
+        32,
+        "--no-progress",
+    )
     assert rc == 0, err
     assert "done: 30 steps" in stdout and "Traceback" not in err
     train = [r["loss"] for r in metrics(out) if "loss" in r]
     assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 0.3
-    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "train_config.toml",
-                 "summary.json", "loss.png"):
+    for name in (
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "train_config.toml",
+        "summary.json",
+        "loss.png",
+    ):
         assert (out / name).is_file(), name
 
 
 def test_train_gpt2_prompt_completion_with_toml_and_flag_override(files, tmp_path, capsys):
     toml = tmp_path / "run.toml"
-    toml.write_text(f'model = "{files / "gpt2"}"\ndata = "{files / "qa.jsonl"}"\nbatch_size = 2\nlr = 1.0\n'
-                    f'max_steps = 4\noutput_dir = "{tmp_path / "out"}"\ntarget_modules = "c_attn,c_proj"\n')
+    toml.write_text(
+        f'model = "{files / "gpt2"}"\ndata = "{files / "qa.jsonl"}"\nbatch_size = 2\nlr = 1.0\n'
+        f'max_steps = 4\noutput_dir = "{tmp_path / "out"}"\ntarget_modules = "c_attn,c_proj"\n'
+    )
     rc, _, err = call(capsys, "train", "--config", toml, "--lr", "5e-3", *TINY)
     assert rc == 0, err
     resolved = TrainConfig.load(tmp_path / "out" / "train_config.toml")
@@ -103,8 +159,21 @@ def test_train_gpt2_prompt_completion_with_toml_and_flag_override(files, tmp_pat
 
 
 def test_train_classifier_reports_accuracy(files, tmp_path, capsys):
-    rc, stdout, err = call(capsys, "train", "--model", files / "bert", "--data", files / "senti.jsonl",
-                           "--output-dir", tmp_path, "--max-steps", 3, "--eval-fraction", "0.25", *TINY[2:])
+    rc, stdout, err = call(
+        capsys,
+        "train",
+        "--model",
+        files / "bert",
+        "--data",
+        files / "senti.jsonl",
+        "--output-dir",
+        tmp_path,
+        "--max-steps",
+        3,
+        "--eval-fraction",
+        "0.25",
+        *TINY[2:],
+    )
     assert rc == 0, err
     assert "accuracy" in stdout
     assert "eval_accuracy" in metrics(tmp_path)[-1]
@@ -116,8 +185,21 @@ def test_resume_after_a_kill_gives_the_same_losses(files, tmp_path, capsys, monk
             if state.step == 5:
                 raise KeyboardInterrupt
 
-    common = ["--model", files / "llama", "--data", files / "text.jsonl", "--max-steps", 8, "--save-every", 2,
-              "--dropout", "0.1", "--grad-accum", 2, *TINY]
+    common = [
+        "--model",
+        files / "llama",
+        "--data",
+        files / "text.jsonl",
+        "--max-steps",
+        8,
+        "--save-every",
+        2,
+        "--dropout",
+        "0.1",
+        "--grad-accum",
+        2,
+        *TINY,
+    ]
     rc, _, err = call(capsys, "train", *common, "--output-dir", tmp_path / "full")
     assert rc == 0, err
     monkeypatch.setattr(cli, "TRAIN_HOOKS", [KillAt()])
@@ -146,9 +228,14 @@ def _reference(files, adapters: list[str], prompt: str, new_tokens: int) -> str:
         lorakit.set_active_adapters(model, adapters)
     ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            **ids,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_generate_switches_adapters_in_place(files, capsys, monkeypatch):
@@ -163,13 +250,31 @@ def test_generate_switches_adapters_in_place(files, capsys, monkeypatch):
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting))
     prompts = ["the cat", "question a dog sees"]
-    rc, stdout, err = call(capsys, "generate", "--model", files / "llama", "--adapter", f"a={files / 'run_a/adapter'}",
-                           "--adapter", f"b={files / 'run_b/adapter'}", "--prompt", prompts[0], "--prompt",
-                           prompts[1], "--base", "--combine", "--json", "--max-new-tokens", 6)
+    rc, stdout, err = call(
+        capsys,
+        "generate",
+        "--model",
+        files / "llama",
+        "--adapter",
+        f"a={files / 'run_a/adapter'}",
+        "--adapter",
+        f"b={files / 'run_b/adapter'}",
+        "--prompt",
+        prompts[0],
+        "--prompt",
+        prompts[1],
+        "--base",
+        "--combine",
+        "--json",
+        "--max-new-tokens",
+        6,
+    )
     assert rc == 0, err
     assert len(loads) == 1  # one base model for every prompt and adapter
     rows = [json.loads(line) for line in stdout.splitlines()]
-    assert [(r["prompt"], r["adapter"]) for r in rows] == [(p, a) for p in prompts for a in ("base", "a", "b", "a+b")]
+    assert [(r["prompt"], r["adapter"]) for r in rows] == [
+        (p, a) for p in prompts for a in ("base", "a", "b", "a+b")
+    ]
     monkeypatch.undo()
     expected = {"base": [], "a": ["a"], "b": ["b"], "a+b": ["a", "b"]}
     for r in rows:
@@ -190,7 +295,9 @@ def test_merge_causal_lm_loads_in_plain_transformers(files, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    rc, _, err = call(capsys, "merge", "--model", files / "llama", "--adapter", files / "run_a/adapter", "--out", out)
+    rc, _, err = call(
+        capsys, "merge", "--model", files / "llama", "--adapter", files / "run_a/adapter", "--out", out
+    )
     assert rc == 0, err
     assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").is_file()
     assert "lora" not in (out / "config.json").read_text().lower()
@@ -199,12 +306,15 @@ def test_merge_causal_lm_loads_in_plain_transformers(files, tmp_path, capsys):
     ids = torch.randint(9, 60, (3, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = merged(input_ids=ids).logits
-    want = _logits_with_adapter(AutoModelForCausalLM.from_pretrained(files / "llama").eval(),
-                                files / "run_a/adapter", ids)
+    want = _logits_with_adapter(
+        AutoModelForCausalLM.from_pretrained(files / "llama").eval(), files / "run_a/adapter", ids
+    )
     base = AutoModelForCausalLM.from_pretrained(files / "llama").eval()(input_ids=ids).logits.detach()
     assert (want - base).abs().max() > 1e-3  # the adapter changes the outputs ...
     assert (got - want).abs().max() < 1e-5  # ... and the merged model computes the same thing
-    rc, _, err = call(capsys, "merge", "--model", files / "llama", "--adapter", files / "run_a/adapter", "--out", out)
+    rc, _, err = call(
+        capsys, "merge", "--model", files / "llama", "--adapter", files / "run_a/adapter", "--out", out
+    )
     assert rc == 2 and "--force" in err
 
 
@@ -212,27 +322,47 @@ def test_merge_classifier_keeps_the_trained_head(files, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "merged"
-    rc, _, err = call(capsys, "merge", "--model", files / "bert", "--adapter", files / "run_cls/adapter", "--out", out)
+    rc, _, err = call(
+        capsys, "merge", "--model", files / "bert", "--adapter", files / "run_cls/adapter", "--out", out
+    )
     assert rc == 0, err
     merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
     ids = torch.randint(9, 60, (4, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = merged(input_ids=ids).logits
-    want = _logits_with_adapter(AutoModelForSequenceClassification.from_pretrained(files / "bert").eval(),
-                                files / "run_cls/adapter", ids)
+    want = _logits_with_adapter(
+        AutoModelForSequenceClassification.from_pretrained(files / "bert").eval(),
+        files / "run_cls/adapter",
+        ids,
+    )
     assert (got - want).abs().max() < 1e-5
 
 
 # ------------------------------------------------------------------------------------------ compare
 def test_compare_prints_a_table_and_writes_a_chart(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    rc, stdout, err = call(capsys, "compare", "--model", files / "llama", "--data", files / "text.jsonl",
-                           "--methods", "full,lora,qlora", "--steps", 3, "--output-dir", tmp_path, *TINY)
+    rc, stdout, err = call(
+        capsys,
+        "compare",
+        "--model",
+        files / "llama",
+        "--data",
+        files / "text.jsonl",
+        "--methods",
+        "full,lora,qlora",
+        "--steps",
+        3,
+        "--output-dir",
+        tmp_path,
+        *TINY,
+    )
     assert rc == 0, err
     rows = {r["method"]: r for r in json.loads((tmp_path / "compare.json").read_text())["rows"]}
     full, lora = rows["full"], rows["lora"]
-    n_base = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
-        files / "llama").parameters())
+    n_base = sum(
+        p.numel()
+        for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(files / "llama").parameters()
+    )
     assert full["trainable_params"] == n_base and 0 < lora["trainable_params"] < n_base
     assert full["checkpoint_mb"] > lora["checkpoint_mb"] and full["saved_mb"] > lora["saved_mb"]
     assert full["peak_memory_mb"] > 0 and lora["seconds_per_step"] > 0 and full["steps"] == lora["steps"] == 3
@@ -257,23 +387,56 @@ def _bad_cases(files, tmp):
         ("missing data file", ["train", "--model", llama, "--data", tmp / "nope.jsonl"], "does not exist"),
         ("missing model", ["train", "--model", tmp / "no_model", "--data", text], "does not exist"),
         ("empty data", ["train", "--model", llama, "--data", empty], "is empty"),
-        ("missing column", ["train", "--model", llama, "--data", text, "--text-column", "body"], "no column 'body'"),
+        (
+            "missing column",
+            ["train", "--model", llama, "--data", text, "--text-column", "body"],
+            "no column 'body'",
+        ),
         ("csv column", ["train", "--model", files / "bert", "--data", csv], "no column 'text'"),
-        ("seq len", ["train", "--model", llama, "--data", text, "--seq-len", 4096], "over the model's limit of 128"),
+        (
+            "seq len",
+            ["train", "--model", llama, "--data", text, "--seq-len", 4096],
+            "over the model's limit of 128",
+        ),
         ("lr flag", ["train", "--model", llama, "--data", text, "--lr", "abc"], "invalid float value: 'abc'"),
         ("lr toml", ["train", "--config", bad_lr], "lr must be a number, got 'fast'"),
         ("method", ["train", "--model", llama, "--data", text, "--method", "dora"], "method must be one of"),
-        ("resume nothing", ["train", "--model", llama, "--data", text, "--output-dir", tmp / "o", "--resume"],
-         "no checkpoint"),
-        ("merge adapter", ["merge", "--model", llama, "--adapter", tmp / "none", "--out", tmp / "m"], "does not exist"),
+        (
+            "resume nothing",
+            ["train", "--model", llama, "--data", text, "--output-dir", tmp / "o", "--resume"],
+            "no checkpoint",
+        ),
+        (
+            "merge adapter",
+            ["merge", "--model", llama, "--adapter", tmp / "none", "--out", tmp / "m"],
+            "does not exist",
+        ),
         ("generate prompt", ["generate", "--model", llama], "no prompt"),
-        ("compare methods", ["compare", "--model", llama, "--methods", "lora,magic"], "unknown method 'magic'"),
+        (
+            "compare methods",
+            ["compare", "--model", llama, "--methods", "lora,magic"],
+            "unknown method 'magic'",
+        ),
         ("demo", ["demo", "nope"], "unknown demo 'nope'"),
     ]
 
 
-CASES = ["missing data file", "missing model", "empty data", "missing column", "csv column", "seq len", "lr flag",
-         "lr toml", "method", "resume nothing", "merge adapter", "generate prompt", "compare methods", "demo"]
+CASES = [
+    "missing data file",
+    "missing model",
+    "empty data",
+    "missing column",
+    "csv column",
+    "seq len",
+    "lr flag",
+    "lr toml",
+    "method",
+    "resume nothing",
+    "merge adapter",
+    "generate prompt",
+    "compare methods",
+    "demo",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -290,7 +453,14 @@ def test_bad_input_gives_one_clear_line_and_exit_2(files, tmp_path, capsys, case
 def test_train_help_documents_every_setting(capsys):
     rc, stdout, _ = call(capsys, "train", "--help")
     assert rc == 0
-    for flag in ("--grad-accum", "--packing", "--chat-loss", "--gradient-checkpointing", "--resume", "--config"):
+    for flag in (
+        "--grad-accum",
+        "--packing",
+        "--chat-loss",
+        "--gradient-checkpointing",
+        "--resume",
+        "--config",
+    ):
         assert flag in stdout
     assert "Micro-batches per optimizer step" in stdout
 

@@ -8,12 +8,17 @@ import dataclasses
 import json
 
 import pytest
-
 from helpers_train import make_tokenizer, sentences, write_jsonl
+
 from lorakit.errors import ConfigError, DataError
 from lorakit.train.config import TrainConfig, field_docs
 from lorakit.train.data import (
-    IGNORE_INDEX, EpochSampler, build_data, collate, read_records, split_records,
+    IGNORE_INDEX,
+    EpochSampler,
+    build_data,
+    collate,
+    read_records,
+    split_records,
 )
 
 
@@ -47,7 +52,9 @@ def test_text_jsonl_gets_eos_and_full_labels(tmp_path, tok):
 
 
 def test_prompt_completion_masks_the_prompt(tmp_path, tok):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "question the cat sees", "completion": "the ball ."}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": "question the cat sees", "completion": "the ball ."}]
+    )
     ex = build_data(cfg(path), tok, "causal-lm").train[0]
     n_prompt = len(tok("question the cat sees")["input_ids"])
     assert ex.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
@@ -56,9 +63,13 @@ def test_prompt_completion_masks_the_prompt(tmp_path, tok):
 
 
 def test_chat_loss_on_assistant_turns_only(tmp_path, tok):
-    chat = [{"role": "system", "content": "answer yes or no"}, {"role": "user", "content": "is it red ?"},
-            {"role": "assistant", "content": "yes"}, {"role": "user", "content": "is it green ?"},
-            {"role": "assistant", "content": "no it is red"}]
+    chat = [
+        {"role": "system", "content": "answer yes or no"},
+        {"role": "user", "content": "is it red ?"},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "is it green ?"},
+        {"role": "assistant", "content": "no it is red"},
+    ]
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": chat}])
     ex = build_data(cfg(path), tok, "causal-lm").train[0]
     rendered = tok.apply_chat_template(chat, tokenize=False)
@@ -82,7 +93,10 @@ def test_csv_classification_with_named_columns_and_string_labels(tmp_path, cls_t
     data = build_data(cfg(path, text_column="sentence", label_column="y"), cls_tok, "classification")
     assert data.kind == "classification" and data.label_names == ["neg", "pos"]
     assert [ex.labels for ex in data.train] == [1, 0, 1]
-    assert data.train[0].input_ids[0] == cls_tok.cls_token_id and data.train[0].input_ids[-1] == cls_tok.sep_token_id
+    assert (
+        data.train[0].input_ids[0] == cls_tok.cls_token_id
+        and data.train[0].input_ids[-1] == cls_tok.sep_token_id
+    )
 
 
 def test_integer_labels_keep_their_values(tmp_path, cls_tok):
@@ -108,10 +122,15 @@ def test_txt_splits_documents_on_blank_lines(tmp_path):
     assert read_records(lines) == [{"text": "one ."}, {"text": "two ."}]
 
 
-@pytest.mark.parametrize("content,message", [
-    ("", "is empty"), ("\n\n", "is empty"), ('{"text": "a"}\n{"text": \n', "line 2: not valid JSON"),
-    ("[1, 2]\n", "line 1: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("", "is empty"),
+        ("\n\n", "is empty"),
+        ('{"text": "a"}\n{"text": \n', "line 2: not valid JSON"),
+        ("[1, 2]\n", "line 1: expected a JSON object"),
+    ],
+)
 def test_bad_jsonl(tmp_path, tok, content, message):
     path = tmp_path / "d.jsonl"
     path.write_text(content)
@@ -156,8 +175,10 @@ def test_truncation_is_counted(tmp_path, tok):
 
 
 def test_prompt_longer_than_seq_len_is_dropped_and_counted(tmp_path, tok):
-    rows = [{"prompt": "the cat sees a book . the dog", "completion": "yes"},
-            {"prompt": "is it", "completion": "no"}]
+    rows = [
+        {"prompt": "the cat sees a book . the dog", "completion": "yes"},
+        {"prompt": "is it", "completion": "no"},
+    ]
     data = build_data(cfg(write_jsonl(tmp_path / "d.jsonl", rows), seq_len=5), tok, "causal-lm")
     assert len(data.train) == 1 and data.stats[0].dropped_no_target == 1
 
@@ -215,15 +236,18 @@ def test_toml_then_flags_precedence(tmp_path):
     assert TrainConfig.load(again) == c
 
 
-@pytest.mark.parametrize("text,message", [
-    ('model = "m"\nlr = "abc"\n', "lr must be a number, got 'abc'"),
-    ('model = "m"\nlrr = 1\n', "unknown setting 'lrr'"),
-    ('model = "m"\nbatch_size = 0\n', "batch_size must be >= 1"),
-    ('model = "m"\nmethod = "dora"\n', "method must be one of"),
-    ('model = "m"\npacking = "yes"\n', "packing must be true or false"),
-    ('model = "m"\nlr = \n', "not valid TOML"),
-    ('data = "d"\n', "no model"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('model = "m"\nlr = "abc"\n', "lr must be a number, got 'abc'"),
+        ('model = "m"\nlrr = 1\n', "unknown setting 'lrr'"),
+        ('model = "m"\nbatch_size = 0\n', "batch_size must be >= 1"),
+        ('model = "m"\nmethod = "dora"\n', "method must be one of"),
+        ('model = "m"\npacking = "yes"\n', "packing must be true or false"),
+        ('model = "m"\nlr = \n', "not valid TOML"),
+        ('data = "d"\n', "no model"),
+    ],
+)
 def test_bad_config_values(tmp_path, text, message):
     path = tmp_path / "run.toml"
     path.write_text(text)

@@ -7,17 +7,17 @@ losses of an uninterrupted run, dropout included (RNG state is part of the check
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 
 import pytest
 import torch
+from helpers_train import make_causal_lm, make_classifier, sentiment_records, text_records, write_jsonl
 from safetensors.torch import load_file
 
-from helpers_train import make_causal_lm, make_classifier, sentiment_records, text_records, write_jsonl
 from lorakit.errors import ConfigError, TrainingError
-from lorakit.train import TrainConfig, run
-from lorakit.train import report
+from lorakit.train import TrainConfig, report, run
 from lorakit.train.loop import lr_at
 from lorakit.train.modeling import qlora_available
 
@@ -40,8 +40,18 @@ def llama(tmp_path_factory):
 
 def config(llama, out, **kw) -> TrainConfig:
     model, data = llama
-    base = dict(model=str(model), data=str(data), output_dir=str(out), seq_len=32, batch_size=4, max_steps=10,
-                lr=5e-3, progress=False, plot=False, save_every=0)
+    base = {
+        "model": str(model),
+        "data": str(data),
+        "output_dir": str(out),
+        "seq_len": 32,
+        "batch_size": 4,
+        "max_steps": 10,
+        "lr": 5e-3,
+        "progress": False,
+        "plot": False,
+        "save_every": 0,
+    }
     return TrainConfig(**(base | kw))
 
 
@@ -72,13 +82,15 @@ def test_lr_schedule_warmup_then_cosine():
     lrs = [lr_at(s, 10, 1.0, 2, 0.1) for s in range(10)]
     assert lrs[0] == pytest.approx(1 / 3) and lrs[1] == pytest.approx(2 / 3)
     assert lrs[2] == pytest.approx(1.0)
-    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    assert all(a > b for a, b in itertools.pairwise(lrs[2:]))
     assert lr_at(10, 10, 1.0, 2, 0.1) == pytest.approx(0.1)
     assert lrs[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
 
 
 def test_loss_falls_and_files_are_written(llama, tmp_path):
-    summary = run(config(llama, tmp_path, max_steps=30, eval_every=5, plot=True, lr=1e-2, batch_size=8), log=quiet)
+    summary = run(
+        config(llama, tmp_path, max_steps=30, eval_every=5, plot=True, lr=1e-2, batch_size=8), log=quiet
+    )
     records = losses(tmp_path)
     train = [r["loss"] for r in records if "loss" in r]
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
@@ -86,15 +98,28 @@ def test_loss_falls_and_files_are_written(llama, tmp_path):
     assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 0.3
     assert evals[-1] < evals[0] - 0.15
     assert summary["final_eval_ppl"] == pytest.approx(math.exp(summary["final_eval_loss"]))
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/lorakit_train.json",
-                 "train_config.toml", "summary.json", "metrics.jsonl", "checkpoints/step-000030/state.json"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/lorakit_train.json",
+        "train_config.toml",
+        "summary.json",
+        "metrics.jsonl",
+        "checkpoints/step-000030/state.json",
+    ):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert TrainConfig.load(tmp_path / "train_config.toml").lr == 1e-2
 
 
 def test_resume_after_kill_gives_the_same_loss_curve(llama, tmp_path):
-    settings = dict(max_steps=10, grad_accum=2, dropout=0.1, save_every=3, eval_every=5)  # crosses an epoch
+    settings = {
+        "max_steps": 10,
+        "grad_accum": 2,
+        "dropout": 0.1,
+        "save_every": 3,
+        "eval_every": 5,
+    }  # crosses an epoch
     full = tmp_path / "full"
     run(config(llama, full, **settings), log=quiet)
 
@@ -119,7 +144,8 @@ def test_gradient_accumulation_equals_the_big_batch(llama, tmp_path):
     big = run(config(llama, tmp_path / "big", max_steps=3, batch_size=4, grad_accum=1), log=quiet)
     small = run(config(llama, tmp_path / "small", max_steps=3, batch_size=2, grad_accum=2), log=quiet)
     assert [r["loss"] for r in losses(tmp_path / "small") if "loss" in r] == pytest.approx(
-        [r["loss"] for r in losses(tmp_path / "big") if "loss" in r], abs=1e-6)
+        [r["loss"] for r in losses(tmp_path / "big") if "loss" in r], abs=1e-6
+    )
     a = load_file(tmp_path / "big" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "small" / "adapter" / "adapter_model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # Adam amplifies fp32 rounding
@@ -146,17 +172,36 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(llama, tmp
         run(config(llama, tmp_path, save_every=1), hooks=[Poison()], log=quiet)
     assert [r["step"] for r in losses(tmp_path)] == [1, 2]
     assert (tmp_path / "checkpoints" / "step-000002" / "state.json").is_file()
-    assert not load_file(tmp_path / "checkpoints" / "step-000002" / "trainable.safetensors")[
-        next(k for k in load_file(tmp_path / "checkpoints" / "step-000002" / "trainable.safetensors") if "lora_B" in k)
-    ].isnan().any()
+    assert (
+        not load_file(tmp_path / "checkpoints" / "step-000002" / "trainable.safetensors")[
+            next(
+                k
+                for k in load_file(tmp_path / "checkpoints" / "step-000002" / "trainable.safetensors")
+                if "lora_B" in k
+            )
+        ]
+        .isnan()
+        .any()
+    )
 
 
 def test_classifier_learns_and_reports_accuracy(tmp_path):
     make_classifier(tmp_path / "bert")
     data = write_jsonl(tmp_path / "s.jsonl", sentiment_records(120))
-    cfg = TrainConfig(model=str(tmp_path / "bert"), data=str(data), output_dir=str(tmp_path / "out"), seq_len=16,
-                      batch_size=8, max_steps=80, lr=5e-3, eval_fraction=0.25, eval_every=80, progress=False,
-                      plot=False, save_every=0)
+    cfg = TrainConfig(
+        model=str(tmp_path / "bert"),
+        data=str(data),
+        output_dir=str(tmp_path / "out"),
+        seq_len=16,
+        batch_size=8,
+        max_steps=80,
+        lr=5e-3,
+        eval_fraction=0.25,
+        eval_every=80,
+        progress=False,
+        plot=False,
+        save_every=0,
+    )
     summary = run(cfg, log=quiet)
     assert summary["task"] == "classification"
     assert summary["final_eval_accuracy"] >= 0.9
@@ -198,14 +243,23 @@ def test_bf16_autocast_runs_on_cpu(llama, tmp_path):
 
 
 def test_synthetic_data_for_presets(tmp_path):
-    cfg = TrainConfig(model_config="llama-tiny", output_dir=str(tmp_path), seq_len=32, max_steps=3,
-                      progress=False, plot=False, lr=1e-2)
+    cfg = TrainConfig(
+        model_config="llama-tiny",
+        output_dir=str(tmp_path),
+        seq_len=32,
+        max_steps=3,
+        progress=False,
+        plot=False,
+        lr=1e-2,
+    )
     summary = run(cfg, log=quiet)
     assert summary["steps"] == 3 and summary["data"][0]["kind"] == "synthetic copy task"
 
 
-@pytest.mark.skipif(not qlora_available(), reason="lorakit.quant.quantize_model / prepare_for_kbit_training "
-                    "have not landed yet")
+@pytest.mark.skipif(
+    not qlora_available(),
+    reason="lorakit.quant.quantize_model / prepare_for_kbit_training have not landed yet",
+)
 def test_qlora_trains_an_adapter(llama, tmp_path):
     summary = run(config(llama, tmp_path, max_steps=6, method="qlora"), log=quiet)
     train = [r["loss"] for r in losses(tmp_path) if "loss" in r]

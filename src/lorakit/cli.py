@@ -80,7 +80,10 @@ def _print_train_summary(s: dict, cfg) -> None:
         parts.append(f"accuracy {s['final_eval_accuracy']:.3f}")
     parts.append(f"{s['seconds_per_step']:.3f} s/step" if s.get("seconds_per_step") else "")
     print(", ".join(p for p in parts if p))
-    print(f"saved: {s['saved_to']} ({s['saved_bytes'] / 1e6:.2f} MB); metrics, config and summary in {cfg.output_dir}")
+    print(
+        f"saved: {s['saved_to']} ({s['saved_bytes'] / 1e6:.2f} MB); "
+        f"metrics, config and summary in {cfg.output_dir}"
+    )
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -123,42 +126,64 @@ def add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
     from .train.config import TrainConfig, field_docs
 
     docs = field_docs(TrainConfig)
-    parser.add_argument("--config", default=None, metavar="TOML", help="read settings from a TOML file "
-                        "(flat key = value, names as below); flags override it")
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="TOML",
+        help="read settings from a TOML file (flat key = value, names as below); flags override it",
+    )
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{docs.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")
         if f.name == "resume":
-            parser.add_argument(flag, nargs="?", const="latest", default=argparse.SUPPRESS, metavar="CKPT",
-                                help=help_text)
+            parser.add_argument(
+                flag, nargs="?", const="latest", default=argparse.SUPPRESS, metavar="CKPT", help=help_text
+            )
         elif f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.type.upper(), help=help_text)
+            parser.add_argument(
+                flag, type=kind, default=argparse.SUPPRESS, metavar=f.type.upper(), help=help_text
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lorakit", description="LoRA and QLoRA for PyTorch models: train, generate, merge, "
-                     "compare. Every sub-command has its own --help.")
+    parser = _Parser(
+        prog="lorakit",
+        description="LoRA and QLoRA for PyTorch models: train, generate, merge, "
+        "compare. Every sub-command has its own --help.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="fine-tune a Hugging Face model folder (LoRA, QLoRA or full)",
-                           description="Fine-tune a local Hugging Face model (causal LM or sequence classifier) "
-                           "and write the adapter, the resolved config, metrics.jsonl, loss.png and "
-                           "checkpoints into --output-dir. Settings: defaults < --config file < flags.")
+    train = sub.add_parser(
+        "train",
+        help="fine-tune a Hugging Face model folder (LoRA, QLoRA or full)",
+        description="Fine-tune a local Hugging Face model (causal LM or sequence classifier) "
+        "and write the adapter, the resolved config, metrics.jsonl, loss.png and "
+        "checkpoints into --output-dir. Settings: defaults < --config file < flags.",
+    )
     add_train_flags(train)
     train.set_defaults(func=cmd_train)
 
-    gen = sub.add_parser("generate", help="generate text with the base model and/or adapters",
-                         description="Load the base model once, then generate for every prompt with each "
-                         "adapter in turn (switching adapters in place, no reload). Greedy by default.")
+    gen = sub.add_parser(
+        "generate",
+        help="generate text with the base model and/or adapters",
+        description="Load the base model once, then generate for every prompt with each "
+        "adapter in turn (switching adapters in place, no reload). Greedy by default.",
+    )
     gen.add_argument("--model", required=True, help="Hugging Face causal-LM folder (the base model)")
-    gen.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
-                     help="adapter folder; repeat for several (name defaults to the folder name)")
+    gen.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="adapter folder; repeat for several (name defaults to the folder name)",
+    )
     gen.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     gen.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     gen.add_argument("--base", action="store_true", help="also generate with the adapters disabled")
@@ -173,9 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object per generation")
     gen.set_defaults(func=cmd_generate)
 
-    merge = sub.add_parser("merge", help="fold an adapter into the base and save a plain Hugging Face model",
-                           description="Write a Hugging Face model folder (safetensors) with the adapter folded "
-                           "into the weights; it loads with transformers alone.")
+    merge = sub.add_parser(
+        "merge",
+        help="fold an adapter into the base and save a plain Hugging Face model",
+        description="Write a Hugging Face model folder (safetensors) with the adapter folded "
+        "into the weights; it loads with transformers alone.",
+    )
     merge.add_argument("--model", required=True, help="the base model folder the adapter was trained on")
     merge.add_argument("--adapter", required=True, help="adapter folder (lorakit or PEFT)")
     merge.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
@@ -183,21 +211,33 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--force", action="store_true", help="replace --out if it exists")
     merge.set_defaults(func=cmd_merge)
 
-    comp = sub.add_parser("compare", help="full fine-tuning vs LoRA vs QLoRA on the same model, data, steps",
-                          description="Train each method for the same steps on the same data and print "
-                          "trainable parameters, time per step, peak memory, saved size and final eval "
-                          "numbers, plus compare.png. Each method runs in a fresh process (clean peaks).")
-    comp.add_argument("--methods", default="full,lora,qlora",
-                      help="comma-separated: full, lora, qlora, peft-lora (default: full,lora,qlora)")
+    comp = sub.add_parser(
+        "compare",
+        help="full fine-tuning vs LoRA vs QLoRA on the same model, data, steps",
+        description="Train each method for the same steps on the same data and print "
+        "trainable parameters, time per step, peak memory, saved size and final eval "
+        "numbers, plus compare.png. Each method runs in a fresh process (clean peaks).",
+    )
+    comp.add_argument(
+        "--methods",
+        default="full,lora,qlora",
+        help="comma-separated: full, lora, qlora, peft-lora (default: full,lora,qlora)",
+    )
     comp.add_argument("--steps", type=int, default=None, help="optimizer steps per method (= --max-steps)")
     comp.add_argument("--full-lr", type=float, default=None, help="learning rate for full (default: lr / 10)")
-    comp.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
-                      help="run each method in its own process (default) for clean memory peaks")
+    comp.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run each method in its own process (default) for clean memory peaks",
+    )
     add_train_flags(comp, skip=("method", "resume"))
     comp.set_defaults(func=cmd_compare)
 
     demo = sub.add_parser("demo", help="run an embedded default job (no downloads)")
-    demo.add_argument("job", nargs="?", default=None, help=f"one of: {', '.join(DEMOS)} (default: {DEFAULT_DEMO})")
+    demo.add_argument(
+        "job", nargs="?", default=None, help=f"one of: {', '.join(DEMOS)} (default: {DEFAULT_DEMO})"
+    )
     demo.add_argument("--steps", type=int, default=60, help="training steps")
     demo.add_argument("--out", default=None, help="directory to save the trained adapter into")
     demo.set_defaults(func=cmd_demo)

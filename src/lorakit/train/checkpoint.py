@@ -32,7 +32,11 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().to("cpu", copy=True).contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def rng_state() -> dict[str, Any]:
@@ -63,8 +67,9 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, state: dict, scaler=None,
-                    keep: int = 2) -> Path:
+def save_checkpoint(
+    root: Path, step: int, model: nn.Module, optimizer, state: dict, scaler=None, keep: int = 2
+) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically; prune to the newest ``keep``."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -72,8 +77,10 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, state: d
     try:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None},
-                   tmp / "trainer.pt")
+        torch.save(
+            {"rng": rng_state(), "scaler": scaler.state_dict() if scaler is not None else None},
+            tmp / "trainer.pt",
+        )
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -123,10 +130,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, fingerprint: dict, 
     """
     state = json.loads((path / "state.json").read_text())
     saved = state.get("fingerprint", {})
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in fingerprint.items() if saved.get(k) != v]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in fingerprint.items() if saved.get(k) != v
+    ]
     if diffs:
-        raise ConfigError(f"checkpoint {path} was written by a different run ({'; '.join(diffs[:4])}); "
-                            "resume with the same settings or start a new output_dir")
+        raise ConfigError(
+            f"checkpoint {path} was written by a different run ({'; '.join(diffs[:4])}); "
+            "resume with the same settings or start a new output_dir"
+        )
     tensors = load_file(str(path / "trainable.safetensors"))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):

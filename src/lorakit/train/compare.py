@@ -64,10 +64,18 @@ def method_config(base: TrainConfig, method: str, out: Path, full_lr: float | No
 def row_from_summary(method: str, s: dict[str, Any]) -> dict[str, Any]:
     cpu = not str(s.get("device", "cpu")).startswith("cuda")
     peak = s["peak_memory_mb"] - (s.get("memory_before_model_mb", 0.0) if cpu else 0.0)
-    row = {"method": method, "trainable_params": s["trainable_params"], "trainable_percent": s["trainable_percent"],
-           "seconds_per_step": s["seconds_per_step"], "tokens_per_s": s["tokens_per_s"], "peak_memory_mb": peak,
-           "saved_mb": s["saved_bytes"] / 1e6, "checkpoint_mb": s["checkpoint_bytes"] / 1e6,
-           "final_loss": s["final_loss"], "steps": s["steps"]}
+    row = {
+        "method": method,
+        "trainable_params": s["trainable_params"],
+        "trainable_percent": s["trainable_percent"],
+        "seconds_per_step": s["seconds_per_step"],
+        "tokens_per_s": s["tokens_per_s"],
+        "peak_memory_mb": peak,
+        "saved_mb": s["saved_bytes"] / 1e6,
+        "checkpoint_mb": s["checkpoint_bytes"] / 1e6,
+        "final_loss": s["final_loss"],
+        "steps": s["steps"],
+    }
     for key in ("final_eval_loss", "final_eval_ppl", "final_eval_accuracy"):
         if s.get(key) is not None:
             row[key] = s[key]
@@ -80,8 +88,12 @@ def run_isolated(cfg: TrainConfig, workdir: Path) -> dict[str, Any]:
     cfg_path, result_path = workdir / "compare_config.json", workdir / "compare_result.json"
     result_path.unlink(missing_ok=True)
     cfg_path.write_text(json.dumps(cfg.to_dict()))
-    proc = subprocess.run([sys.executable, "-m", "lorakit.train.compare", "--worker", str(cfg_path),
-                           str(result_path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorakit.train.compare", "--worker", str(cfg_path), str(result_path)],
+        capture_output=True,
+        check=False,
+        text=True,
+    )
     if result_path.is_file():
         return json.loads(result_path.read_text())
     lines = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
@@ -140,10 +152,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def compare(base: TrainConfig, methods: list[str], full_lr: float | None = None, isolate: bool = True,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+def compare(
+    base: TrainConfig,
+    methods: list[str],
+    full_lr: float | None = None,
+    isolate: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Run each method and return {"rows": [...], "header": str, "table": str}; writes compare.* files."""
-    from .modeling import qlora_available
+    from .modeling import qlora_available, resolve_device
 
     out = Path(base.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,26 +178,44 @@ def compare(base: TrainConfig, methods: list[str], full_lr: float | None = None,
             log(f"{method}: not run: {summary['error']}")
         else:
             rows.append(row_from_summary(method, summary))
-            log(f"{method}: {rows[-1]['seconds_per_step']:.3f} s/step, peak {rows[-1]['peak_memory_mb']:,.0f} MB")
+            row = rows[-1]
+            log(f"{method}: {row['seconds_per_step']:.3f} s/step, peak {row['peak_memory_mb']:,.0f} MB")
     model = base.model or f"preset {base.model_config} (random weights)"
-    device = rows and next((r for r in rows if "error" not in r), None)
-    header = (f"lorakit compare: {model}; data {base.data or 'synthetic copy task'}; {base.max_steps} steps of "
-              f"{base.batch_size}x{base.seq_len} (grad_accum {base.grad_accum}); dtype {base.dtype}, autocast "
-              f"{base.autocast}; device {base.device}; r={base.r}, alpha={base.alpha:g}, targets "
-              f"{base.target_modules}; lr {base.lr:g} (full: {full_lr if full_lr is not None else base.lr / 10:g}); "
-              f"{datetime.date.today().isoformat()}; {machine_description(base.device if base.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu'))}")
-    peak_note = ("peak mem: torch.cuda.max_memory_allocated during training" if device and base.device != "cpu"
-                 and torch.cuda.is_available() else
-                 "peak mem: peak RSS during training minus RSS before the model was built")
+    device_name = str(resolve_device(base.device))
+    lr_full = full_lr if full_lr is not None else base.lr / 10
+    header = (
+        f"lorakit compare: {model}; data {base.data or 'synthetic copy task'}; {base.max_steps} steps of "
+        f"{base.batch_size}x{base.seq_len} (grad_accum {base.grad_accum}); dtype {base.dtype}, autocast "
+        f"{base.autocast}; device {base.device}; r={base.r}, alpha={base.alpha:g}, targets "
+        f"{base.target_modules}; lr {base.lr:g} (full: {lr_full:g}); "
+        f"{datetime.date.today().isoformat()}; {machine_description(device_name)}"
+    )
+    peak_note = (
+        "peak mem: torch.cuda.max_memory_allocated during training"
+        if device_name.startswith("cuda")
+        else "peak mem: peak RSS during training minus RSS before the model was built"
+    )
     table = format_table(rows)
     text = f"{header}\n{peak_note}\n\n{table}\n"
     atomic_write_text(out / "compare.md", text)
     atomic_write_text(out / "compare.json", json.dumps({"header": header, "rows": rows}, indent=2))
     ok_rows = [r for r in rows if "error" not in r]
-    chart = plot_bars(ok_rows, [("seconds_per_step", "s / step"), ("peak_memory_mb", "peak memory (MB)"),
-                                ("trainable_params", "trainable params"), ("saved_mb", "saved size (MB)"),
-                                ("final_eval_loss", "final eval loss")],
-                      out / "compare.png", f"{model}: {base.max_steps} steps") if ok_rows else "no chart"
+    chart = (
+        plot_bars(
+            ok_rows,
+            [
+                ("seconds_per_step", "s / step"),
+                ("peak_memory_mb", "peak memory (MB)"),
+                ("trainable_params", "trainable params"),
+                ("saved_mb", "saved size (MB)"),
+                ("final_eval_loss", "final eval loss"),
+            ],
+            out / "compare.png",
+            f"{model}: {base.max_steps} steps",
+        )
+        if ok_rows
+        else "no chart"
+    )
     return {"rows": rows, "header": header, "table": table, "text": text, "chart": chart}
 
 
@@ -188,7 +223,9 @@ def compare_command(args, make_config) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise ConfigError(f"--methods: unknown method {bad[0] if bad else '(none)'!r}; choose from {', '.join(METHODS)}")
+        raise ConfigError(
+            f"--methods: unknown method {bad[0] if bad else '(none)'!r}; choose from {', '.join(METHODS)}"
+        )
     forced = {"method": "lora"}
     if args.steps is not None:
         forced["max_steps"] = args.steps

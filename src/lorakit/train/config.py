@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import itertools
 import math
 import tomllib
 from dataclasses import dataclass, fields
@@ -142,7 +143,7 @@ class TrainConfig:
 
     # ----------------------------------------------------------------- methods
     def validate(self) -> TrainConfig:
-        """Check types and ranges; raise ConfigError naming the field, what was expected and what was found."""
+        """Check types and ranges; raise ConfigError naming the field, the expected and the found value."""
         for f in fields(self):
             value = getattr(self, f.name)
             setattr(self, f.name, _coerce(f.name, value, _field_type(f)))
@@ -155,7 +156,15 @@ class TrainConfig:
         for name in ("r", "batch_size", "grad_accum", "epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("seq_len", "max_steps", "warmup_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints"):
+        for name in (
+            "seq_len",
+            "max_steps",
+            "warmup_steps",
+            "eval_every",
+            "eval_batches",
+            "save_every",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -172,7 +181,9 @@ class TrainConfig:
         if self.keep_checkpoints == 0:
             raise ConfigError("keep_checkpoints must be >= 1 (the newest checkpoint is what --resume reads)")
         if not self.model and not self.model_config:
-            raise ConfigError("no model: give --model DIR (a Hugging Face model folder) or --model-config PRESET")
+            raise ConfigError(
+                "no model: give --model DIR (a Hugging Face model folder) or --model-config PRESET"
+            )
         if self.model and self.model_config:
             raise ConfigError("give --model or --model-config, not both")
         return self
@@ -195,7 +206,9 @@ class TrainConfig:
         return "\n".join(lines) + "\n"
 
     @classmethod
-    def load(cls, toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    def load(
+        cls, toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None
+    ) -> TrainConfig:
         """Defaults, then the TOML file, then ``overrides`` (flags); validated."""
         values: dict[str, Any] = {}
         if toml_path:
@@ -223,7 +236,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         data = data["train"]
     nested = [k for k, v in data.items() if isinstance(v, dict)]
     if nested:
-        raise ConfigError(f"config file {str(path)!r}: table [{nested[0]}] is not a setting; use flat key = value")
+        raise ConfigError(
+            f"config file {str(path)!r}: table [{nested[0]}] is not a setting; use flat key = value"
+        )
     return data
 
 
@@ -236,10 +251,10 @@ def field_docs(cls: type = TrainConfig) -> dict[str, str]:
         return {}
     docs: dict[str, str] = {}
     body = tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
+    for node, nxt in itertools.pairwise(body):
+        documented = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and documented:
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 

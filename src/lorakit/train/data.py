@@ -121,7 +121,8 @@ def _parse_jsonl(text: str, path: Path) -> list[dict]:
         except json.JSONDecodeError as err:
             raise DataError(f"{path.name} line {number}: not valid JSON ({err.msg})") from None
         if not isinstance(record, dict):
-            raise DataError(f"{path.name} line {number}: expected a JSON object, found {type(record).__name__}")
+            found = type(record).__name__
+            raise DataError(f"{path.name} line {number}: expected a JSON object, found {found}")
         records.append(record)
     return records
 
@@ -146,7 +147,9 @@ def _parse_csv(text: str, path: Path) -> list[dict]:
         raise DataError(f"data file {str(path)!r} is empty: no header row")
     if any(None in row for row in records):
         bad = next(i for i, row in enumerate(records, 2) if None in row)
-        raise DataError(f"{path.name} line {bad}: more values than the {len(reader.fieldnames)} header columns")
+        raise DataError(
+            f"{path.name} line {bad}: more values than the {len(reader.fieldnames)} header columns"
+        )
     return records
 
 
@@ -172,8 +175,9 @@ def detect_kind(records: list[dict], cfg, task: str, source: str) -> str:
     if task == "classification":
         for col in (cfg.text_column, cfg.label_column):
             if col not in records[0]:
-                raise DataError(f"{source}: no column {col!r} (columns: {columns}); set --text-column / "
-                                "--label-column")
+                raise DataError(
+                    f"{source}: no column {col!r} (columns: {columns}); set --text-column / --label-column"
+                )
         kind, needed = "classification", (cfg.text_column, cfg.label_column)
     elif cfg.messages_column in records[0]:
         kind, needed = "chat", (cfg.messages_column,)
@@ -184,8 +188,8 @@ def detect_kind(records: list[dict], cfg, task: str, source: str) -> str:
     else:
         raise DataError(
             f"{source}: no column {cfg.text_column!r} (nor {cfg.prompt_column!r}+{cfg.completion_column!r}, "
-            f"nor {cfg.messages_column!r}); columns: {columns}. Name yours with --text-column, --prompt-column, "
-            "--completion-column or --messages-column"
+            f"nor {cfg.messages_column!r}); columns: {columns}. Name yours with --text-column, "
+            "--prompt-column, --completion-column or --messages-column"
         )
     for number, record in enumerate(records, 1):
         for col in needed:
@@ -195,7 +199,9 @@ def detect_kind(records: list[dict], cfg, task: str, source: str) -> str:
             if col == cfg.messages_column and kind == "chat":
                 _check_messages(value, source, number)
             elif col != cfg.label_column and not isinstance(value, str):
-                raise DataError(f"{source} record {number}: {col!r} must be a string, got {type(value).__name__}")
+                raise DataError(
+                    f"{source} record {number}: {col!r} must be a string, got {type(value).__name__}"
+                )
     return kind
 
 
@@ -204,7 +210,9 @@ def _check_messages(messages: Any, source: str, number: int) -> None:
         raise DataError(f"{source} record {number}: 'messages' must be a non-empty list of {{role, content}}")
     for m in messages:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise DataError(f"{source} record {number}: each message needs string 'role' and 'content', got {m!r}")
+            raise DataError(
+                f"{source} record {number}: each message needs string 'role' and 'content', got {m!r}"
+            )
 
 
 # ------------------------------------------------------------------------------------------ tokenize
@@ -227,7 +235,12 @@ def encode_causal(record: dict, kind: str, tokenizer, cfg, stats: DataStats) -> 
         return Example(ids, list(ids))
     if kind == "prompt-completion":
         prompt = _ids(tokenizer, record[cfg.prompt_column], True)
-        if prompt and tokenizer.eos_token_id is not None and prompt[-1] == tokenizer.eos_token_id and len(prompt) > 1:
+        if (
+            prompt
+            and tokenizer.eos_token_id is not None
+            and prompt[-1] == tokenizer.eos_token_id
+            and len(prompt) > 1
+        ):
             prompt = prompt[:-1]  # a tokenizer that appends EOS: the prompt does not end the text
         completion = _with_eos(tokenizer, _ids(tokenizer, record[cfg.completion_column], False))
         return Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
@@ -236,15 +249,20 @@ def encode_causal(record: dict, kind: str, tokenizer, cfg, stats: DataStats) -> 
 
 def _encode_chat(messages: list[dict], tokenizer, cfg, stats: DataStats) -> Example:
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{stats.source} holds chat 'messages' but the tokenizer has no chat_template; "
-                        "add one to tokenizer_config.json or convert the data to prompt/completion")
+        raise DataError(
+            f"{stats.source} holds chat 'messages' but the tokenizer has no chat_template; "
+            "add one to tokenizer_config.json or convert the data to prompt/completion"
+        )
 
     def render(msgs, gen=False) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
     full = render(messages)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=cfg.chat_loss == "assistant"
-                    and getattr(tokenizer, "is_fast", False))
+    enc = tokenizer(
+        full,
+        add_special_tokens=False,
+        return_offsets_mapping=cfg.chat_loss == "assistant" and getattr(tokenizer, "is_fast", False),
+    )
     ids = list(enc["input_ids"])
     if cfg.chat_loss == "all":
         return Example(ids, list(ids))
@@ -259,11 +277,15 @@ def _encode_chat(messages: list[dict], tokenizer, cfg, stats: DataStats) -> Exam
         spans.append((len(prefix), len(upto)))
     if spans is None or "offset_mapping" not in enc:
         if "chat template is not prefix-stable" not in " ".join(stats.notes):
-            stats.notes.append("chat template is not prefix-stable (or the tokenizer is not a fast one): "
-                               "loss on every token of those chats")
+            stats.notes.append(
+                "chat template is not prefix-stable (or the tokenizer is not a fast one): "
+                "loss on every token of those chats"
+            )
         return Example(ids, list(ids))
-    labels = [tok if any(a <= start < b for a, b in spans) else IGNORE_INDEX
-              for tok, (start, _) in zip(ids, enc["offset_mapping"])]
+    labels = [
+        tok if any(a <= start < b for a, b in spans) else IGNORE_INDEX
+        for tok, (start, _) in zip(ids, enc["offset_mapping"])
+    ]
     return Example(ids, labels)
 
 
@@ -301,15 +323,21 @@ def split_records(records: list, fraction: float, seed: int, source: str) -> tup
         return records, []
     n_eval = max(1, round(len(records) * fraction))
     if n_eval >= len(records):
-        raise DataError(f"{source} has {len(records)} record(s): too few to hold out an eval split; "
-                        "add data, give --eval-data, or set --eval-fraction 0")
+        raise DataError(
+            f"{source} has {len(records)} record(s): too few to hold out an eval split; "
+            "add data, give --eval-data, or set --eval-fraction 0"
+        )
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+    return [r for i, r in enumerate(records) if i not in held], [
+        r for i, r in enumerate(records) if i in held
+    ]
 
 
-def truncate(examples: list[Example], seq_len: int, stats: DataStats, keep_last: bool = False) -> list[Example]:
+def truncate(
+    examples: list[Example], seq_len: int, stats: DataStats, keep_last: bool = False
+) -> list[Example]:
     """Cut each example to seq_len tokens, counting what is lost; drop examples left with no target."""
     out = []
     for ex in examples:
@@ -331,11 +359,12 @@ def pack(examples: list[Example], seq_len: int) -> list[Example]:
     """Concatenate examples and cut the stream into seq_len blocks (the last one may be shorter)."""
     ids = [t for ex in examples for t in ex.input_ids]
     labels = [t for ex in examples for t in ex.labels]
-    return [Example(ids[i:i + seq_len], labels[i:i + seq_len]) for i in range(0, len(ids), seq_len)]
+    return [Example(ids[i : i + seq_len], labels[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
 
 
-def tokenize_records(records: list[dict], kind: str, tokenizer, cfg, stats: DataStats,
-                     label_names: list[str] | None = None) -> list[Example]:
+def tokenize_records(
+    records: list[dict], kind: str, tokenizer, cfg, stats: DataStats, label_names: list[str] | None = None
+) -> list[Example]:
     stats.kind, stats.records = kind, len(records)
     if kind == "classification":
         examples = [encode_classification(r, tokenizer, cfg, label_names) for r in records]
@@ -350,8 +379,10 @@ def tokenize_records(records: list[dict], kind: str, tokenizer, cfg, stats: Data
         for e in examples
     )
     if not examples:
-        raise DataError(f"{stats.source}: no usable examples after tokenization "
-                        f"({stats.records} records, {stats.dropped_no_target} with nothing left to learn)")
+        raise DataError(
+            f"{stats.source}: no usable examples after tokenization "
+            f"({stats.records} records, {stats.dropped_no_target} with nothing left to learn)"
+        )
     return examples
 
 
@@ -374,7 +405,9 @@ def build_data(cfg, tokenizer, task: str, model_label2id: dict[str, int] | None 
         raise DataError("--packing applies to causal-LM data, not to classification")
     names = None
     if kind == "classification":
-        names = label_mapping([r[cfg.label_column] for r in train_records + eval_records], model_label2id, source)
+        names = label_mapping(
+            [r[cfg.label_column] for r in train_records + eval_records], model_label2id, source
+        )
     train_stats = DataStats(source=source, notes=notes)
     train = tokenize_records(train_records, kind, tokenizer, cfg, train_stats, names)
     stats = [train_stats]
@@ -386,8 +419,9 @@ def build_data(cfg, tokenizer, task: str, model_label2id: dict[str, int] | None 
     return DataBundle(train=train, eval=evals, kind=kind, label_names=names, stats=stats)
 
 
-def synthetic_data(vocab_size: int, seq_len: int, n_train: int, n_eval: int, seed: int,
-                   pattern: int = 16) -> DataBundle:
+def synthetic_data(
+    vocab_size: int, seq_len: int, n_train: int, n_eval: int, seed: int, pattern: int = 16
+) -> DataBundle:
     """Token rows that repeat a random ``pattern``-token motif: learnable (copying), needs no tokenizer.
 
     Used to benchmark random-weight preset models (``--model-config``) where no tokenizer exists.
@@ -398,8 +432,14 @@ def synthetic_data(vocab_size: int, seq_len: int, n_train: int, n_eval: int, see
         motif = torch.randint(0, vocab_size, (pattern,), generator=gen)
         ids = motif.repeat(seq_len // pattern + 1)[:seq_len].tolist()
         rows.append(Example(ids, list(ids)))
-    stat = DataStats(source="synthetic", kind="synthetic copy task", records=len(rows), examples=len(rows),
-                     tokens=len(rows) * seq_len, trained_tokens=len(rows) * (seq_len - 1))
+    stat = DataStats(
+        source="synthetic",
+        kind="synthetic copy task",
+        records=len(rows),
+        examples=len(rows),
+        tokens=len(rows) * seq_len,
+        trained_tokens=len(rows) * (seq_len - 1),
+    )
     return DataBundle(train=rows[:n_train], eval=rows[n_train:], kind="text", stats=[stat])
 
 
@@ -444,7 +484,7 @@ class EpochSampler:
     def next_batch(self) -> list[int]:
         if self.position >= self.n:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        batch = self._permutation()[self.position:self.position + self.batch_size]
+        batch = self._permutation()[self.position : self.position + self.batch_size]
         self.position += len(batch)
         return batch
 
@@ -459,6 +499,17 @@ class EpochSampler:
 
 
 __all__ = [
-    "IGNORE_INDEX", "DataBundle", "DataStats", "EpochSampler", "Example", "build_data", "collate",
-    "detect_kind", "pack", "read_records", "split_records", "synthetic_data", "truncate",
+    "IGNORE_INDEX",
+    "DataBundle",
+    "DataStats",
+    "EpochSampler",
+    "Example",
+    "build_data",
+    "collate",
+    "detect_kind",
+    "pack",
+    "read_records",
+    "split_records",
+    "synthetic_data",
+    "truncate",
 ]

@@ -70,7 +70,9 @@ def load_base(model_dir: str, task: str, label_names: list[str] | None, dtype: t
     try:
         return auto.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"cannot load a {task} model from {model_dir!r}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"cannot load a {task} model from {model_dir!r}: {str(err).splitlines()[0]}"
+        ) from None
 
 
 def merged_model(model_dir: str, adapter_dir: str, dtype: str = "fp32"):
@@ -107,9 +109,18 @@ def merge_command(args) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    print(f"merged {args.adapter} into {args.model} ({task}, {args.dtype}): {out} "
-          f"({size / 1e6:.1f} MB safetensors; loads with transformers alone)")
+    print(
+        f"merged {args.adapter} into {args.model} ({task}, {args.dtype}): {out} "
+        f"({size / 1e6:.1f} MB safetensors; loads with transformers alone)"
+    )
     return 0
 
 
-__all__ = ["adapter_task", "check_adapter_dir", "load_base", "merge_command", "merged_model", "read_train_info"]
+__all__ = [
+    "adapter_task",
+    "check_adapter_dir",
+    "load_base",
+    "merge_command",
+    "merged_model",
+    "read_train_info",
+]

@@ -62,8 +62,12 @@ def generate_one(model, tokenizer, prompt: str, args) -> tuple[str, int, float]:
         enc = tokenizer(prompt, return_tensors="pt")
     enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     sample = args.temperature > 0
-    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id)
+    kwargs = {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": sample,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     if sample:
         kwargs.update(temperature=args.temperature, top_p=args.top_p)
         torch.manual_seed(args.seed)
@@ -73,7 +77,7 @@ def generate_one(model, tokenizer, prompt: str, args) -> tuple[str, int, float]:
     with torch.no_grad():
         out = model.generate(**enc, **kwargs)
     seconds = time.perf_counter() - t0
-    new = out[0, enc["input_ids"].shape[1]:]
+    new = out[0, enc["input_ids"].shape[1] :]
     return tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.numel()), seconds
 
 
@@ -87,7 +91,9 @@ def generate_command(args) -> int:
     prompts = read_prompts(args)
     adapters = parse_adapters(args.adapter)
     raw = read_model_config(args.model)
-    task = infer_task("auto", raw, args.model) if not adapters else adapter_task(args.model, adapters[0][1])[0]
+    task = (
+        infer_task("auto", raw, args.model) if not adapters else adapter_task(args.model, adapters[0][1])[0]
+    )
     if task != "causal-lm":
         raise ConfigError(f"generate needs a causal language model; {args.model!r} is a {task} model")
     device = resolve_device(args.device)
@@ -95,7 +101,9 @@ def generate_command(args) -> int:
     try:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(device)
     except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"cannot load a causal LM from {args.model!r}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"cannot load a causal LM from {args.model!r}: {str(err).splitlines()[0]}"
+        ) from None
     model.eval()
     for name, folder in adapters:
         lorakit.load_adapter(model, folder, name=name)
@@ -117,11 +125,24 @@ def generate_command(args) -> int:
             with ctx:
                 text, n_new, seconds = generate_one(model, tokenizer, prompt, args)
             if args.json:
-                print(json.dumps({"prompt": prompt, "adapter": label, "completion": text, "new_tokens": n_new,
-                                  "seconds": round(seconds, 4)}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "prompt": prompt,
+                            "adapter": label,
+                            "completion": text,
+                            "new_tokens": n_new,
+                            "seconds": round(seconds, 4),
+                        }
+                    ),
+                    flush=True,
+                )
             else:
-                print(f"=== prompt {i} | {label} | {n_new} tokens, {n_new / max(seconds, 1e-9):.1f} tok/s\n"
-                      f"{prompt}\n--> {text}\n", flush=True)
+                print(
+                    f"=== prompt {i} | {label} | {n_new} tokens, {n_new / max(seconds, 1e-9):.1f} tok/s\n"
+                    f"{prompt}\n--> {text}\n",
+                    flush=True,
+                )
     return 0
 
 

@@ -62,7 +62,7 @@ class LoopState:
 
 # ------------------------------------------------------------------------------------------ pieces
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine to min_ratio * peak."""
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to min_ratio * peak."""
     if step < warmup:
         return peak * (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, total - warmup)
@@ -75,8 +75,12 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[tor
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
     logits, labels = logits[:, :-1, :], labels[:, 1:]
     count = int((labels != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
     return loss, count
 
 
@@ -97,8 +101,10 @@ def optimizer_for(model: nn.Module, lr: float, weight_decay: float) -> torch.opt
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameter (check --target-modules)")
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
@@ -119,8 +125,16 @@ def _call(hooks: Sequence[Any], event: str, *args) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples, task: str, batch_size: int, device: torch.device, pad_id: int,
-             autocast_mode: str = "none", max_batches: int = 0) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    examples,
+    task: str,
+    batch_size: int,
+    device: torch.device,
+    pad_id: int,
+    autocast_mode: str = "none",
+    max_batches: int = 0,
+) -> dict[str, float]:
     """Mean eval loss over targets, with perplexity (causal LM) or accuracy (classification)."""
     was_training = model.training
     model.eval()
@@ -129,7 +143,7 @@ def evaluate(model: nn.Module, examples, task: str, batch_size: int, device: tor
     for b, start in enumerate(range(0, len(examples), batch_size)):
         if max_batches and b >= max_batches:
             break
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         with ctx:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss, n = loss_sum(logits, batch["labels"], task)
@@ -144,8 +158,17 @@ def evaluate(model: nn.Module, examples, task: str, batch_size: int, device: tor
 
 
 # ------------------------------------------------------------------------------------------ the loop
-def train_loop(model: nn.Module, data: DataBundle, cfg, *, task: str, device: torch.device, output_dir: Path,
-               pad_id: int, hooks: Sequence[Any] = ()) -> dict[str, Any]:
+def train_loop(
+    model: nn.Module,
+    data: DataBundle,
+    cfg,
+    *,
+    task: str,
+    device: torch.device,
+    output_dir: Path,
+    pad_id: int,
+    hooks: Sequence[Any] = (),
+) -> dict[str, Any]:
     """Train ``model`` (already on ``device``, trainable parameters marked) on ``data`` as ``cfg`` says.
 
     Writes metrics.jsonl and checkpoints under ``output_dir``; returns the final numbers.
@@ -156,7 +179,9 @@ def train_loop(model: nn.Module, data: DataBundle, cfg, *, task: str, device: to
     total = cfg.max_steps or cfg.epochs * -(-sampler.batches_per_epoch() // cfg.grad_accum)
     ctx, amp = autocast_context(cfg.autocast, device)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    fingerprint = {k: getattr(cfg, k) for k in TRAJECTORY_FIELDS} | {"train_data_sha256": data_fingerprint(data)}
+    fingerprint = {k: getattr(cfg, k) for k in TRAJECTORY_FIELDS} | {
+        "train_data_sha256": data_fingerprint(data)
+    }
     metrics = MetricsLog(output_dir / "metrics.jsonl")
     state = LoopState(total_steps=total, model=model, optimizer=optimizer)
 
@@ -181,14 +206,18 @@ def train_loop(model: nn.Module, data: DataBundle, cfg, *, task: str, device: to
     try:
         while state.step < total:
             t0 = time.perf_counter()
-            micro = [collate([data.train[i] for i in sampler.next_batch()], pad_id) for _ in range(cfg.grad_accum)]
+            micro = [
+                collate([data.train[i] for i in sampler.next_batch()], pad_id) for _ in range(cfg.grad_accum)
+            ]
             targets = sum(_targets(b["labels"], task) for b in micro)
             step_loss = torch.zeros((), device=device, dtype=torch.float32)
             step_tokens = 0
             for batch in micro:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with ctx:
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
                 loss, _ = loss_sum(logits, batch["labels"], task)
                 scaled = loss / max(targets, 1)
                 (scaler.scale(scaled) if scaler else scaled).backward()
@@ -221,8 +250,13 @@ def train_loop(model: nn.Module, data: DataBundle, cfg, *, task: str, device: to
             state.elapsed += dt
             session_tokens += step_tokens
             record = {
-                "step": state.step, "epoch": sampler.epoch, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
-                "tokens": state.tokens, "step_time_s": dt,
+                "step": state.step,
+                "epoch": sampler.epoch,
+                "loss": mean_loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": state.tokens,
+                "step_time_s": dt,
                 "tokens_per_s": session_tokens / max(time.perf_counter() - session_start, 1e-9),
                 "memory_mb": round(current_memory_mb(device), 1),
             }
@@ -231,16 +265,30 @@ def train_loop(model: nn.Module, data: DataBundle, cfg, *, task: str, device: to
                 metrics.append(record)
                 state.history.append(record)
             if data.eval and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):
-                last_eval = evaluate(model, data.eval, task, cfg.batch_size, device, pad_id, amp, cfg.eval_batches)
+                last_eval = evaluate(
+                    model, data.eval, task, cfg.batch_size, device, pad_id, amp, cfg.eval_batches
+                )
                 eval_record = {"step": state.step, **last_eval}
                 metrics.append(eval_record)
                 state.history.append(eval_record)
                 _call(hooks, "on_eval", state, eval_record)
             if cfg.checkpoints and ((cfg.save_every and state.step % cfg.save_every == 0) or last):
-                run_state = {"step": state.step, "tokens": state.tokens, "elapsed": state.elapsed,
-                             "sampler": sampler.state_dict(), "fingerprint": fingerprint}
-                save_checkpoint(output_dir / "checkpoints", state.step, model, optimizer, run_state, scaler,
-                                keep=cfg.keep_checkpoints)
+                run_state = {
+                    "step": state.step,
+                    "tokens": state.tokens,
+                    "elapsed": state.elapsed,
+                    "sampler": sampler.state_dict(),
+                    "fingerprint": fingerprint,
+                }
+                save_checkpoint(
+                    output_dir / "checkpoints",
+                    state.step,
+                    model,
+                    optimizer,
+                    run_state,
+                    scaler,
+                    keep=cfg.keep_checkpoints,
+                )
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(_postfix(record, last_eval, device), refresh=False)
@@ -251,13 +299,17 @@ def train_loop(model: nn.Module, data: DataBundle, cfg, *, task: str, device: to
 
     timed = step_times[1:] or step_times
     result = {
-        "steps": state.step, "total_steps": total,
+        "steps": state.step,
+        "total_steps": total,
         "final_loss": next((r["loss"] for r in reversed(state.history) if "loss" in r), None),
         **{f"final_{k}": v for k, v in last_eval.items()},
-        "tokens": state.tokens, "train_seconds": state.elapsed,
+        "tokens": state.tokens,
+        "train_seconds": state.elapsed,
         "seconds_per_step": sum(timed) / len(timed) if timed else None,
         "tokens_per_s": session_tokens / max(sum(step_times), 1e-9) if step_times else None,
-        "peak_memory_mb": peak_memory_mb(device), "autocast": amp, "resumed_from": state.resumed_from,
+        "peak_memory_mb": peak_memory_mb(device),
+        "autocast": amp,
+        "resumed_from": state.resumed_from,
         "checkpoint_bytes": _checkpoint_bytes(model, optimizer),
     }
     _call(hooks, "on_train_end", state, result)
@@ -280,9 +332,11 @@ def _nan_message(what: str, value: float, state: LoopState, cfg, output_dir: Pat
     last = next((r["loss"] for r in reversed(state.history) if "loss" in r), None)
     hint = "lower --lr" + (", use --autocast bf16 or none instead of fp16" if cfg.autocast == "fp16" else "")
     where = f"; the last good checkpoint is under {output_dir / 'checkpoints'}" if state.step else ""
-    return (f"training stopped: the {what} became {value} at step {state.step + 1} "
-            f"(last finite loss: {last if last is not None else 'none'}){where}. Try: {hint}, "
-            "a smaller --max-grad-norm, or check the data")
+    return (
+        f"training stopped: the {what} became {value} at step {state.step + 1} "
+        f"(last finite loss: {last if last is not None else 'none'}){where}. Try: {hint}, "
+        "a smaller --max-grad-norm, or check the data"
+    )
 
 
 def _progress(cfg, total: int, initial: int):

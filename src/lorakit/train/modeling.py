@@ -22,21 +22,21 @@ HEAD_NAMES = ("classifier", "score", "classification_head")
 
 # Random-weight shapes for benchmarks and tests: {name: (family, config kwargs)}.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama-1b": ("llama", dict(  # Llama-3.2-1B's shape: 1.24B parameters
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)),
-    "smollm2-135m": ("llama", dict(  # SmolLM2-135M's shape: 135M parameters
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-        rope_theta=100000.0, tie_word_embeddings=True)),
-    "llama-tiny": ("llama", dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)),
-    "gpt2-tiny": ("gpt2", dict(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=1024)),
-    "bert-tiny": ("bert", dict(
-        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=512, num_labels=2)),
+    "llama-1b": ("llama", {  # Llama-3.2-1B's shape: 1.24B parameters
+        "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+        "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}),
+    "smollm2-135m": ("llama", {  # SmolLM2-135M's shape: 135M parameters
+        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+        "rope_theta": 100000.0, "tie_word_embeddings": True}),
+    "llama-tiny": ("llama", {
+        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024}),
+    "gpt2-tiny": ("gpt2", {"vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 1024}),
+    "bert-tiny": ("bert", {
+        "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 128, "max_position_embeddings": 512, "num_labels": 2}),
 }
 
 
@@ -162,13 +162,16 @@ def load_model(cfg, task: str, tokenizer=None, num_labels: int | None = None,
         try:
             model = auto.from_pretrained(cfg.model, **kwargs)
         except (OSError, ValueError, KeyError) as err:
-            raise ConfigError(f"cannot load a {task} model from {cfg.model!r}: {str(err).splitlines()[0]}") from None
+            first = str(err).splitlines()[0]
+            raise ConfigError(f"cannot load a {task} model from {cfg.model!r}: {first}") from None
         if device is not None:
             model.to(device)
     if tokenizer is not None:
         vocab = getattr(model.config, "vocab_size", None)
         if vocab is not None and len(tokenizer) > vocab:
-            raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}")
+            raise ConfigError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}"
+            )
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tokenizer.pad_token_id
     head = None
@@ -193,13 +196,19 @@ def apply_method(loaded: Loaded, cfg, device: torch.device):
     if cfg.method == "qlora":
         quant = import_quant()
         compute = torch.float32 if cfg.dtype == "fp32" else torch_dtype(cfg.dtype)
-        quant.quantize_model(model, bits=4, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                             compute_dtype=compute)
+        quant.quantize_model(
+            model, bits=4, quant_type=cfg.quant_type, double_quant=cfg.double_quant, compute_dtype=compute
+        )
         quant.prepare_for_kbit_training(model)
         model.to(device)
     lora = lorakit.LoraConfig(
-        r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets(), use_rslora=cfg.use_rslora,
-        modules_to_save=(loaded.head,) if loaded.head else (), dtype=torch.float32,
+        r=cfg.r,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        target_modules=cfg.targets(),
+        use_rslora=cfg.use_rslora,
+        modules_to_save=(loaded.head,) if loaded.head else (),
+        dtype=torch.float32,
     )
     torch.manual_seed(cfg.seed + 1)
     return lorakit.inject(model, lora)
@@ -215,8 +224,12 @@ def _apply_peft(loaded: Loaded, cfg):
     except ImportError:
         raise ConfigError("--method peft-lora needs the peft package (pip install peft)") from None
     peft_cfg = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.targets(),
-        use_rslora=cfg.use_rslora, modules_to_save=[loaded.head] if loaded.head else None,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.targets(),
+        use_rslora=cfg.use_rslora,
+        modules_to_save=[loaded.head] if loaded.head else None,
         task_type="SEQ_CLS" if loaded.task == "classification" else "CAUSAL_LM",
     )
     torch.manual_seed(cfg.seed + 1)
@@ -229,7 +242,9 @@ def import_quant():
     try:
         from .. import quant
     except ImportError as err:
-        raise ConfigError(f"--method qlora needs lorakit.quant, which is not available here ({err})") from None
+        raise ConfigError(
+            f"--method qlora needs lorakit.quant, which is not available here ({err})"
+        ) from None
     for name in ("quantize_model", "prepare_for_kbit_training"):
         if not hasattr(quant, name):
             raise ConfigError(f"--method qlora needs lorakit.quant.{name}, which this version lacks")
@@ -246,11 +261,24 @@ def qlora_available() -> bool:
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     if not hasattr(model, "gradient_checkpointing_enable"):
-        raise ConfigError("--gradient-checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
+        raise ConfigError(
+            "--gradient-checkpointing needs a Hugging Face model (gradient_checkpointing_enable)"
+        )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
 
 
-__all__ = ["PRESETS", "Loaded", "apply_method", "infer_task", "load_model", "load_tokenizer", "max_positions",
-           "preset_config", "qlora_available", "resolve_device", "torch_dtype"]
+__all__ = [
+    "PRESETS",
+    "Loaded",
+    "apply_method",
+    "infer_task",
+    "load_model",
+    "load_tokenizer",
+    "max_positions",
+    "preset_config",
+    "qlora_available",
+    "resolve_device",
+    "torch_dtype",
+]

@@ -42,7 +42,6 @@ from .modeling import (
 )
 from .report import atomic_write_text, current_memory_mb, dir_size_bytes, plot_losses
 
-
 DEFAULT_SEQ_LEN = 2048
 """seq_len when none is given and the model allows more."""
 
@@ -92,7 +91,9 @@ def prepare_data(cfg: TrainConfig, tokenizer, task: str, hf_config, raw: dict | 
         rows = cfg.batch_size * cfg.grad_accum * steps
         return synthetic_data(hf_config.vocab_size, cfg.seq_len, rows, 2 * cfg.batch_size, cfg.seed)
     if tokenizer is None:
-        raise ConfigError("--model-config builds a model without a tokenizer: give --tokenizer DIR to read --data")
+        raise ConfigError(
+            "--model-config builds a model without a tokenizer: give --tokenizer DIR to read --data"
+        )
     return build_data(cfg, tokenizer, task, _model_label2id(raw))
 
 
@@ -120,8 +121,9 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
     seed_everything(cfg.seed)
     memory_before_model = current_memory_mb(device)
     labels = data.label_names
-    loaded = load_model(cfg, task, tokenizer, num_labels=len(labels) if labels else None, label_names=labels,
-                        device=device)
+    loaded = load_model(
+        cfg, task, tokenizer, num_labels=len(labels) if labels else None, label_names=labels, device=device
+    )
     info = apply_method(loaded, cfg, device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
@@ -129,19 +131,34 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
     seed_everything(cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
 
-    result = train_loop(loaded.model, data, cfg, task=task, device=device, output_dir=out, pad_id=pad_id,
-                        hooks=hooks)
+    result = train_loop(
+        loaded.model, data, cfg, task=task, device=device, output_dir=out, pad_id=pad_id, hooks=hooks
+    )
 
     saved = save_outputs(loaded, cfg, task, labels, out)
-    plot_note = plot_losses(_read_history(out), out / "loss.png", f"{cfg.method} on {Path(cfg.data).name or 'synthetic'}") \
-        if cfg.plot else "loss plot skipped (--no-plot)"
+    plot_note = (
+        plot_losses(
+            _read_history(out), out / "loss.png", f"{cfg.method} on {Path(cfg.data).name or 'synthetic'}"
+        )
+        if cfg.plot
+        else "loss plot skipped (--no-plot)"
+    )
     log(plot_note)
     summary = {
-        "method": cfg.method, "task": task, "device": str(device), "dtype": cfg.dtype,
-        "trainable_params": info.trainable, "total_params": info.total, "trainable_percent": info.percent,
-        "saved_to": str(saved), "saved_bytes": dir_size_bytes(saved),
+        "method": cfg.method,
+        "task": task,
+        "device": str(device),
+        "dtype": cfg.dtype,
+        "trainable_params": info.trainable,
+        "total_params": info.total,
+        "trainable_percent": info.percent,
+        "saved_to": str(saved),
+        "saved_bytes": dir_size_bytes(saved),
         "memory_before_model_mb": memory_before_model,
-        "data": [vars(s) for s in data.stats], "label_names": labels, "plot": plot_note, **result,
+        "data": [vars(s) for s in data.stats],
+        "label_names": labels,
+        "plot": plot_note,
+        **result,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
@@ -157,8 +174,13 @@ def save_outputs(loaded, cfg: TrainConfig, task: str, labels: list[str] | None, 
     """The adapter folder (lora/qlora) or the full model folder (full); returns its path."""
     import lorakit
 
-    info = {"task": task, "label_names": labels, "base_model": cfg.model or None,
-            "model_config": cfg.model_config or None, "method": cfg.method}
+    info = {
+        "task": task,
+        "label_names": labels,
+        "base_model": cfg.model or None,
+        "model_config": cfg.model_config or None,
+        "method": cfg.method,
+    }
     if cfg.method == "full":
         target = out / "model"
         _replace_dir(target, lambda tmp: _save_full(loaded, tmp, info))
