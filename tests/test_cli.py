@@ -368,6 +368,7 @@ def test_compare_prints_a_table_and_writes_a_chart(files, tmp_path, capsys, monk
     assert full["peak_memory_mb"] > 0 and lora["seconds_per_step"] > 0 and full["steps"] == lora["steps"] == 3
     if qlora_available():
         assert rows["qlora"]["trainable_params"] == lora["trainable_params"]
+        assert rows["qlora"]["trainable_percent"] == pytest.approx(lora["trainable_percent"])
     else:
         assert "not available" in rows["qlora"]["error"]
     assert "| full |" in stdout and "| lora |" in stdout and "trainable params" in stdout

@@ -258,7 +258,7 @@ def test_synthetic_data_for_presets(tmp_path):
 
 @pytest.mark.skipif(
     not qlora_available(),
-    reason="lorakit.quant.quantize_model / prepare_for_kbit_training have not landed yet",
+    reason="lorakit.qlora (quantize_model, prepare_for_kbit_training) is not in this install",
 )
 def test_qlora_trains_an_adapter(llama, tmp_path):
     summary = run(config(llama, tmp_path, max_steps=6, method="qlora"), log=quiet)

@@ -168,8 +168,8 @@ def compare(
     for method in methods:
         cfg = method_config(base, method, out, full_lr)
         if method == "qlora" and not qlora_available():
-            rows.append({"method": method, "error": "lorakit.quant is not available in this install"})
-            log(f"{method}: skipped (lorakit.quant is not available)")
+            rows.append({"method": method, "error": "lorakit.qlora is not available in this install"})
+            log(f"{method}: skipped (lorakit.qlora is not available)")
             continue
         log(f"{method}: training {cfg.max_steps} steps (lr {cfg.lr:g}) ...")
         summary = run_isolated(cfg, out / method) if isolate else run_inline(cfg)

@@ -83,7 +83,7 @@ class TrainConfig:
     use_rslora: bool = False
     """Scale by alpha / sqrt(r) (rank-stabilised LoRA)."""
     quant_type: str = "nf4"
-    """qlora only: 4-bit data type of the frozen base weights (nf4 or fp4)."""
+    """qlora only: 4-bit data type of the frozen base weights (nf4 or fp4), through lorakit.quantize_model."""
     double_quant: bool = True
     """qlora only: quantize the per-block scales too (saves ~0.4 bit per weight)."""
 

@@ -194,13 +194,13 @@ def apply_method(loaded: Loaded, cfg, device: torch.device):
     if cfg.method == "peft-lora":
         return _apply_peft(loaded, cfg)
     if cfg.method == "qlora":
-        quant = import_quant()
+        qlora = import_quant()
         compute = torch.float32 if cfg.dtype == "fp32" else torch_dtype(cfg.dtype)
-        quant.quantize_model(
-            model, bits=4, quant_type=cfg.quant_type, double_quant=cfg.double_quant, compute_dtype=compute
-        )
-        quant.prepare_for_kbit_training(model)
-        model.to(device)
+        qlora.quantize_model(model, bits=4, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                             compute_dtype=compute, device=device)
+        # gradient checkpointing stays the user's choice (--gradient-checkpointing), as for lora and full,
+        # so that compare measures the same recipe for every method
+        qlora.prepare_for_kbit_training(model, gradient_checkpointing=cfg.gradient_checkpointing)
     lora = lorakit.LoraConfig(
         r=cfg.r,
         alpha=cfg.alpha,
@@ -238,17 +238,16 @@ def _apply_peft(loaded: Loaded, cfg):
 
 
 def import_quant():
-    """lorakit.quant, or a ConfigError saying QLoRA is unavailable (the module is optional)."""
+    """The module holding ``quantize_model`` and ``prepare_for_kbit_training`` (lorakit.qlora), or a
+    ConfigError saying QLoRA is unavailable in this install."""
     try:
-        from .. import quant
+        from .. import qlora
     except ImportError as err:
-        raise ConfigError(
-            f"--method qlora needs lorakit.quant, which is not available here ({err})"
-        ) from None
+        raise ConfigError(f"--method qlora needs lorakit.qlora, which is not available here ({err})") from None
     for name in ("quantize_model", "prepare_for_kbit_training"):
-        if not hasattr(quant, name):
-            raise ConfigError(f"--method qlora needs lorakit.quant.{name}, which this version lacks")
-    return quant
+        if not hasattr(qlora, name):
+            raise ConfigError(f"--method qlora needs lorakit.qlora.{name}, which this version lacks")
+    return qlora
 
 
 def qlora_available() -> bool:

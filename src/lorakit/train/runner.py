@@ -124,10 +124,13 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
     loaded = load_model(
         cfg, task, tokenizer, num_labels=len(labels) if labels else None, label_names=labels, device=device
     )
+    base_params = _count_params(loaded.model)  # before 4-bit packing changes what numel() means
     info = apply_method(loaded, cfg, device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
-    log(f"{cfg.method}: {info}")
+    total_params = base_params if cfg.method == "full" else base_params + info.trainable
+    log(f"{cfg.method}: trainable params: {info.trainable:,} || all params: {total_params:,} || "
+        f"trainable%: {100 * info.trainable / total_params:.4f}")
     seed_everything(cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
 
@@ -150,8 +153,8 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
         "device": str(device),
         "dtype": cfg.dtype,
         "trainable_params": info.trainable,
-        "total_params": info.total,
-        "trainable_percent": info.percent,
+        "total_params": total_params,
+        "trainable_percent": 100 * info.trainable / total_params,
         "saved_to": str(saved),
         "saved_bytes": dir_size_bytes(saved),
         "memory_before_model_mb": memory_before_model,
@@ -162,6 +165,14 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _count_params(model) -> int:
+    """Parameters of the model, each shared tensor once."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        seen[id(p)] = p.numel()
+    return sum(seen.values())
 
 
 def _read_history(out: Path) -> list[dict]:
