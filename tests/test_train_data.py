@@ -160,6 +160,8 @@ def test_split_is_seeded_disjoint_and_complete():
     assert sorted(r["i"] for r in train + held) == list(range(50))
     assert split_records(records, 0.2, seed=3, source="x") == (train, held)
     assert split_records(records, 0.2, seed=4, source="x")[1] != held
+    assert [r["i"] for r in train] == sorted(r["i"] for r in train)  # file order: the sampler shuffles
+    assert [r["i"] for r in held] != sorted(r["i"] for r in held)  # shuffled: --eval-batches samples fairly
     with pytest.raises(DataError, match="too few"):
         split_records([{"i": 0}], 0.5, seed=0, source="x")
 

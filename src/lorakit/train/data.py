@@ -60,8 +60,8 @@ class DataStats:
         line = (f"{self.source}: {self.kind}, {self.records:,} records -> {self.examples:,} sequences, "
                 f"{self.tokens:,} tokens ({self.trained_tokens:,} with loss)")
         if self.truncated:
-            line += (f"; TRUNCATED {self.truncated:,} examples ({self.tokens_dropped:,} tokens dropped): "
-                     "raise --seq-len or use --packing")
+            fix = "raise --seq-len" if self.kind == "classification" else "raise --seq-len or use --packing"
+            line += f"; TRUNCATED {self.truncated:,} examples ({self.tokens_dropped:,} tokens dropped): {fix}"
         if self.dropped_no_target:
             line += f"; {self.dropped_no_target:,} examples dropped (nothing left to learn after truncation)"
         return line
@@ -318,7 +318,7 @@ def encode_classification(record: dict, tokenizer, cfg, names: list[str]) -> Exa
 
 # ------------------------------------------------------------------------------------------ shaping
 def split_records(records: list, fraction: float, seed: int, source: str) -> tuple[list, list]:
-    """(train, eval) with a seeded shuffle; eval is round(n * fraction) records, at least one."""
+    """(train in file order, eval in shuffled order): a seeded draw of round(n * fraction) records (>= 1)."""
     if fraction <= 0:
         return records, []
     n_eval = max(1, round(len(records) * fraction))
@@ -330,9 +330,8 @@ def split_records(records: list, fraction: float, seed: int, source: str) -> tup
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [
-        r for i, r in enumerate(records) if i in held
-    ]
+    # eval in shuffled order, so that --eval-batches reads a random sample even of a file sorted by label
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in order[:n_eval]]
 
 
 def truncate(
