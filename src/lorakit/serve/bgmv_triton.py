@@ -1,0 +1,91 @@
+"""Triton BGMV kernels for decode rows: each row reads its own adapter's A and B straight from the stacks.
+
+No gathered copy of the weights is made (the torch reference copies A[idx] and B[idx] for every row); a row
+whose slot is 0 (the base model, all zeros) returns at once. Accumulation is fp32; see bgmv.py for the
+layout and the maths. The kernels run on CUDA, and on the CPU under TRITON_INTERPRET=1 (how the tests check
+them against the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a_ptr, idx_ptr, out_ptr, K, RR,
+                   sx_b, sx_k, sa_n, sa_r, sa_k, so_b, so_r,
+                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    # program (row b, block of BLOCK_R adapter rows): out[b, r] = sum_k A[slot, r, k] * x[b, k]
+    b = tl.program_id(0)
+    pr = tl.program_id(1)
+    slot = tl.load(idx_ptr + b).to(tl.int64)
+    rr = pr * BLOCK_R + tl.arange(0, BLOCK_R)
+    if slot == 0:
+        tl.store(out_ptr + b * so_b + rr * so_r, tl.zeros((BLOCK_R,), tl.float32), mask=rr < RR)
+        return
+    acc = tl.zeros((BLOCK_R,), tl.float32)
+    a_row = a_ptr + slot * sa_n + rr[:, None] * sa_r
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        xv = tl.load(x_ptr + b * sx_b + kk * sx_k, mask=kk < K, other=0.0).to(tl.float32)
+        av = tl.load(a_row + kk[None, :] * sa_k, mask=(rr[:, None] < RR) & (kk[None, :] < K), other=0.0)
+        acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
+    tl.store(out_ptr + b * so_b + rr * so_r, acc, mask=rr < RR)
+
+
+@triton.jit
+def _expand_kernel(xa_ptr, b_ptr, idx_ptr, scale_ptr, y_ptr, N, R, N0, N1,
+                   sxa_b, sxa_r, sb_n, sb_o, sb_r, ss_n, ss_s, sy_b, sy_o,
+                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    # program (row b, block of BLOCK_N outputs): y[b, n] += scale[slot, s] * sum_r B[slot, n, r] * xa[b, s*R + r]
+    b = tl.program_id(0)
+    pn = tl.program_id(1)
+    slot = tl.load(idx_ptr + b).to(tl.int64)
+    if slot == 0:
+        return
+    nn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    n_ok = nn < N
+    s = (nn >= N0).to(tl.int32) + (nn >= N1).to(tl.int32)  # slice of each output column
+    r_ok = rr < R
+    xa = tl.load(xa_ptr + b * sxa_b + (s[:, None] * R + rr[None, :]) * sxa_r,
+                 mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+    bv = tl.load(b_ptr + slot * sb_n + nn[:, None] * sb_o + rr[None, :] * sb_r,
+                 mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+    acc = tl.sum(bv.to(tl.float32) * xa, axis=1)
+    scale = tl.load(scale_ptr + slot * ss_n + s * ss_s, mask=n_ok, other=0.0).to(tl.float32)
+    y_ptrs = y_ptr + b * sy_b + nn * sy_o
+    y_old = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y_old + acc * scale).to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+def shrink(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x: (rows, in); A: (n_slots, RR, in); idx: (rows,) -> (rows, RR) fp32."""
+    rows, K = x.shape
+    RR = A.shape[1]
+    out = torch.empty(rows, RR, device=x.device, dtype=torch.float32)
+    BLOCK_R = 16
+    BLOCK_K = 256 if K >= 256 else triton.next_power_of_2(K)
+    grid = (rows, triton.cdiv(RR, BLOCK_R))
+    _shrink_kernel[grid](x, A, idx, out, K, RR, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
+                         A.stride(2), out.stride(0), out.stride(1), BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K)
+    return out
+
+
+def expand_(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor,
+            bounds: tuple[int, ...]) -> torch.Tensor:
+    """y: (rows, N) updated in place; xa: (rows, S * R) fp32; B: (n_slots, N, R); bounds: slice ends (<= 3)."""
+    if len(bounds) > 3:
+        raise ValueError(f"the expand kernel handles up to 3 slices per group, got {len(bounds)}")
+    rows, N = y.shape
+    R = B.shape[-1]
+    N0 = bounds[0] if len(bounds) > 1 else N
+    N1 = bounds[1] if len(bounds) > 2 else N
+    BLOCK_N = 128 if N >= 128 else triton.next_power_of_2(N)
+    grid = (rows, triton.cdiv(N, BLOCK_N))
+    _expand_kernel[grid](xa, B, idx, scales, y, N, R, N0, N1, xa.stride(0), xa.stride(1), B.stride(0),
+                         B.stride(1), B.stride(2), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
+                         BLOCK_N=BLOCK_N, BLOCK_R=triton.next_power_of_2(R))
+    return y
