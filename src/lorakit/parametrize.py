@@ -14,8 +14,9 @@ When to use which:
       wrap repeated inference forwards in ``torch.nn.utils.parametrize.cached()``.
 
 Not applicable here, rejected with ConfigError rather than silently ignored: ``dropout`` (it acts on the
-adapter's input, which a weight parametrization never sees), ``modules_to_save``, ``fused_slices`` and
-``merge_on_eval`` (the weight is always "merged" in effect). Mixed-adapter batches need ``inject``.
+adapter's input, which a weight parametrization never sees), ``modules_to_save``, ``fused_slices``,
+``merge_on_eval`` (the weight is always "merged" in effect), DoRA and inits other than kaiming / gaussian.
+Mixed-adapter batches need ``inject``.
 
 Tensors inside a parametrization: ``lora_A[name]`` and ``lora_B[name]`` (ParameterDicts), with the shapes
 of the wrapper layers: Linear / Conv1D A (r, in), B (out, r); Embedding A (r, num_embeddings), B (dim, r);
@@ -226,6 +227,8 @@ def _check_config(config: LoraConfig) -> None:
         "modules_to_save": (bool(config.modules_to_save), "use inject for fully trained extra modules"),
         "fused_slices": (bool(config.fused_slices), "use inject for LoRA on slices of fused projections"),
         "merge_on_eval": (config.merge_on_eval, "a parametrized weight is always merged in effect"),
+        "use_dora": (bool(getattr(config, "use_dora", False)), "DoRA rescales the weight; use inject"),
+        "init": (config.init not in ("kaiming", "gaussian"), "only 'kaiming' and 'gaussian' (B = 0) apply here"),
     }
     for field, (bad, why) in unsupported.items():
         if bad:
