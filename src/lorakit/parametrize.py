@@ -228,7 +228,7 @@ def _check_config(config: LoraConfig) -> None:
         "fused_slices": (bool(config.fused_slices), "use inject for LoRA on slices of fused projections"),
         "merge_on_eval": (config.merge_on_eval, "a parametrized weight is always merged in effect"),
         "use_dora": (bool(getattr(config, "use_dora", False)), "DoRA rescales the weight; use inject"),
-        "init": (config.init not in ("kaiming", "gaussian"), "only 'kaiming' and 'gaussian' (B = 0) apply here"),
+        "init": (config.init not in ("kaiming", "gaussian"), "only 'kaiming' and 'gaussian' apply here"),
     }
     for field, (bad, why) in unsupported.items():
         if bad:
