@@ -130,8 +130,8 @@ def load_quantized(path: str | Path, *, quant_type: str = "nf4", double_quant: b
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     names |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
     prefix = getattr(model, "base_model_prefix", "")
-    everything = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    expected_shapes = {n: tuple(t.shape) for n, t in everything}
+    expected_shapes = {n: tuple(t.shape) for n, t in model.named_parameters(remove_duplicate=False)}
+    expected_shapes |= {n: tuple(t.shape) for n, t in model.named_buffers(remove_duplicate=False)}
     expected_shapes.update({n: (m.out_features, m.in_features) for n, m in quantized.items()})
     loaded, unexpected = set(), []
     for file in files:
@@ -145,36 +145,38 @@ def load_quantized(path: str | Path, *, quant_type: str = "nf4", double_quant: b
                 if name is None:
                     unexpected.append(key)
                     continue
-                weight_key = key if key.endswith(".weight") else None
-                if weight_key and any(s.startswith(weight_key + ".quant_state") for s in bnb_states):
+                if key.endswith(".weight") and any(s.startswith(key + ".quant_state") for s in bnb_states):
                     _load_prequantized(f, keys, key, name, quantized, device)
-                elif name in quantized:
-                    tensor = f.get_tensor(key)
-                    if tuple(tensor.shape) != expected_shapes[name]:
-                        raise QuantError(f"load_quantized: checkpoint tensor {key!r} has shape "
-                                         f"{tuple(tensor.shape)}, the model expects {expected_shapes[name]}")
-                    check_weight(tensor, key)
-                    quantized[name]._load_float_weight(tensor.to(device), key)
-                else:
-                    tensor = f.get_tensor(key)
-                    if name in expected_shapes and tuple(tensor.shape) != expected_shapes[name]:
-                        raise QuantError(f"load_quantized: checkpoint tensor {key!r} has shape "
-                                         f"{tuple(tensor.shape)}, the model expects {expected_shapes[name]}")
-                    if tensor.dtype.is_floating_point:
-                        tensor = tensor.to(dtype)
-                    _set_tensor(model, name, tensor.to(device))
+                else:  # in a function of its own: the 16-bit tensor dies before the next one is read
+                    _load_one(f, key, name, model, quantized, expected_shapes, dtype, device)
                 loaded.add(name)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    model.to(device)  # buffers computed at build time (rotary frequencies, ...)
+    still_4bit = {n.removesuffix("weight") for n, m in quantized.items() if m.weight.device.type == "meta"}
     missing = sorted(n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-                     if t.device.type == "meta")
-    missing += sorted(n for n, m in quantized.items() if n not in loaded and m.weight.device.type == "meta")
+                     if t.device.type == "meta" and n.rpartition(".")[0] + "." not in still_4bit)
+    missing += sorted(p + "weight" for p in still_4bit)
     if missing:
         raise QuantError(f"load_quantized: the checkpoint in {str(path)!r} lacks {len(missing)} tensors the model "
                          f"needs, e.g. {missing[:8]}")
+    model.to(device)  # buffers computed at build time (rotary frequencies, ...)
     model.lorakit_load_report = {"quantized": targets, "unexpected_keys": unexpected}
     return model
+
+
+def _load_one(f, key: str, name: str, model: nn.Module, quantized: dict, expected_shapes: dict,
+              dtype: torch.dtype, device) -> None:
+    tensor = f.get_tensor(key)
+    if name in expected_shapes and tuple(tensor.shape) != expected_shapes[name]:
+        raise QuantError(f"load_quantized: checkpoint tensor {key!r} has shape {tuple(tensor.shape)}, the model "
+                         f"expects {expected_shapes[name]}")
+    if name in quantized:
+        check_weight(tensor, key)
+        quantized[name]._load_float_weight(tensor.to(device), key)
+        return
+    if tensor.dtype.is_floating_point:
+        tensor = tensor.to(dtype)
+    _set_tensor(model, name, tensor.to(device))
 
 
 def _load_prequantized(f, keys: list[str], key: str, name: str, quantized: dict, device) -> None:

@@ -74,18 +74,24 @@ def _state_pointers(state: QuantState):
 
 
 def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton twin of ``nf4.dequantize_4bit`` (bit-identical): one launch, double quantization decoded inline."""
+                           out: torch.Tensor | None = None, rows: int | None = None,
+                           num_warps: int = 4) -> torch.Tensor:
+    """Triton twin of ``nf4.dequantize_4bit`` (bit-identical): one launch, double quantization decoded inline.
+
+    ``rows`` (quantization blocks per program) and ``num_warps`` are tuning knobs (bench/qlora.py sweeps them).
+    """
     dtype = state.dtype if dtype is None else dtype
     n = state.numel
     if out is None:
         out = torch.empty(state.shape, dtype=dtype, device=packed.device)
     n_blocks = state.n_blocks
-    rows = max(1, min(16, 2048 // state.blocksize))  # about 2048 values per program
+    if rows is None:
+        rows = max(1, min(16, 2048 // state.blocksize))  # about 1024 values per program at block size 64
     nested_absmax, nested_code, offset, is_nested, nested_bs = _state_pointers(state)
     grid = (triton.cdiv(n_blocks, rows),)
     _dequant_kernel[grid](packed, state.absmax, state.code, nested_absmax, nested_code, offset, out, n, n_blocks,
-                          BLOCKSIZE=state.blocksize, ROWS=rows, NESTED=is_nested, NESTED_BS=nested_bs, **_LAUNCH)
+                          BLOCKSIZE=state.blocksize, ROWS=rows, NESTED=is_nested, NESTED_BS=nested_bs,
+                          num_warps=num_warps, **_LAUNCH)
     return out
 
 

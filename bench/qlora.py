@@ -1,0 +1,303 @@
+"""QLoRA side by side: PEFT + bitsandbytes against lorakit, in one process, plus 4-bit kernel throughput.
+
+Training: a Llama-3-8B-shaped model with random weights from a config (no download), NF4 + double
+quantization (block 64), bf16 compute, SDPA, batch 2 x 2048, gradient checkpointing (non-reentrant),
+r=16 / alpha=32 on q,k,v,o,gate,up,down, AdamW over the adapters. For each setup: median tokens/s over the
+timed steps after warm-up, and peak allocated GPU memory during training (setup excluded).
+
+Kernels (4096 x 14336 weight, bf16 out): dequantization, lorakit's Triton kernel against bitsandbytes'
+dequantize_4bit (with and without double quantization; outputs compared bit for bit), and a one-token
+GEMV (fused dequant + matmul) against bitsandbytes' inference path.
+
+    python bench/qlora.py                     # on a GPU, with bitsandbytes and peft installed
+    python bench/qlora.py --tiny --device cpu # smoke test of this script (tiny model, no timings worth reading)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, head_dim=128, rope_theta=500000.0),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, head_dim=32),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(shape: str, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    model.config.use_cache = False
+    return model
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(device):
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def measure(model, batch, steps, warmup, device) -> dict:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+    losses = []
+
+    def step():
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    free(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    trainable = sum(p.numel() for p in params)
+    return {"tok_s": batch.numel() / statistics.median(times), "peak_gib": peak, "step_s": statistics.median(times),
+            "loss_first": float(losses[0]), "loss_last": float(losses[-1]), "trainable": trainable,
+            "adapter_dtype": str(params[0].dtype).removeprefix("torch.")}
+
+
+# ------------------------------------------------------------------------------------------ setups
+def bnb_quantize(model, device):
+    """What transformers' BitsAndBytesConfig(load_in_4bit, nf4, double quant, bf16 compute) builds."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and child_name != "lm_head":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True, blocksize=64).to(device)
+                setattr(module, child_name, q)
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def setup_peft(model, device, recipe: bool):
+    import peft
+
+    bnb_quantize(model, device)
+    if recipe:  # PEFT's documented QLoRA recipe: upcasts all non-4-bit params to fp32, fp32 adapters
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {}
+    else:  # the fastest PEFT setting: bf16 everywhere, bf16 adapters
+        model.requires_grad_(False)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        kwargs = {"autocast_adapter_dtype": False}
+    cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
+    model = peft.get_peft_model(model, cfg, **kwargs)
+    if not recipe:  # over a uint8 4-bit weight PEFT keeps fp32 adapters whatever the flag: cast them
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def setup_lorakit(model, device, adapter_dtype, fast: bool):
+    import lorakit as lk
+
+    lk.quantize_model(model, compute_dtype=torch.bfloat16)
+    lk.prepare_for_kbit_training(model)
+    if fast:
+        import lorakit.fast
+
+        lorakit.fast.speed_up_base(model)
+    lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS, dtype=adapter_dtype))
+    return model
+
+
+# ------------------------------------------------------------------------------------------ kernels
+def kernel_bench(device, out_rows: list, results: dict) -> None:
+    import triton.testing
+
+    import bitsandbytes.functional as F
+    from lorakit.quant import nf4
+    from lorakit.quant import triton_kernels as tk
+
+    def ms(fn):
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+    torch.manual_seed(0)
+    w = (torch.randn(4096, 14336, device=device) * 0.02).to(torch.bfloat16)
+    n = w.numel()
+    for nested in (True, False):
+        pb, sb = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+        pl, sl = nf4.quantize_4bit(w, 64, "nf4", nested)
+        same_codes = torch.equal(pb, pl) and torch.equal(sb.absmax, sl.absmax)
+        ref = F.dequantize_4bit(pb, sb)
+        ours = tk.dequantize_4bit_triton(pl, sl, torch.bfloat16)
+        identical = torch.equal(ref.view(torch.int16), ours.view(torch.int16))
+        out = torch.empty_like(ref)
+        t_bnb = ms(lambda: F.dequantize_4bit(pb, sb))
+        t_lk = ms(lambda: tk.dequantize_4bit_triton(pl, sl, torch.bfloat16, out=out))
+        t_ref = ms(lambda: nf4.dequantize_4bit(pl, sl, torch.bfloat16))
+        moved = n / 2 + n * 2 + sl.nbytes  # packed codes read, bf16 written, state read
+        sweep = {"default": t_lk}
+        for rows in ((8, 32, 64) if nested else ()):
+            for warps in (4, 8):
+                sweep[f"rows{rows}_w{warps}"] = ms(lambda: tk.dequantize_4bit_triton(
+                    pl, sl, torch.bfloat16, out=out, rows=rows, num_warps=warps))
+        best = min(sweep, key=sweep.get)
+        tag = "double quant" if nested else "no double quant"
+        results[f"dequant_{tag}"] = {"bnb_ms": t_bnb, "lorakit_ms": t_lk, "torch_reference_ms": t_ref,
+                                     "bit_identical_to_bnb": identical, "same_packed_state_as_bnb": same_codes,
+                                     "sweep_ms": sweep, "best": best}
+        out_rows.append((f"dequant 4096x14336 nf4, {tag}", f"{t_bnb * 1e3:.1f} us", f"{t_lk * 1e3:.1f} us",
+                         f"{t_bnb / t_lk:.2f}x", f"{moved / t_lk / 1e6:.0f} GB/s; bits equal: {identical}; "
+                         f"best tile {best} {sweep[best] * 1e3:.1f} us"))
+    # one-token GEMV: y = x @ W.T with W (4096, 14336) in 4 bits
+    import bitsandbytes as bnb
+
+    pb, sb = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    pl, sl = nf4.quantize_4bit(w, 64, "nf4", True)
+    x = torch.randn(1, 14336, device=device).to(torch.bfloat16)
+    t_bnb = ms(lambda: bnb.matmul_4bit(x, pb.t(), quant_state=sb))
+    t_lk = ms(lambda: tk.gemv_4bit_triton(x, pl, sl))
+    t_deq = ms(lambda: torch.nn.functional.linear(x, tk.dequantize_4bit_triton(pl, sl, torch.bfloat16)))
+    exact = x.double() @ nf4.dequantize_4bit(pl, sl, torch.bfloat16).double().T
+    err = float((tk.gemv_4bit_triton(x, pl, sl).double() - exact).norm() / exact.norm())
+    err_bnb = float((bnb.matmul_4bit(x, pb.t(), quant_state=sb).double() - exact).norm() / exact.norm())
+    results["gemv_1x14336x4096"] = {"bnb_ms": t_bnb, "lorakit_ms": t_lk, "lorakit_dequant_then_matmul_ms": t_deq,
+                                    "rel_err_lorakit": err, "rel_err_bnb": err_bnb}
+    out_rows.append(("GEMV 1 token, 4096x14336 nf4", f"{t_bnb * 1e3:.1f} us", f"{t_lk * 1e3:.1f} us",
+                     f"{t_bnb / t_lk:.2f}x", f"dequant+matmul {t_deq * 1e3:.1f} us; rel err {err:.1e} "
+                     f"(bnb {err_bnb:.1e})"))
+
+
+# ------------------------------------------------------------------------------------------ main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma list: kernels,peft_recipe,peft_bf16,lorakit,lorakit_fast")
+    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "qlora_bench.json"))
+    args = parser.parse_args()
+    device, shape = args.device, "tiny" if args.tiny else "llama3-8b"
+    seq = 64 if args.tiny else args.seq
+    only = set(filter(None, args.only.split(",")))
+    want = lambda k: not only or k in only  # noqa: E731
+
+    import peft
+    import transformers
+
+    import bitsandbytes
+    import lorakit
+
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device == "cuda"
+                     else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "shape": shape,
+                     "batch": [args.batch, seq]}
+    kernel_rows: list = []
+    if device == "cuda" and want("kernels"):
+        try:
+            kernel_bench(device, kernel_rows, results)
+        except Exception as exc:  # keep the training rows even if a kernel row breaks  # noqa: BLE001
+            results["kernel_error"] = repr(exc)
+            print("kernel bench failed:", repr(exc), flush=True)
+        free(device)
+
+    setups = [
+        ("peft_recipe", "PEFT + bnb, prepare_model_for_kbit_training (fp32 adapters)",
+         lambda m: setup_peft(m, device, recipe=True)),
+        ("peft_bf16", "PEFT + bnb, bf16 adapters", lambda m: setup_peft(m, device, recipe=False)),
+        ("lorakit", "lorakit QLoRA, bf16 adapters", lambda m: setup_lorakit(m, device, torch.bfloat16, False)),
+        ("lorakit_fp32", "lorakit QLoRA, fp32 adapters", lambda m: setup_lorakit(m, device, None, False)),
+        ("lorakit_fast", "lorakit QLoRA, bf16 adapters + lorakit.fast (liger)",
+         lambda m: setup_lorakit(m, device, torch.bfloat16, True)),
+    ]
+    train: dict = {}
+    batch = None
+    for key, label, setup in setups:
+        if not want(key) or (key == "lorakit_fast" and device != "cuda"):
+            continue
+        try:
+            model = build(shape, device)
+            if batch is None:
+                g = torch.Generator().manual_seed(1)
+                batch = torch.randint(0, model.config.vocab_size, (args.batch, seq), generator=g).to(device)
+            model = setup(model)
+            train[label] = measure(model, batch, args.steps, args.warmup, device)
+            if key.startswith("lorakit"):
+                train[label]["memory_report_mib"] = {
+                    k: v / 2**20 for k, v in vars(lorakit.memory_report(model)).items() if isinstance(v, int)}
+            print(label, train[label], flush=True)
+        except Exception as exc:  # noqa: BLE001
+            train[label] = {"error": repr(exc)}
+            print(label, "failed:", repr(exc), flush=True)
+        model = None
+        free(device)
+    results["train"] = train
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+
+    print(f"\n{shape} shape, NF4 + double quant, bf16 compute, batch {args.batch} x {seq}, gradient checkpointing, "
+          f"r=16 on 7 projections; {results['device']}; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}; "
+          f"{results['date']}")
+    ok = {k: v for k, v in train.items() if "tok_s" in v}
+    best_peft = max((v["tok_s"] for k, v in ok.items() if k.startswith("PEFT")), default=None)
+    print(f"| {'setup':<58} | {'tokens/s':>8} | {'peak GiB':>8} | {'/ best PEFT':>11} | {'loss first -> last':>18} |")
+    print(f"|{'-' * 60}|{'-' * 10}|{'-' * 10}|{'-' * 13}|{'-' * 20}|")
+    for label, r in train.items():
+        if "tok_s" not in r:
+            print(f"| {label:<58} | failed: {r['error'][:60]}")
+            continue
+        ratio = f"{r['tok_s'] / best_peft:.2f}x" if best_peft else "-"
+        print(f"| {label:<58} | {r['tok_s'] / 1e3:>7.2f}k | {r['peak_gib']:>8.2f} | {ratio:>11} | "
+              f"{r['loss_first']:>8.3f} -> {r['loss_last']:.3f} |")
+    if kernel_rows:
+        print(f"\n| {'kernel':<34} | {'bitsandbytes':>12} | {'lorakit':>9} | {'speed-up':>8} | notes")
+        print(f"|{'-' * 36}|{'-' * 14}|{'-' * 11}|{'-' * 10}|------")
+        for row in kernel_rows:
+            print(f"| {row[0]:<34} | {row[1]:>12} | {row[2]:>9} | {row[3]:>8} | {row[4]}")
+
+
+if __name__ == "__main__":
+    main()
