@@ -129,6 +129,8 @@ def test_resume_after_kill_gives_the_same_loss_curve(llama, tmp_path):
     assert [r["step"] for r in losses(killed) if "loss" in r] == list(range(1, 8))
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
 
+    with pytest.raises(ConfigError, match="unfinished run; continue it with --resume"):
+        run(config(llama, killed, **settings), log=quiet)  # a fresh start would bury the checkpoints
     summary = run(config(llama, killed, resume="latest", **settings), log=quiet)
     assert summary["resumed_from"].endswith("step-000006")
     assert curve(losses(killed)) == curve(losses(full))  # exactly equal, fp32 on CPU

@@ -109,6 +109,23 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def start_fresh(root: Path) -> int:
+    """Before a run without --resume: drop the checkpoints of an earlier *finished* run in ``root`` (returns
+    how many), but refuse (ConfigError) to bury an unfinished one, which only --resume can continue."""
+    found = list_checkpoints(root)
+    if not found:
+        return 0
+    state = json.loads((found[-1] / "state.json").read_text())
+    if state["step"] < state.get("total_steps", float("inf")):
+        raise ConfigError(
+            f"{root} holds {found[-1].name} of an unfinished run; continue it with --resume, or choose "
+            "another --output-dir (or delete that folder) to start over"
+        )
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(found)
+
+
 def find_checkpoint(output_dir: Path, resume: str) -> Path:
     """'latest' -> the newest checkpoint under output_dir/checkpoints; otherwise ``resume`` is the folder."""
     if resume == "latest":
@@ -154,4 +171,4 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, fingerprint: dict, 
     return state
 
 
-__all__ = ["find_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint", "trainable_state"]
+__all__ = ["find_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint", "start_fresh", "trainable_state"]

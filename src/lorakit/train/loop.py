@@ -275,6 +275,7 @@ def train_loop(
             if cfg.checkpoints and ((cfg.save_every and state.step % cfg.save_every == 0) or last):
                 run_state = {
                     "step": state.step,
+                    "total_steps": total,
                     "tokens": state.tokens,
                     "elapsed": state.elapsed,
                     "sampler": sampler.state_dict(),

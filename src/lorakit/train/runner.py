@@ -12,6 +12,7 @@ output_dir after a run:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .checkpoint import start_fresh
 from .config import TrainConfig
 from .data import DataBundle, build_data, synthetic_data
 from .export import TRAIN_INFO
@@ -115,8 +117,11 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
             log(f"note: {note}")
 
     out = Path(cfg.output_dir)
+    if cfg.checkpoints and not cfg.resume and start_fresh(out / "checkpoints"):
+        log(f"note: removed the checkpoints of an earlier finished run in {out / 'checkpoints'}")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "train_config.toml", cfg.to_toml())
+    # the saved config reruns this job from scratch (resume is a way to run it, not part of the job)
+    atomic_write_text(out / "train_config.toml", dataclasses.replace(cfg, resume="").to_toml())
 
     seed_everything(cfg.seed)
     memory_before_model = current_memory_mb(device)
