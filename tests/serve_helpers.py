@@ -104,3 +104,43 @@ def offline_generate(model_dir: Path, adapter_dir: Path | None, prompt_ids: list
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=1, pad_token_id=0, temperature=None, top_p=None, top_k=None)
     return out[0, len(prompt_ids):].tolist()
+
+
+class LiveServer:
+    """uvicorn serving ``app`` on 127.0.0.1 (an ephemeral port) in a thread; ``stop()`` shuts it down
+    gracefully (in-flight requests drain) and waits, bounded."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        import time
+
+        for _ in range(500):
+            if self.server.started:
+                break
+            time.sleep(0.01)
+        assert self.server.started, "uvicorn did not start within 5 s"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "server did not stop"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.thread.is_alive():
+            self.stop()
