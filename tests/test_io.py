@@ -262,7 +262,7 @@ def test_damaged_folders_give_clear_errors(saved, damage):
         "truncate": "truncated or not a safetensors file", "garbage": "truncated or not a safetensors file",
         "empty": "truncated or not a safetensors file", "pickle-only": "pickle files are never loaded",
         "int-dtype": "must be floating point", "bad-json": "not valid JSON", "prefix": "does not start with",
-        "dora": "use_dora=True", "prompt-tuning": "PROMPT_TUNING adapter", "no-config": "has neither",
+        "dora": "lora_magnitude_vector' is missing", "prompt-tuning": "PROMPT_TUNING adapter", "no-config": "has neither",
         "no-dir": "does not exist",
     }[damage]
     if damage == "truncate":

@@ -20,7 +20,8 @@ Target = str | type | Callable[[str, nn.Module], bool]
 """One target spec: a module name (exact or dotted suffix), a module type, or a predicate."""
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("kaiming", "gaussian")
+INIT_MODES = ("kaiming", "gaussian", "pissa", "pissa_niter_<N>")
+_PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 ALL_LINEAR = "all-linear"
 
 
@@ -91,7 +92,10 @@ class LoraConfig:
         bias: "none", "all" (train every bias of the model) or "lora_only" (biases of adapted layers).
         modules_to_save: modules trained in full beside the adapter (a classifier head); each adapter
             keeps its own copy.
-        init: "kaiming" (loralib / PEFT default) or "gaussian" (LoRA paper) for A; B always starts at zero.
+        init: "kaiming" (loralib / PEFT default) or "gaussian" (LoRA paper) for A, B at zero; or "pissa": A and B
+            from the top-r singular triplets of the base weight W0 and W0 - scale * B @ A written into the base weight
+            (PiSSA; "pissa_niter_<N>": randomized SVD with N subspace iterations, much faster on large layers).
+        use_dora: DoRA: a trainable magnitude per output row times the normalized direction of W + scale * B @ A.
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
         learnable_scale: make the scale a trainable scalar per layer, initialised to the value above.
         fan_in_fan_out: the base weight is stored (in, out); None detects it (GPT-2's Conv1D).
@@ -117,6 +121,7 @@ class LoraConfig:
     fused_slices: dict[str, Any] = field(default_factory=dict)
     dtype: torch.dtype | None = None
     merge_on_eval: bool = False
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -142,8 +147,12 @@ class LoraConfig:
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = (self.modules_to_save,)
         self.modules_to_save = tuple(self.modules_to_save or ())
-        if self.init not in INIT_MODES:
-            raise ConfigError(f"init must be one of {INIT_MODES}, got {self.init!r}")
+        if not isinstance(self.init, str) or (
+            self.init not in INIT_MODES[:3] and _PISSA_NITER.fullmatch(self.init) is None
+        ):
+            raise ConfigError(f"init must be one of {INIT_MODES} (N a positive int), got {self.init!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora must be True or False, got {self.use_dora!r}")
         for key in self.fused_slices:
             _check_regex("fused_slices", key)
         self.fused_slices = {k: FusedSpec.coerce(v) for k, v in self.fused_slices.items()}

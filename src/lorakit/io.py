@@ -26,6 +26,7 @@ from torch import nn
 
 from .config import FusedSpec, LoraConfig
 from .errors import AdapterLoadError, ConfigError, LoraError
+from .layers.pissa import check_pissa, pissa_residual
 from .model import Summary, _saved_modules, configs, delete_adapter, inject, lora_layers, summary
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -36,10 +37,14 @@ FORMAT_VERSION = 1
 
 # PEFT fields lorakit cannot honour when they hold anything but their default.
 _UNSUPPORTED = {
-    "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "lora_bias": False,
+    "layers_to_transform": None, "layers_pattern": None, "lora_bias": False,
     "target_parameters": None, "trainable_token_indices": None, "layer_replication": None,
     "use_qalora": False, "alora_invocation_tokens": None,
 }
+
+
+_PLAIN_INITS = ("eva", "orthogonal", "mica")
+"""PEFT inits (besides True/False/"gaussian") that leave the base weights alone: a saved adapter is plain LoRA."""
 
 
 # ------------------------------------------------------------------------------------------ state
@@ -75,6 +80,10 @@ def save_adapter(
 
     Files are replaced one by one atomically; other files in the folder are left alone.
     """
+    from .prefix import prefix_adapters, save_prefix
+
+    if name in prefix_adapters(model):
+        return save_prefix(model, directory, name, base_model_name_or_path=base_model_name_or_path)
     _require_adapter(model, name)
     config = configs(model)[name]
     directory = Path(directory)
@@ -165,6 +174,7 @@ def _lorakit_json(model: nn.Module, name: str, config: LoraConfig) -> dict:
         "dtype": str(config.dtype).removeprefix("torch.") if config.dtype is not None else None,
         "saved_dtypes": sorted(dtypes),
         "merge_on_eval": config.merge_on_eval,
+        "use_dora": config.use_dora,
         "wrapped_modules": wrapped,
     }
 
@@ -190,10 +200,10 @@ def _peft_json(model, name, config, kit: dict, base_model: str | None, task_type
         "alpha_pattern": {**alphas, **config.alpha_pattern},
         "bias": config.bias,
         "modules_to_save": list(config.modules_to_save) or None,
-        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+        "init_lora_weights": True if config.init == "kaiming" else config.init,  # "gaussian", "pissa[_niter_N]"
         "use_rslora": config.use_rslora,
         "fan_in_fan_out": fifo,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "lora_bias": False,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -268,6 +278,7 @@ def _config_from_lorakit(d: dict) -> LoraConfig:
         fan_in_fan_out=d.get("fan_in_fan_out"),
         fused_slices={k: FusedSpec.coerce(v) for k, v in (d.get("fused_slices") or {}).items()},
         dtype=_dtype(d.get("dtype")), merge_on_eval=d.get("merge_on_eval", False),
+        use_dora=d.get("use_dora", False),
     )
 
 
@@ -279,13 +290,20 @@ def _config_from_peft(d: dict) -> LoraConfig:
         if value not in (default, None, False, [], {}):
             raise AdapterLoadError(f"adapter_config.json sets {field}={value!r}, which lorakit cannot load yet")
     init = d.get("init_lora_weights", True)
+    if isinstance(init, str) and init != "gaussian" and not init.startswith("pissa") and init not in _PLAIN_INITS:
+        raise AdapterLoadError(
+            f"adapter_config.json has init_lora_weights={init!r}, an initialization that changes the base weights; "
+            "lorakit can re-apply 'pissa' and 'pissa_niter_<N>' only"
+        )
     return LoraConfig(
         r=d["r"], alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
         target_modules=d.get("target_modules"), exclude_modules=d.get("exclude_modules"),
         rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {},
         bias=d.get("bias", "none"), modules_to_save=tuple(d.get("modules_to_save") or ()),
-        init="gaussian" if init == "gaussian" else "kaiming", use_rslora=d.get("use_rslora", False),
+        init=init if isinstance(init, str) and init not in _PLAIN_INITS else "kaiming",
+        use_rslora=d.get("use_rslora", False),
         fan_in_fan_out=None,  # detected per layer (PEFT forces True for GPT-2's Conv1D anyway)
+        use_dora=d.get("use_dora", False),
     )
 
 
@@ -306,6 +324,10 @@ def load_adapter(
     Raises AdapterLoadError naming the first offending key (with expected and found shapes) when the file
     does not fit the model; the model is then exactly as before the call.
     """
+    if _peft_type(directory) == "PREFIX_TUNING":
+        from .prefix import load_prefix
+
+        return load_prefix(model, directory, name, is_trainable=is_trainable, dtype=dtype)
     config, tensors = read_adapter(directory)
     file_dtypes = {t.dtype for t in tensors.values()}
     if dtype is None and config.dtype is None and len(file_dtypes) == 1:
@@ -313,12 +335,15 @@ def load_adapter(
     if dtype is not None:
         config = config.replace(dtype=dtype)
     trainable = {id(p): p.requires_grad for p in model.parameters()}
+    pissa = config.init.startswith("pissa")  # the residual is taken out of W0 last, once the file has been checked
     try:
-        inject(model, config, name)
+        inject(model, config.replace(init="kaiming") if pissa else config, name)
     except LoraError as err:
         raise AdapterLoadError(f"adapter in {str(directory)!r} does not fit this model: {err}") from None
     try:
         _copy_into(model, name, tensors)
+        if pissa:
+            _apply_pissa(model, name, config, directory)
     except BaseException:
         delete_adapter(model, name)
         for p in model.parameters():
@@ -333,6 +358,30 @@ def load_adapter(
             if name in saved.modules_to_save:
                 saved.modules_to_save[name].requires_grad_(False)
     return summary(model, name)
+
+
+def _apply_pissa(model: nn.Module, name: str, config: LoraConfig, directory) -> None:
+    """Take the PiSSA principal part out of the base weights, as PEFT does when it loads a "pissa" adapter: the
+    file holds the trained A, B of an adapter whose residual came from these very base weights."""
+    layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.specs]
+    try:
+        for path, layer in layers:
+            check_pissa(layer, layer.specs[name].r, path)
+    except ConfigError as err:
+        raise AdapterLoadError(f"adapter in {str(directory)!r} does not fit this model: {err}") from None
+    for _, layer in layers:
+        pissa_residual(layer, name, config.init)
+    configs(model)[name] = config
+
+
+def _peft_type(directory: str | os.PathLike) -> str | None:
+    """peft_type of a saved folder's adapter_config.json (None when there is none or it cannot be read)."""
+    path = Path(directory) / ADAPTER_CONFIG
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data.get("peft_type") if isinstance(data, dict) else None
 
 
 def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:

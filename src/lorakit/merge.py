@@ -76,6 +76,11 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], new_name: str)
     first = known[next(iter(weights))]
     layers = {p: l for p, l in lora_layers(model) if any(n in l.specs for n in weights)}
     for path, layer in layers.items():
+        if any(layer.specs[n].use_dora for n in weights if n in layer.specs):
+            raise ConfigError(
+                f"combine_adapters cannot concatenate DoRA adapters (their magnitudes do not add) at {path!r}; "
+                "combine with set_active_adapters({...: weight}) instead"
+            )
         if isinstance(layer, FusedLinear) or getattr(layer, "groups", 1) > 1:
             raise ConfigError(
                 f"combine_adapters concatenates ranks, which does not fit the block layout of {path!r} "

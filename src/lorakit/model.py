@@ -192,12 +192,12 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> Summa
     try:
         for path in targets:
             module = modules[path]
-            layer = module if isinstance(module, LoraLayer) else registry.lookup(module).build(module, path, config)
+            layer = registry.layer_for(module, path, config)  # the module itself, a new wrapper, or an upgrade
             layer.add_adapter(name, _spec(config, path))
             layer.merge_on_eval = config.merge_on_eval
             (extended.append(layer) if layer is module else new_layers.__setitem__(path, layer))
     except Exception:
-        for layer in extended:
+        for layer in [*extended, *new_layers.values()]:  # new layers too: PiSSA changed their base weight
             if name in layer.specs:
                 layer.delete_adapter(name)
         raise
@@ -234,6 +234,7 @@ def _spec(config: LoraConfig, path: str) -> AdapterSpec:
         use_rslora=config.use_rslora,
         learnable_scale=config.learnable_scale,
         dtype=config.dtype,
+        use_dora=config.use_dora,
     )
 
 

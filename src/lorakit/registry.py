@@ -13,7 +13,9 @@ from typing import Callable
 from torch import nn
 
 from .config import LoraConfig
+from .errors import ConfigError
 from .layers import Conv, Embedding, FusedLinear, Linear, Linear4bit, LoraLayer
+from .layers.dora import DoraConv, DoraFusedLinear, DoraLayer, DoraLinear, upgrade_to_dora
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,25 @@ def _linear(fan_in_fan_out: bool) -> Callable[[nn.Module, str, LoraConfig], Lora
         fifo = fan_in_fan_out if config.fan_in_fan_out is None else config.fan_in_fan_out
         fused = config.fused_for(name)
         if fused is not None:
-            return FusedLinear(module, fused, fan_in_fan_out=fifo)
+            return (DoraFusedLinear if config.use_dora else FusedLinear)(module, fused, fan_in_fan_out=fifo)
         # exact types only: a subclass may compute something else than x @ W.T + b
-        return Linear(module, fan_in_fan_out=fifo, plain_matmul=type(module) in _PLAIN_MATMUL)
+        cls = DoraLinear if config.use_dora else Linear
+        return cls(module, fan_in_fan_out=fifo, plain_matmul=type(module) in _PLAIN_MATMUL)
 
     return build
+
+
+def _conv(module: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
+    return DoraConv(module) if config.use_dora else Conv(module)
+
+
+def _embedding(module: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
+    if config.use_dora:
+        raise ConfigError(
+            f"use_dora=True, but {name!r} is an embedding: lorakit has DoRA for Linear, GPT-2 Conv1D and Conv "
+            "layers; leave embeddings out of target_modules (or give them a separate LoraConfig without DoRA)"
+        )
+    return Embedding(module)
 
 
 _PLAIN_MATMUL: set[type] = {nn.Linear}
@@ -44,10 +60,10 @@ LoRA kernel may compute them itself."""
 _REGISTRY: dict[type, LayerType] = {
     nn.Linear: LayerType(_linear(False), "linear"),
     Linear4bit: LayerType(_linear(False), "linear"),  # 4-bit base: the ordinary LoRA Linear on top
-    nn.Embedding: LayerType(lambda m, n, c: Embedding(m), "embedding"),
-    nn.Conv1d: LayerType(lambda m, n, c: Conv(m), "conv"),
-    nn.Conv2d: LayerType(lambda m, n, c: Conv(m), "conv"),
-    nn.Conv3d: LayerType(lambda m, n, c: Conv(m), "conv"),
+    nn.Embedding: LayerType(_embedding, "embedding"),
+    nn.Conv1d: LayerType(_conv, "conv"),
+    nn.Conv2d: LayerType(_conv, "conv"),
+    nn.Conv3d: LayerType(_conv, "conv"),
 }
 _hf_registered = False
 
@@ -77,6 +93,17 @@ def lookup(module: nn.Module) -> LayerType | None:
         if cls in _REGISTRY:
             return _REGISTRY[cls]
     return None
+
+
+def layer_for(module: nn.Module, path: str, config: LoraConfig) -> LoraLayer:
+    """The LoRA layer that will hold a new adapter of ``config`` at ``path``: a new wrapper around a plain module;
+    an existing LoRA layer itself; or, when a DoRA adapter joins a layer built for plain LoRA, a DoRA layer of
+    the same family that takes over its adapters (the caller swaps it in only once everything succeeded)."""
+    if not isinstance(module, LoraLayer):
+        return lookup(module).build(module, path, config)
+    if config.use_dora and not isinstance(module, DoraLayer):
+        return upgrade_to_dora(module, path)
+    return module
 
 
 def supported_types() -> list[str]:

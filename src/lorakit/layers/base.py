@@ -44,6 +44,7 @@ class AdapterSpec:
     use_rslora: bool = False
     learnable_scale: bool = False
     dtype: torch.dtype | None = None
+    use_dora: bool = False
 
     @property
     def scale(self) -> float:
@@ -158,11 +159,19 @@ class LoraLayer(nn.Module):
             self.lora_scale[name] = nn.Parameter(torch.tensor(spec.scale, dtype=torch.float32, device=w.device))
         self.specs[name] = spec
         self._reset(name, spec)
+        if spec.init.startswith("pissa"):
+            from .pissa import pissa_init  # local: pissa dispatches on the layer families, which import this module
+
+            pissa_init(self, name, spec)
 
     def delete_adapter(self, name: str) -> None:
         self._require(name)
         if name in self.merged:
             raise MergeError(f"adapter {name!r} is merged into the base weight; unmerge before deleting it")
+        if "pissa_init" in self._modules and name in self.pissa_init:
+            from .pissa import pissa_restore
+
+            pissa_restore(self, name)  # the base weight gets back the principal part PiSSA took out of it
         self._remove(name)
         del self.lora_dropout[name]
         if name in self.lora_scale:
