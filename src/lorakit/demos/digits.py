@@ -267,12 +267,12 @@ def format_report(report: dict, rank: int, lr: float, base_epochs: int, hidden: 
     digits = report["digits"]
     shown = ", ".join(str(d) for d in digits)
     lines = [
-        f"digits: scikit-learn's 8x8 handwritten digits, {report['train_size']} train / {report['test_size']} "
-        f"test images",
-        f"base: MLP 64-{hidden}-{hidden}-10 trained on all digits for {base_epochs} epochs "
-        f"({report['base_seconds']:.1f} s)",
-        f"worst digits of the base model: {shown} -> LoRA fine-tune on those digits only "
-        f"({report['finetune_size']} train images), {report['steps']} steps of 32, Adam lr {lr:g}",
+        (f"digits: scikit-learn's 8x8 handwritten digits, {report['train_size']} train / "
+         f"{report['test_size']} test images"),
+        (f"base: MLP 64-{hidden}-{hidden}-10 trained on all digits for {base_epochs} epochs "
+         f"({report['base_seconds']:.1f} s)"),
+        (f"worst digits of the base model: {shown} -> LoRA fine-tune on those digits only "
+         f"({report['finetune_size']} train images), {report['steps']} steps of 32, Adam lr {lr:g}"),
         "",
     ]
     for r in results:
@@ -290,8 +290,8 @@ def format_report(report: dict, rank: int, lr: float, base_epochs: int, hidden: 
         return label + " |" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths))
 
     header = row("digit  test", [name for name, _ in columns])
-    lines += ["wrong answers per digit on the test set, before and after fine-tuning, and with the adapter "
-              "switched off:", header, "-" * len(header)]
+    lines += [("wrong answers per digit on the test set, before and after fine-tuning, and with the adapter "
+               "switched off:"), header, "-" * len(header)]
     for d in range(10):
         mark = "*" if d in digits else " "
         lines.append(row(f"{d:>4}{mark} {before.counts[d]:>5}", [str(e.errors[d]) for _, e in columns]))
@@ -314,9 +314,9 @@ def format_report(report: dict, rank: int, lr: float, base_epochs: int, hidden: 
     longer = [r for r in results if r.longer is not None]
     if longer:
         r = longer[0]
-        lines += ["", f"the catch: fine-tuning on digits {shown} only, for {r.longer_steps} steps instead of "
-                  f"{report['steps']}, errors on them: {r.longer.errors_on(digits)}, but accuracy over all digits: "
-                  f"{_pct(r.longer.accuracy)}",
+        lines += ["", (f"the catch: fine-tuning on digits {shown} only, for {r.longer_steps} steps instead of "
+                       f"{report['steps']}, errors on them: {r.longer.errors_on(digits)}, but accuracy over all "
+                       f"digits: {_pct(r.longer.accuracy)}"),
                   "(the model forgets the other digits; the adapter can be switched off, or a mixed data set used)"]
     lines.append(f"total {report['seconds']:.1f} s")
     return "\n".join(lines)
