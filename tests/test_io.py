@@ -324,3 +324,26 @@ def test_loading_the_same_name_twice_is_refused(saved):
         lk.load_adapter(model, path)
     lk.load_adapter(model, path, name="second")
     assert lk.list_adapters(model) == ["default", "second"]
+
+
+@pytest.mark.parametrize("save_with, load_with", [("parametrize", None), ("parametrize", "inject"),
+                                                  ("inject", "parametrize")])
+def test_parametrized_adapters_use_the_same_files(save_with, load_with, tmp_path):
+    base = gpt2(tmp_path)
+    model = copy.deepcopy(base)
+    config = lk.LoraConfig(r=4, target_modules=["c_attn", "c_fc", "wte"])
+    (lk.parametrize if save_with == "parametrize" else lk.inject)(model, config)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    x = ids()
+    want = logits(model, x)
+    lk.save_adapter(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / LORAKIT_CONFIG).read_text())["method"] == save_with
+    again = copy.deepcopy(base)
+    lk.load_adapter(again, tmp_path / "a", method=load_with)
+    assert (logits(again, x) - want).abs().max().item() < TOL
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    assert (logits(theirs, x) - want).abs().max().item() < TOL

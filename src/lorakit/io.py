@@ -28,6 +28,14 @@ from .config import FusedSpec, LoraConfig
 from .errors import AdapterLoadError, ConfigError, LoraError
 from .layers.pissa import check_pissa, pissa_residual
 from .model import Summary, _saved_modules, configs, delete_adapter, inject, lora_layers, summary
+from .parametrize import (
+    delete_parametrized_adapter,
+    load_parametrized_state,
+    parametrize,
+    parametrized_configs,
+    parametrized_layers,
+    parametrized_state_dict,
+)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -51,6 +59,8 @@ _PLAIN_INITS = ("eva", "orthogonal", "mica")
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's on-disk keys (modules_to_save copies included)."""
     _require_adapter(model, name)
+    if _method(model, name) == "parametrize":
+        return {k: v.detach() for k, v in parametrized_state_dict(model, name).items()}
     state: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model):
         if name in layer.specs:
@@ -64,8 +74,21 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 
 
 def _require_adapter(model: nn.Module, name: str) -> None:
-    if name not in configs(model):
-        raise AdapterLoadError(f"the model has no adapter named {name!r}; it has {sorted(configs(model))}")
+    if name not in configs(model) and name not in parametrized_configs(model):
+        known = sorted(configs(model)) + sorted(parametrized_configs(model))
+        raise AdapterLoadError(f"the model has no adapter named {name!r}; it has {known}")
+
+
+def _method(model: nn.Module, name: str) -> str:
+    """"inject" (wrapper layers) or "parametrize" (weight parametrizations): the same file either way."""
+    return "inject" if name in configs(model) else "parametrize"
+
+
+def _holders(model: nn.Module, name: str) -> list[tuple[str, Any]]:
+    """(path, module holding adapter ``name``): LoRA layers for inject, parametrizations for parametrize."""
+    if _method(model, name) == "parametrize":
+        return [(path, lp) for path, _, lp in parametrized_layers(model) if name in lp.specs]
+    return [(path, layer) for path, layer in lora_layers(model) if name in layer.specs]
 
 
 # ------------------------------------------------------------------------------------------ save
@@ -85,7 +108,7 @@ def save_adapter(
     if name in prefix_adapters(model):
         return save_prefix(model, directory, name, base_model_name_or_path=base_model_name_or_path)
     _require_adapter(model, name)
-    config = configs(model)[name]
+    config = (configs(model) if _method(model, name) == "inject" else parametrized_configs(model))[name]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in adapter_state_dict(model, name).items()}
@@ -131,14 +154,12 @@ def _layer_overrides(model: nn.Module, name: str, config: LoraConfig, peft: bool
     """Per-layer (rank, alpha) wherever a layer differs from the config: fused layers (PEFT sees rank r * k)
     and learned scales (folded into alpha so that alpha / r, or alpha / sqrt(r), equals the learned value)."""
     ranks, alphas = {}, {}
-    for path, layer in lora_layers(model):
-        if name not in layer.specs:
-            continue
+    for path, layer in _holders(model, name):
         spec = layer.specs[name]
         r, alpha = layer.peft_rank_alpha(name) if peft else (spec.r, spec.alpha)
         if spec.learnable_scale:
             denom = math.sqrt(r) if spec.use_rslora else r
-            alpha = float(layer.lora_scale[name].detach().float().item()) * denom
+            alpha = float(torch.as_tensor(layer.scale(name)).detach()) * denom
         if r != config.rank_for(path):
             ranks[_exact(path)] = r
         if alpha != config.alpha_for(path):
@@ -147,7 +168,7 @@ def _layer_overrides(model: nn.Module, name: str, config: LoraConfig, peft: bool
 
 
 def _lorakit_json(model: nn.Module, name: str, config: LoraConfig) -> dict:
-    wrapped = [p for p, layer in lora_layers(model) if name in layer.specs]
+    wrapped = [p for p, _ in _holders(model, name)]
     targets = _serializable_targets(config.target_modules, wrapped)
     excludes = config.exclude_modules
     if excludes is not None and not isinstance(excludes, str) and not all(isinstance(e, str) for e in excludes):
@@ -175,13 +196,14 @@ def _lorakit_json(model: nn.Module, name: str, config: LoraConfig) -> dict:
         "saved_dtypes": sorted(dtypes),
         "merge_on_eval": config.merge_on_eval,
         "use_dora": config.use_dora,
+        "method": _method(model, name),
         "wrapped_modules": wrapped,
     }
 
 
 def _peft_json(model, name, config, kit: dict, base_model: str | None, task_type: str | None) -> dict:
     ranks, alphas = _layer_overrides(model, name, config, peft=True)
-    fifo = any(getattr(layer, "fan_in_fan_out", False) for _, layer in lora_layers(model) if name in layer.specs)
+    fifo = any(getattr(layer, "fan_in_fan_out", False) for _, layer in _holders(model, name))
     targets = kit["target_modules"]
     if isinstance(targets, list) and not targets:
         targets = None
@@ -314,12 +336,15 @@ def load_adapter(
     name: str = "default",
     is_trainable: bool = False,
     dtype: torch.dtype | None = None,
+    method: str | None = None,
 ) -> Summary:
     """Add the adapter saved in ``directory`` to ``model`` under ``name`` (PEFT or lorakit folders).
 
     Args:
         is_trainable: leave the loaded adapter trainable (to continue training); default frozen for inference.
         dtype: adapter dtype; None keeps the dtype stored in the file.
+        method: "inject" (wrapper layers) or "parametrize" (weight parametrizations); None: as it was saved
+            (PEFT folders: "inject"). Both read and write the same files.
 
     Raises AdapterLoadError naming the first offending key (with expected and found shapes) when the file
     does not fit the model; the model is then exactly as before the call.
@@ -335,6 +360,11 @@ def load_adapter(
     if dtype is not None:
         config = config.replace(dtype=dtype)
     trainable = {id(p): p.requires_grad for p in model.parameters()}
+    method = method or _saved_method(directory)
+    if method == "parametrize":
+        return _load_parametrized(model, directory, name, config, tensors, trainable, is_trainable)
+    if method != "inject":
+        raise ConfigError(f"method must be 'inject' or 'parametrize', got {method!r}")
     pissa = config.init.startswith("pissa")  # the residual is taken out of W0 last, once the file has been checked
     try:
         inject(model, config.replace(init="kaiming") if pissa else config, name)
@@ -372,6 +402,35 @@ def _apply_pissa(model: nn.Module, name: str, config: LoraConfig, directory) -> 
     for _, layer in layers:
         pissa_residual(layer, name, config.init)
     configs(model)[name] = config
+
+
+def _load_parametrized(model, directory, name, config, tensors, trainable, is_trainable) -> Summary:
+    try:
+        info = parametrize(model, config, name)
+    except LoraError as err:
+        raise AdapterLoadError(f"adapter in {str(directory)!r} does not fit this model: {err}") from None
+    try:
+        load_parametrized_state(model, tensors, name)
+    except BaseException:
+        delete_parametrized_adapter(model, name)
+        for p in model.parameters():
+            p.requires_grad_(trainable.get(id(p), p.requires_grad))
+        raise
+    if not is_trainable:
+        for _, _, lp in parametrized_layers(model):
+            if name in lp.specs:
+                for p in lp.adapter_parameters(name):
+                    p.requires_grad_(False)
+        return summary(model, name)
+    return info
+
+
+def _saved_method(directory: str | os.PathLike) -> str:
+    path = Path(directory) / LORAKIT_CONFIG
+    try:
+        return json.loads(path.read_text()).get("method", "inject")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return "inject"
 
 
 def _peft_type(directory: str | os.PathLike) -> str | None:
