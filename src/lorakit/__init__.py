@@ -43,6 +43,10 @@ from .layers import Linear4bit
 from .qlora import memory_report, merge_requantized, merge_to_dense, prepare_for_kbit_training, quantize_model
 from .quant_loading import load_quantized
 
+from .optim import loraplus_optimizer, loraplus_param_groups
+from .pissa import pissa_to_lora_state, save_pissa_as_lora
+from .prefix import PrefixConfig, add_prefix, delete_prefix, disable_prefix, fold_prefix, set_active_prefix
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -56,4 +60,6 @@ __all__ = [
     "set_parametrized_enabled", "adapter_state_dict", "load_adapter", "read_adapter", "save_adapter",
     "Linear4bit", "QuantError", "load_quantized", "memory_report", "merge_requantized", "merge_to_dense",
     "prepare_for_kbit_training", "quantize_model",
+    "loraplus_optimizer", "loraplus_param_groups", "pissa_to_lora_state", "save_pissa_as_lora", "PrefixConfig",
+    "add_prefix", "delete_prefix", "disable_prefix", "fold_prefix", "set_active_prefix",
 ]

@@ -327,7 +327,7 @@ def prefix_state_dict(model: nn.Module, name: str = "default") -> dict[str, torc
 
 def save_prefix(model: nn.Module, directory, name: str = "default", base_model_name_or_path: str | None = None):
     """Write prefix adapter ``name`` as PEFT does (the MLP folded into the table); returns the folder."""
-    from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORAKIT_CONFIG, FORMAT_VERSION, _atomic_write
+    from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT_VERSION, LORAKIT_CONFIG, _atomic_write
 
     _require(model, name)
     config, geo = prefix_adapters(model)[name], _state(model)["geometry"]
