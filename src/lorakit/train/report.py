@@ -5,6 +5,8 @@ matplotlib is optional: without it ``plot_losses`` returns a note instead of a f
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -52,12 +54,21 @@ def reset_peak_memory(device: torch.device) -> bool:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return True
+    _malloc_trim()  # hand freed heap (e.g. fp32 weights replaced by 4-bit ones) back before the new window
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return True
     except OSError:
         return False
+
+
+def _malloc_trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the peak may include memory freed before training
 
 
 # ------------------------------------------------------------------------------------------ metrics
