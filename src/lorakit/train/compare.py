@@ -181,6 +181,7 @@ def compare(
             row = rows[-1]
             log(f"{method}: {row['seconds_per_step']:.3f} s/step, peak {row['peak_memory_mb']:,.0f} MB")
     model = base.model or f"preset {base.model_config} (random weights)"
+    short_name = _short_name(base)
     device_name = str(resolve_device(base.device))
     lr_full = full_lr if full_lr is not None else base.lr / 10
     header = (
@@ -209,14 +210,23 @@ def compare(
                 ("trainable_params", "trainable params"),
                 ("saved_mb", "saved size (MB)"),
                 ("final_eval_loss", "final eval loss"),
+                ("final_eval_accuracy", "final eval accuracy"),
             ],
             out / "compare.png",
-            f"{model}: {base.max_steps} steps",
+            f"{short_name}: {base.max_steps} steps of {base.batch_size}x{base.seq_len} on {device_name}",
+            log_scale=("trainable_params",),
         )
         if ok_rows
         else "no chart"
     )
     return {"rows": rows, "header": header, "table": table, "text": text, "chart": chart}
+
+
+def _short_name(cfg: TrainConfig) -> str:
+    if cfg.model_config:
+        return cfg.model_config
+    path = Path(cfg.model).resolve()
+    return path.parent.name if path.name in ("model", "models", "hf") else path.name
 
 
 def compare_command(args, make_config) -> int:

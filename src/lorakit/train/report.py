@@ -174,8 +174,10 @@ def _save_figure(fig, path: Path) -> None:
         raise
 
 
-def plot_bars(rows: list[dict], metrics: list[tuple[str, str]], path: str | Path, title: str) -> str:
-    """One bar panel per (key, label) metric, one bar per row["method"]. Returns a note."""
+def plot_bars(rows: list[dict], metrics: list[tuple[str, str]], path: str | Path, title: str,
+              log_scale: tuple[str, ...] = ()) -> str:
+    """One bar panel per (key, label) metric present in some row, one bar per row["method"]; the keys in
+    ``log_scale`` get a logarithmic axis. Returns a note."""
     if not have_matplotlib():
         return "chart skipped: matplotlib is not installed (pip install matplotlib)"
     import matplotlib
@@ -183,14 +185,17 @@ def plot_bars(rows: list[dict], metrics: list[tuple[str, str]], path: str | Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), dpi=110)
-    for ax, (key, label) in zip(axes, metrics):
+    metrics = [(k, label) for k, label in metrics if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), dpi=110, squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics):
         names = [r["method"] for r in rows if isinstance(r.get(key), (int, float))]
         values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
         bars = ax.bar(names, values, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(names)])
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_title(label, fontsize=9)
         ax.tick_params(labelsize=8)
+        if key in log_scale:
+            ax.set_yscale("log")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save_figure(fig, Path(path))
