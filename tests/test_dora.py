@@ -19,7 +19,7 @@ from lorakit.layers.dora import DoraConv, DoraFusedLinear, DoraLayer, DoraLinear
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 warnings.filterwarnings("ignore", category=UserWarning)
-from transformers.pytorch_utils import Conv1D  # noqa: E402
+from transformers.pytorch_utils import Conv1D
 
 TOL = 1e-5  # fp32
 
