@@ -46,7 +46,8 @@ class ServerLimits:
         max_body_bytes: request body size (413 above it).
         max_prompt_tokens: tokens in one prompt; None: the engine's context minus one.
         max_tokens: the largest max_tokens accepted; None: the engine's context minus one.
-        default_max_tokens: max_tokens when a request gives none (clipped to the context left).
+        default_max_tokens: max_tokens of a chat request that gives none (clipped to the context left);
+            completions default to 16, as OpenAI's.
         max_choices: prompts x n in one request.
     """
 
@@ -223,9 +224,9 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
         return PlainTextResponse(_prometheus(engine, statuses), media_type="text/plain; version=0.0.4")
 
     # ---------------------------------------------------------------------------------- generation
-    def sampling(body, prompt_len: int, index: int, max_tokens: int | None) -> SamplingParams:
-        if max_tokens is None:
-            max_tokens = max(1, min(limits.default_max_tokens, context - prompt_len))
+    def sampling(body, prompt_len: int, index: int, max_tokens: int | None, default: int) -> SamplingParams:
+        if max_tokens is None:  # as OpenAI: 16 for completions, "as many as fit" (bounded here) for chat
+            max_tokens = max(1, min(default, max_tokens_cap, context - prompt_len))
         if max_tokens > max_tokens_cap:
             raise P.APIError(400, f"max_tokens={max_tokens} is above this server's limit of {max_tokens_cap}",
                              param="max_tokens")
@@ -246,7 +247,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
             raise P.APIError(400, f"the prompt has {len(ids)} tokens; this server takes at most {max_prompt}",
                              param="prompt")
 
-    def submit_all(adapter, prompts, body, max_tokens, loop, stream) -> list:
+    def submit_all(adapter, prompts, body, max_tokens, default, loop, stream) -> list:
         n = body.n if body.n is not None else 1
         if n < 1 or n * len(prompts) > limits.max_choices:
             raise P.APIError(400, f"n x prompts must be in 1..{limits.max_choices}, got {n * len(prompts)}",
@@ -255,7 +256,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
         try:
             for i, ids in enumerate(prompts):
                 for j in range(n):
-                    params = sampling(body, len(ids), i * n + j, max_tokens)
+                    params = sampling(body, len(ids), i * n + j, max_tokens, default)
                     handles.append(engine.submit(ids, params, adapter, loop=loop, stream=stream))
         except (LoraError, P.APIError) as err:
             for h in handles:
@@ -266,7 +267,8 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
     async def run(kind: str, body, prompts: list[list[int]], max_tokens: int | None, request: Request):
         adapter = resolve_model(body.model)
         loop = asyncio.get_running_loop()
-        handles = submit_all(adapter, prompts, body, max_tokens, loop, bool(body.stream))
+        default = 16 if kind == "text_completion" else limits.default_max_tokens
+        handles = submit_all(adapter, prompts, body, max_tokens, default, loop, bool(body.stream))
         rid = P.new_id("cmpl" if kind == "text_completion" else "chatcmpl")
         created = P.now()
         prompt_tokens = sum(len(p) for p in prompts)
@@ -275,7 +277,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
         if not body.stream:
             try:
                 outs: list[Output] = await asyncio.gather(*(h.aresult() for h in handles))
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - any failure: stop the siblings, answer its status
                 for h in handles:
                     h.cancel()
                 raise api_error(err) from None
@@ -293,9 +295,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
         check_key(request)
         body = P.parse(P.CompletionBody, await read_json(request))
         raw = body.prompt
-        if isinstance(raw, str):
-            raw = [raw]
-        elif raw and all(isinstance(t, int) for t in raw):
+        if isinstance(raw, str) or raw and all(isinstance(t, int) for t in raw):
             raw = [raw]
         if not raw:
             raise P.APIError(400, "the prompt is empty", param="prompt")

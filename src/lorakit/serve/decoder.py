@@ -402,4 +402,4 @@ def check_model(model: nn.Module) -> None:
                           "from their folders")
 
 
-__all__ = ["Decoder", "GROUPS", "LoraStack", "SUPPORTED_TYPES", "Target", "check_model"]
+__all__ = ["GROUPS", "SUPPORTED_TYPES", "Decoder", "LoraStack", "Target", "check_model"]

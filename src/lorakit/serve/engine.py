@@ -134,7 +134,7 @@ class RequestHandle:
     Iterate it (blocking), ``async for`` it (when submitted with an event loop), or call ``result()``.
     """
 
-    def __init__(self, request_id: str, engine: "Engine", loop: asyncio.AbstractEventLoop | None):
+    def __init__(self, request_id: str, engine: Engine, loop: asyncio.AbstractEventLoop | None):
         self.id = request_id
         self._engine = engine
         self._loop = loop
@@ -205,6 +205,7 @@ class _Request:
     slot: int = -1  # KV cache row
     adapter_slot: int = 0
     output: list[int] = field(default_factory=list)
+    unsent: list[int] = field(default_factory=list)  # tokens whose text has not been handed out yet
     text: TextStream | None = None
     generator: torch.Generator | None = None
     cancelled: bool = False
@@ -258,7 +259,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, adapters_dir: str | Path | None = None,
                         config: EngineConfig | None = None, dtype: str = "auto", device: str = "auto",
-                        base_name: str | None = None) -> "Engine":
+                        base_name: str | None = None) -> Engine:
         """Load a Hugging Face model folder (safetensors) and its tokenizer, then build the engine."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -281,7 +282,7 @@ class Engine:
         return cls(model, tokenizer, adapters_dir, config, base_name or model_dir.resolve().name)
 
     # ------------------------------------------------------------------------------------ life cycle
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="lorakit-scheduler", daemon=True)
             self._thread.start()
@@ -302,7 +303,7 @@ class Engine:
             self._thread.join(timeout)
         self.adapters.close()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -503,8 +504,10 @@ class Engine:
         self.counters["generation_tokens_total"] += 1
         if req.text is not None:
             piece = req.text.add(token)
+            req.unsent.append(token)
             if piece:
-                req.handle._push(Delta(piece, [token]))
+                req.handle._push(Delta(piece, req.unsent))
+                req.unsent = []
             if req.text.stopped:
                 self._finish(req, "stop")
                 return
@@ -524,8 +527,9 @@ class Engine:
         now = time.perf_counter()
         if req.text is not None:
             piece = req.text.finish()
-            if piece:
-                req.handle._push(Delta(piece, []))
+            if piece or req.unsent:
+                req.handle._push(Delta(piece, req.unsent))
+                req.unsent = []
             text = req.text.text
         else:
             text = self.tokenizer.decode(req.output, skip_special_tokens=True)
@@ -554,6 +558,18 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-__all__ = ["Delta", "Engine", "EngineBusyError", "EngineClosedError", "EngineConfig", "EngineError", "Failed",
-           "Finished", "Output", "RequestHandle", "RequestTooLongError", "SamplingParams",
-           "AdapterNotFoundError"]
+__all__ = [
+    "AdapterNotFoundError",
+    "Delta",
+    "Engine",
+    "EngineBusyError",
+    "EngineClosedError",
+    "EngineConfig",
+    "EngineError",
+    "Failed",
+    "Finished",
+    "Output",
+    "RequestHandle",
+    "RequestTooLongError",
+    "SamplingParams",
+]

@@ -1,0 +1,137 @@
+"""lorakit.serve.bgmv: the gathered per-row LoRA matmul (torch reference and Triton kernels).
+
+The reference is checked against an explicit float64 loop over rows and slices (the maths in bgmv.py's
+docstring); the Triton kernels against the reference, on the CPU under TRITON_INTERPRET=1 with small shapes
+and on a GPU with Llama-1B shapes.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read by triton.jit when the kernels are defined
+
+from lorakit.serve import bgmv
+
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def stacks(n_slots, R, K, outs, dtype, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    S, N = len(outs), sum(outs)
+    A = torch.randn(n_slots, S * R, K, generator=g)
+    B = torch.randn(n_slots, N, R, generator=g)
+    scales = torch.rand(n_slots, S, generator=g) + 0.5
+    A[0], B[0], scales[0] = 0, 0, 0  # slot 0 is the base model
+    bounds = tuple(sum(outs[:i + 1]) for i in range(S))
+    return A.to(device, dtype), B.to(device, dtype), scales.to(device), bounds
+
+
+def explicit(x, y, A, B, scales, idx, bounds):
+    """y[b, t, n] + scales[slot, s] * B[slot, n, :] @ A[slot, s*R:(s+1)*R, :] @ x[b, t] in float64, row by row."""
+    R = B.shape[-1]
+    out = y.double().clone()
+    start = 0
+    for s, stop in enumerate(bounds):
+        for b in range(x.shape[0]):
+            slot = int(idx[b])
+            a = A[slot, s * R:(s + 1) * R].double()
+            bb = B[slot, start:stop].double()
+            out[b, :, start:stop] += scales[slot, s].double() * (x[b].double() @ a.T @ bb.T)
+        start = stop
+    return out
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("outs", [(24,), (24, 8, 8), (40, 40)])
+def test_reference_matches_explicit_loop(T, outs):
+    A, B, scales, bounds = stacks(5, 4, 16, outs, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, T, 16, generator=g)
+    y = torch.randn(6, T, sum(outs), generator=g)
+    idx = torch.tensor([3, 0, 1, 3, 4, 2])
+    want = explicit(x, y, A, B, scales, idx, bounds)
+    xa = bgmv.shrink_reference(x, A, idx)
+    got = bgmv.expand_reference_(y.clone(), xa, B, scales, idx, bounds)
+    assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-5)
+    # rows on slot 0 are untouched bit for bit
+    assert torch.equal(got[1], y[1])
+
+
+def test_zero_padded_rank_is_exact():
+    """An adapter of rank 3 in stacks of rank 8 (zero rows of A, zero columns of B) gives the unpadded result."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(3, 16, generator=g), torch.randn(20, 3, generator=g)
+    A = torch.zeros(2, 8, 16)
+    B = torch.zeros(2, 20, 8)
+    A[1, :3], B[1, :, :3] = a, b
+    scales = torch.tensor([[0.0], [0.7]])
+    x = torch.randn(4, 1, 16, generator=g)
+    y = torch.zeros(4, 1, 20)
+    idx = torch.ones(4, dtype=torch.long)
+    got = bgmv.expand_reference_(y, bgmv.shrink_reference(x, A, idx), B, scales, idx, (20,))
+    assert torch.allclose(got, 0.7 * (x @ a.T @ b.T), atol=1e-5)
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton is not installed; the kernels are proven on the GPU run")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
+@pytest.mark.parametrize("shape", [(4, 8, 40, (24, 8, 8)), (3, 4, 300, (300,)), (5, 16, 64, (130, 130))])
+def test_triton_matches_reference(dtype, atol, shape):
+    from lorakit.serve import bgmv_triton
+
+    n_slots, R, K, outs = shape
+    A, B, scales, bounds = stacks(n_slots, R, K, outs, dtype, device=DEVICE)
+    g = torch.Generator().manual_seed(3)
+    rows = 7
+    x = torch.randn(rows, K, generator=g).to(DEVICE, dtype)
+    y = torch.randn(rows, sum(outs), generator=g).to(DEVICE, dtype)
+    idx = torch.tensor([1, 0, n_slots - 1, 1, 2, 0, n_slots - 1][:rows], device=DEVICE)
+    xa_ref = bgmv.shrink_reference(x[:, None], A, idx)[:, 0]
+    xa = bgmv_triton.shrink(x, A, idx)
+    assert torch.allclose(xa, xa_ref, atol=1e-3 * K ** 0.5, rtol=1e-3)
+    y_ref = bgmv.expand_reference_(y[:, None].clone(), xa_ref[:, None], B, scales, idx, bounds)[:, 0]
+    y_got = bgmv_triton.expand_(y.clone(), xa_ref, B, scales, idx, bounds)
+    assert torch.allclose(y_got.float(), y_ref.float(), atol=atol, rtol=1e-2)
+    assert torch.equal(y_got[idx == 0], y[idx == 0])  # base rows untouched
+
+
+@needs_triton
+def test_triton_writes_into_a_strided_view():
+    """The engine hands the kernel a (rows, N) view of a (rows, 1, N) tensor; other columns stay as they were."""
+    from lorakit.serve import bgmv_triton
+
+    A, B, scales, bounds = stacks(3, 4, 32, (16, 16), torch.float32, device=DEVICE)
+    big = torch.randn(5, 1, 48, device=DEVICE)
+    view = big[:, 0, 8:40]
+    before = big.clone()
+    idx = torch.tensor([1, 2, 1, 0, 2], device=DEVICE)
+    x = torch.randn(5, 32, device=DEVICE)
+    xa = bgmv_triton.shrink(x, A, idx)
+    want = bgmv.expand_reference_(view.clone()[:, None], xa[:, None], B, scales, idx, bounds)[:, 0]
+    bgmv_triton.expand_(view, xa, B, scales, idx, bounds)
+    assert torch.allclose(big[:, 0, 8:40], want, atol=1e-4)
+    assert torch.equal(big[:, 0, :8], before[:, 0, :8]) and torch.equal(big[:, 0, 40:], before[:, 0, 40:])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU: Llama-1B shapes with bf16 stacks")
+def test_triton_llama_1b_shapes_on_gpu():
+    from lorakit.serve import bgmv_triton
+
+    for K, outs in [(2048, (2048, 512, 512)), (2048, (8192, 8192)), (8192, (2048,))]:
+        A, B, scales, bounds = stacks(33, 16, K, outs, torch.bfloat16, device="cuda")
+        idx = torch.randint(0, 33, (64,), device="cuda")
+        x = torch.randn(64, K, device="cuda", dtype=torch.bfloat16)
+        y = torch.randn(64, sum(outs), device="cuda", dtype=torch.bfloat16)
+        xa_ref = bgmv.shrink_reference(x[:, None], A, idx)[:, 0]
+        assert torch.allclose(bgmv_triton.shrink(x, A, idx), xa_ref, atol=0.5, rtol=1e-2)
+        y_ref = bgmv.expand_reference_(y[:, None].clone(), xa_ref[:, None], B, scales, idx, bounds)[:, 0]
+        y_got = bgmv_triton.expand_(y.clone(), xa_ref, B, scales, idx, bounds)
+        assert torch.allclose(y_got.float(), y_ref.float(), atol=0.5, rtol=2e-2)

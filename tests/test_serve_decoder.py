@@ -1,0 +1,119 @@
+"""lorakit.serve.decoder: the serving forward equals Hugging Face's forward (and lorakit's adapters) in fp32.
+
+Tiny random models built from configs (Llama, Qwen2 with q/k/v biases, Qwen3 with q/k norms); adapters are
+saved with lorakit.save_adapter and compared with the same folder loaded through lorakit.load_adapter into a
+Hugging Face model. Tolerance 1e-4 on logits of order 1 (fp32, different matmul groupings).
+"""
+
+import pytest
+import torch
+from serve_helpers import load_model, save_random_adapter, save_tiny_model, single_thread
+
+import lorakit
+from lorakit.errors import ConfigError
+from lorakit.serve.cache import adapter_groups
+from lorakit.serve.decoder import Decoder
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decoder")
+    model_dir = save_tiny_model(root / "llama")
+    adapters = {
+        "a": save_random_adapter(model_dir, root / "a", seed=1, r=4),
+        "b": save_random_adapter(model_dir, root / "b", seed=2, r=2, targets=("q_proj", "v_proj", "down_proj"),
+                                 use_rslora=True),
+        "c": save_random_adapter(model_dir, root / "c", seed=3, r=4, rank_pattern={r".*\.1\.mlp\.up_proj": 8},
+                                 alpha_pattern={r".*\.0\.self_attn\.o_proj": 3.0}),
+    }
+    return model_dir, adapters
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_base_prefill_and_decode_match_hugging_face(tmp_path, model_type):
+    model_dir = save_tiny_model(tmp_path / model_type, model_type)
+    hf = load_model(model_dir)
+    dec = Decoder(load_model(model_dir), max_batch=4, max_len=32, adapter_slots=1, max_rank=4)
+    p1, p2 = [5, 6, 7, 8, 9, 10], [3, 4]
+    logits = dec.prefill([p1, p2], [2, 0], [0, 0])  # right-padded batch, slots out of order
+    assert torch.allclose(logits[0], hf_logits(hf, p1)[-1], atol=ATOL)
+    assert torch.allclose(logits[1], hf_logits(hf, p2)[-1], atol=ATOL)
+    # two decode steps: rows 0 and 2 at different positions, row 1 inactive
+    seq1, seq2 = list(p1), list(p2)
+    for t1, t2 in [(11, 12), (13, 14)]:
+        out = dec.decode(torch.tensor([t2, 0, t1]), torch.tensor([len(seq2), 0, len(seq1)]),
+                         torch.zeros(3, dtype=torch.long), torch.tensor([True, False, True]))
+        seq1.append(t1)
+        seq2.append(t2)
+        assert torch.allclose(out[2], hf_logits(hf, seq1)[-1], atol=ATOL)
+        assert torch.allclose(out[0], hf_logits(hf, seq2)[-1], atol=ATOL)
+
+
+def test_fused_weights_leave_the_model_unchanged_and_share_memory(llama):
+    model_dir, _ = llama
+    model, ref = load_model(model_dir), load_model(model_dir)
+    dec = Decoder(model, max_batch=2, max_len=16, adapter_slots=1, max_rank=4)
+    ids = [4, 9, 2, 7]
+    assert torch.allclose(hf_logits(model, ids), hf_logits(ref, ids), atol=1e-6)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q.data_ptr() == dec.layers[0].qkv_w.data_ptr()  # a view, not a copy
+
+
+def test_adapters_match_lorakit_per_row(llama):
+    """Rows with different adapters in one batch (ranks 4, 2 with rsLoRA and a subset of targets, a rank and
+    alpha pattern) each equal the Hugging Face model with that adapter loaded through lorakit."""
+    model_dir, adapters = llama
+    dec = Decoder(load_model(model_dir), max_batch=4, max_len=32, adapter_slots=3, max_rank=8)
+    refs = {}
+    for slot, (name, folder) in enumerate(adapters.items(), start=1):
+        dec.write_adapter(slot, adapter_groups(dec, folder)[0])
+        refs[slot] = load_model(model_dir)
+        lorakit.load_adapter(refs[slot], folder)
+    refs[0] = load_model(model_dir)
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18]]
+    slots = [1, 0, 3, 2]
+    logits = dec.prefill(prompts, [0, 1, 2, 3], slots)
+    for row, (p, s) in enumerate(zip(prompts, slots)):
+        assert torch.allclose(logits[row], hf_logits(refs[s], p)[-1], atol=ATOL), f"row {row} adapter slot {s}"
+    # the adapters change the output (the comparison is not trivially base vs base)
+    assert (logits[0] - hf_logits(refs[0], prompts[0])[-1]).abs().max() > 1e-2
+    tokens = torch.tensor([20, 21, 22, 23])
+    out = dec.decode(tokens, torch.tensor([len(p) for p in prompts]), torch.tensor(slots))
+    for row, (p, s) in enumerate(zip(prompts, slots)):
+        assert torch.allclose(out[row], hf_logits(refs[s], p + [20 + row])[-1], atol=ATOL)
+
+
+def test_a_rewritten_slot_serves_the_new_adapter(llama):
+    model_dir, adapters = llama
+    dec = Decoder(load_model(model_dir), max_batch=1, max_len=16, adapter_slots=1, max_rank=8)
+    ref = load_model(model_dir)
+    lorakit.load_adapter(ref, adapters["b"])
+    dec.write_adapter(1, adapter_groups(dec, adapters["a"])[0])
+    dec.write_adapter(1, adapter_groups(dec, adapters["b"])[0])  # "b" leaves o/k/gate/up untouched: zeroed
+    assert torch.allclose(dec.prefill([[3, 4, 5]], [0], [1])[0], hf_logits(ref, [3, 4, 5])[-1], atol=ATOL)
+
+
+def test_refuses_what_it_cannot_serve(tmp_path, llama):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(ConfigError, match="model_type='gpt2'"):
+        Decoder(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), 1, 8, 1, 4)
+    model_dir, _ = llama
+    with pytest.raises(ConfigError, match="max_len"):
+        Decoder(load_model(model_dir), max_batch=1, max_len=0, adapter_slots=1, max_rank=4)
+    mistral = save_tiny_model(tmp_path / "mistral", "mistral", sliding_window=16)
+    with pytest.raises(ConfigError, match="sliding window"):
+        Decoder(load_model(mistral), max_batch=1, max_len=64, adapter_slots=1, max_rank=4)
