@@ -401,7 +401,7 @@ def _bad_cases(files, tmp):
         ),
         ("lr flag", ["train", "--model", llama, "--data", text, "--lr", "abc"], "invalid float value: 'abc'"),
         ("lr toml", ["train", "--config", bad_lr], "lr must be a number, got 'fast'"),
-        ("method", ["train", "--model", llama, "--data", text, "--method", "dora"], "method must be one of"),
+        ("method", ["train", "--model", llama, "--data", text, "--method", "dora"], "invalid choice: 'dora'"),
         (
             "resume nothing",
             ["train", "--model", llama, "--data", text, "--output-dir", tmp / "o", "--resume"],

@@ -274,3 +274,20 @@ def test_config_is_not_mutated_between_runs(llama, tmp_path):
     cfg = config(llama, tmp_path, max_steps=1, seq_len=0)
     run(dataclasses.replace(cfg), log=quiet)
     assert TrainConfig.load(tmp_path / "train_config.toml").seq_len == 128  # the model's limit
+
+
+def test_dora_trains_saves_and_merges(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+    from lorakit.train.export import merged_model
+
+    run(config(llama, tmp_path, max_steps=4, use_dora=True), log=quiet)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["use_dora"] is True
+    ids = torch.randint(9, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    merged, _ = merged_model(str(llama[0]), str(tmp_path / "adapter"))
+    reference = AutoModelForCausalLM.from_pretrained(llama[0]).eval()
+    lorakit.load_adapter(reference, tmp_path / "adapter")
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max() < 1e-5

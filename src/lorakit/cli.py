@@ -28,13 +28,25 @@ EXIT_FAILED = 1
 def _demo_quickstart(args: argparse.Namespace) -> int:
     from .demos import quickstart
 
-    result = quickstart.run(steps=args.steps, out_dir=args.out)
+    result = quickstart.run(steps=args.steps or 60, out_dir=args.out)
     ok = result["loss_after"] < result["loss_before"] and result["merge_max_abs_diff"] < 1e-4
     print("demo OK" if ok else "demo FAILED: loss did not fall or merge changed the outputs")
     return 0 if ok else 1
 
 
-DEMOS: dict[str, Callable[[argparse.Namespace], int]] = {"quickstart": _demo_quickstart}
+def _demo_job(name: str) -> Callable[[argparse.Namespace], int]:
+    def job(args: argparse.Namespace) -> int:
+        from .demos import run_demo
+
+        return run_demo(name, steps=args.steps)
+
+    return job
+
+
+DEMOS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "quickstart": _demo_quickstart, "digits": _demo_job("digits"), "text": _demo_job("text"),
+    "causal": _demo_job("causal"), "all": _demo_job("all"),
+}
 """Embedded default jobs: name -> function(args) -> exit code. Demos register here (args has .steps, .out)."""
 DEFAULT_DEMO = "quickstart"
 """What plain ``lorakit demo`` runs."""
@@ -117,39 +129,52 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
+_GROUPS = {  # first field of each section of TrainConfig -> the --help heading
+    "model": "what to train",
+    "data": "data",
+    "r": "the adapter",
+    "lr": "optimisation",
+    "device": "device and precision",
+    "output_dir": "outputs, logging and checkpoints",
+}
+_METAVARS = {"model": "DIR", "tokenizer": "DIR", "data": "FILE", "eval_data": "FILE", "output_dir": "DIR",
+             "model_config": "PRESET", "target_modules": "NAMES"}
+
+
 def add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per TrainConfig field (``lr`` -> ``--lr``), help text from the field's docstring.
+    """One flag per TrainConfig field (``lr`` -> ``--lr``), help text from the field's docstring, grouped
+    like the dataclass.
 
     Defaults are left out of the namespace (SUPPRESS) so that a --config file is only overridden by flags
     actually given.
     """
-    from .train.config import TrainConfig, field_docs
+    from .train import config as tc
+    from .train.modeling import PRESETS
 
-    docs = field_docs(TrainConfig)
-    parser.add_argument(
-        "--config",
-        default=None,
-        metavar="TOML",
-        help="read settings from a TOML file (flat key = value, names as below); flags override it",
-    )
-    for f in dataclasses.fields(TrainConfig):
+    choices = {"method": tc.METHODS, "task": tc.TASKS, "dtype": tc.DTYPES, "autocast": tc.AUTOCAST,
+               "chat_loss": tc.CHAT_LOSS, "quant_type": ("nf4", "fp4"), "model_config": tuple(PRESETS)}
+    docs = tc.field_docs(tc.TrainConfig)
+    parser.add_argument("--config", default=None, metavar="TOML",
+                        help="read settings from a TOML file (flat key = value, names as below); flags override it")
+    group = parser
+    for f in dataclasses.fields(tc.TrainConfig):
+        if f.name in _GROUPS:
+            group = parser.add_argument_group(_GROUPS[f.name])
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{docs.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")
         if f.name == "resume":
-            parser.add_argument(
-                flag, nargs="?", const="latest", default=argparse.SUPPRESS, metavar="CKPT", help=help_text
-            )
+            group.add_argument(flag, nargs="?", const="latest", default=argparse.SUPPRESS, metavar="CKPT",
+                               help=help_text)
         elif f.type == "bool":
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
-            )
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(
-                flag, type=kind, default=argparse.SUPPRESS, metavar=f.type.upper(), help=help_text
-            )
+            metavar = _METAVARS.get(f.name, {"int": "N", "float": "X", "str": "TEXT"}[f.type])
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices.get(f.name),
+                               metavar=None if f.name in choices else metavar, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "job", nargs="?", default=None, help=f"one of: {', '.join(DEMOS)} (default: {DEFAULT_DEMO})"
     )
-    demo.add_argument("--steps", type=int, default=60, help="training steps")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     demo.add_argument("--out", default=None, help="directory to save the trained adapter into")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -82,6 +82,8 @@ class TrainConfig:
     """Modules that get LoRA: all-linear, or comma-separated names (q_proj,v_proj), or a regex."""
     use_rslora: bool = False
     """Scale by alpha / sqrt(r) (rank-stabilised LoRA)."""
+    use_dora: bool = False
+    """DoRA: also train a magnitude per output row of each adapted weight (slower, sometimes better)."""
     quant_type: str = "nf4"
     """qlora only: 4-bit data type of the frozen base weights (nf4 or fp4), through lorakit.quantize_model."""
     double_quant: bool = True

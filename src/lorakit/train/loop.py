@@ -40,7 +40,8 @@ from .report import MetricsLog, current_memory_mb, peak_memory_mb, reset_peak_me
 TRAJECTORY_FIELDS = (
     "model", "model_config", "tokenizer", "task", "method", "data", "eval_fraction", "seq_len", "packing",
     "text_column", "prompt_column", "completion_column", "messages_column", "label_column", "chat_loss",
-    "r", "alpha", "dropout", "target_modules", "use_rslora", "quant_type", "double_quant", "lr",
+    "r", "alpha", "dropout", "target_modules", "use_rslora",
+    "use_dora", "quant_type", "double_quant", "lr",
     "weight_decay", "batch_size", "grad_accum", "max_steps", "epochs", "warmup_steps", "min_lr_ratio",
     "max_grad_norm", "seed", "dtype", "autocast", "gradient_checkpointing",
 )

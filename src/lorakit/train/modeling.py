@@ -207,6 +207,7 @@ def apply_method(loaded: Loaded, cfg, device: torch.device):
         dropout=cfg.dropout,
         target_modules=cfg.targets(),
         use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
         modules_to_save=(loaded.head,) if loaded.head else (),
         dtype=torch.float32,
     )
@@ -229,6 +230,7 @@ def _apply_peft(loaded: Loaded, cfg):
         lora_dropout=cfg.dropout,
         target_modules=cfg.targets(),
         use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
         modules_to_save=[loaded.head] if loaded.head else None,
         task_type="SEQ_CLS" if loaded.task == "classification" else "CAUSAL_LM",
     )
