@@ -382,7 +382,8 @@ class Decoder:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: adapter loads on other threads (pin_memory) may run while this thread captures
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = self._decode_eager(tokens, positions, run_idx, Lb)
         captured = _Graph(graph, tokens, positions, idx, logits)
         self._graphs[(Bb, Lb, use_lora)] = captured

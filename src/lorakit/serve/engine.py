@@ -216,7 +216,7 @@ class Engine:
 
     Args:
         model: a Hugging Face Llama-family causal LM (the engine takes ownership; see Decoder).
-        tokenizer: its tokenizer.
+        tokenizer: its tokenizer (None: token ids in, token ids out; no text, no stop strings).
         adapters_dir: folder whose sub-folders are adapters (PEFT or lorakit format), served by folder name.
         config: sizes (EngineConfig).
         base_name: the model name that selects the base model without an adapter.
@@ -324,6 +324,8 @@ class Engine:
         params = params or SamplingParams()
         if adapter == self.base_name:
             adapter = None
+        if params.stop and self.tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer; this engine has none")
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ConfigError("the prompt is empty")
@@ -465,7 +467,7 @@ class Engine:
         for req in requests:
             req.generator = req.params.generator(logits.device)
             self.counters["prompt_tokens_total"] += len(req.prompt)
-            if req.stream:
+            if req.stream and self.tokenizer is not None:
                 req.text = TextStream(self.tokenizer, req.prompt, req.params.stop)
         tokens = sample_next(logits, [r.params for r in requests], [r.generator for r in requests])
         now = time.perf_counter()
@@ -531,8 +533,10 @@ class Engine:
                 req.handle._push(Delta(piece, req.unsent))
                 req.unsent = []
             text = req.text.text
-        else:
+        elif self.tokenizer is not None:
             text = self.tokenizer.decode(req.output, skip_special_tokens=True)
+        else:
+            text = ""  # no tokenizer (token-id clients, benchmarks): token_ids only
         first = (req.first_token or now) - req.submitted
         out = Output(text, list(req.output), reason, len(req.prompt), req.adapter, first, now - req.submitted)
         self.counters["requests_aborted" if reason == "abort" else "requests_finished"] += 1
