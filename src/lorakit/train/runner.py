@@ -100,8 +100,11 @@ def prepare_data(cfg: TrainConfig, tokenizer, task: str, hf_config, raw: dict | 
 
 
 def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train as ``cfg`` says and write everything into cfg.output_dir; returns summary.json's content."""
-    cfg.validate()
+    """Train as ``cfg`` says and write everything into cfg.output_dir; returns summary.json's content.
+
+    ``cfg`` itself is not changed: the run works on a validated copy (with seq_len resolved).
+    """
+    cfg = dataclasses.replace(cfg).validate()
     device = resolve_device(cfg.device)
     task, hf_config, raw = resolve_task(cfg)
     if cfg.method == "qlora":
