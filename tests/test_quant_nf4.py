@@ -123,12 +123,18 @@ def test_matches_bitsandbytes_when_installed():
             w = (torch.randn(shape, generator=gen(3)) * 0.02).to(dtype).to(device)
             pb, sb = F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=True)
             pl, sl = nf4.quantize_4bit(w, 64, quant_type, True)
-            assert torch.equal(pb, pl), (quant_type, shape)
-            assert torch.equal(sb.absmax, sl.absmax) and torch.equal(sb.state2.absmax, sl.nested.absmax)
-            assert torch.equal(sb.offset, sl.nested.offset)
+            codes_b, codes_l = nf4.unpack_nibbles(pb), nf4.unpack_nibbles(pl)
+            where = (codes_b != codes_l).nonzero().flatten()[:5].tolist()
+            assert torch.equal(pb, pl), (quant_type, shape, pb.shape, pl.shape, where,
+                                         codes_b[where].tolist(), codes_l[where].tolist())
+            assert torch.equal(sb.offset, sl.nested.offset), (sb.offset.item(), sl.nested.offset.item())
+            assert torch.equal(sb.state2.absmax, sl.nested.absmax), (quant_type, shape)
+            differ = (sb.absmax != sl.absmax).nonzero().flatten()[:5].tolist()
+            assert torch.equal(sb.absmax, sl.absmax), (quant_type, shape, differ, sb.absmax[differ].tolist(),
+                                                       sl.absmax[differ].tolist())
             ref = F.dequantize_4bit(pb, sb)
             ours = nf4.dequantize_4bit(pb, nf4.QuantState.from_bnb_dict(sb.as_dict(packed=True)))
-            assert torch.equal(ref, ours)
+            assert torch.equal(ref, ours), (quant_type, shape, float((ref.float() - ours.float()).abs().max()))
 
 
 # ------------------------------------------------------------------------------------------- statistics

@@ -29,8 +29,10 @@ def _to_dtype(x, dtype: tl.constexpr):
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + (((bits >> 16) & 1) + 0x7FFF)  # finite values only (quantized weights always are)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(dtype)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = x.to(dtype)
+    return out  # one return: the compiler types every return statement, taken or not
 
 
 @triton.jit
@@ -41,8 +43,10 @@ def _absmax_rows(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk
         q2 = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
         scale2 = tl.load(nested_absmax_ptr + blk // NESTED_BS, mask=mask, other=0.0)
         decoded = tl.load(nested_code_ptr + q2) * scale2  # one rounding ...
-        return decoded + tl.load(offset_ptr)  # ... and a second one, never an FMA
-    return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        absmax = decoded + tl.load(offset_ptr)  # ... and a second one, never an FMA
+    else:
+        absmax = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return absmax
 
 
 @triton.jit
