@@ -215,6 +215,77 @@ def kernel_bench(device, out_rows: list, results: dict) -> None:
                      f"(bnb {err_bnb:.1e})"))
 
 
+def _codes_with_absmax_one(values, quant_type, quantize):
+    """4-bit codes of ``values`` (fp32, |v| <= 1), each block led by a 1.0 so that absmax is exactly 1."""
+    from lorakit.quant import nf4
+
+    n = values.numel()
+    pad = -n % 63
+    v = torch.cat([values, values.new_zeros(pad)]).view(-1, 63)
+    blocks = torch.cat([torch.ones(v.shape[0], 1, device=v.device), v], 1).reshape(-1)
+    packed = quantize(blocks, quant_type)
+    return nf4.unpack_nibbles(packed).view(-1, 64)[:, 1:].reshape(-1)[:n]
+
+
+def format_probe(device, results: dict) -> None:
+    """Find bitsandbytes' exact decision boundaries (to the last float) and compare lorakit's codes with them."""
+    import bitsandbytes.functional as F
+    from lorakit.quant import nf4
+
+    def bnb(x, qt):
+        return F.quantize_4bit(x, blocksize=64, quant_type=qt, compress_statistics=False)[0]
+
+    def ours(x, qt):
+        return nf4.quantize_4bit(x, 64, qt, False)[0]
+
+    for qt in ("nf4", "fp4"):
+        grid = torch.linspace(-1, 1, 63 * 8192, device=device)
+        cb = _codes_with_absmax_one(grid, qt, bnb)
+        change = (cb[1:] != cb[:-1]).nonzero().flatten()
+        bounds = []
+        for i in change.tolist():
+            lo, hi = grid[i], grid[i + 1]
+            if lo * hi <= 0:
+                bounds.append({"between": [float(lo), float(hi)], "codes": [int(cb[i]), int(cb[i + 1])]})
+                continue
+            a, b = lo.abs().view(torch.int32), hi.abs().view(torch.int32)
+            start, stop = int(torch.minimum(a, b)), int(torch.maximum(a, b))
+            mags = torch.arange(start, stop + 1, device=device, dtype=torch.int32).view(torch.float32)
+            cand = mags if lo > 0 else -mags.flip(0)
+            cc = _codes_with_absmax_one(cand, qt, bnb)
+            j = int((cc[1:] != cc[:-1]).nonzero().flatten()[0])
+            bounds.append({"last_lower": repr(float(cand[j])), "first_upper": repr(float(cand[j + 1])),
+                           "codes": [int(cc[j]), int(cc[j + 1])]})
+        rng = torch.randn(1 << 22, generator=torch.Generator().manual_seed(5)).clamp(-1, 1).to(device)
+        fine = torch.cat([grid, rng])
+        mismatch = _codes_with_absmax_one(fine, qt, bnb) != _codes_with_absmax_one(fine, qt, ours)
+        bad = fine[mismatch][:8]
+        examples = [] if not bad.numel() else [(repr(float(v)), int(a), int(b)) for v, a, b in zip(
+            bad, _codes_with_absmax_one(bad, qt, bnb), _codes_with_absmax_one(bad, qt, ours))]
+        results[f"probe_{qt}"] = {"bnb_boundaries": bounds, "mismatches": int(mismatch.sum()),
+                                  "of": fine.numel(), "examples (value, bnb, lorakit)": examples}
+        print(f"probe {qt}: {int(mismatch.sum())} of {fine.numel()} codes differ from bitsandbytes; examples "
+              f"{examples[:4]}; bnb boundaries {bounds}", flush=True)
+
+
+def gemv_sweep(device, results: dict) -> None:
+    import triton.testing
+
+    from lorakit.quant import nf4
+    from lorakit.quant import triton_kernels as tk
+
+    w = (torch.randn(4096, 14336, device=device) * 0.02).to(torch.bfloat16)
+    pl, sl = nf4.quantize_4bit(w, 64, "nf4", True)
+    x = torch.randn(1, 14336, device=device).to(torch.bfloat16)
+    sweep = {}
+    for bn, bk, nw in [(4, 512, 4), (8, 256, 4), (2, 1024, 4), (8, 512, 8), (16, 256, 4), (1, 2048, 4)]:
+        sweep[f"n{bn}_k{bk}_w{nw}"] = triton.testing.do_bench(
+            lambda: tk.gemv_4bit_triton(x, pl, sl, block_n=bn, block_k=bk, num_warps=nw), warmup=25, rep=100,
+            return_mode="median")
+    results["gemv_sweep_ms"] = sweep
+    print("gemv sweep (ms):", sweep, flush=True)
+
+
 # ------------------------------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -224,7 +295,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--only", default="", help="comma list: kernels,peft_recipe,peft_bf16,lorakit,lorakit_fast")
+    parser.add_argument("--only", default="", help="comma list: probe,kernels,peft_recipe,peft_bf16,lorakit,"
+                        "lorakit_fp32,lorakit_fast,peft_liger")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "qlora_bench.json"))
     args = parser.parse_args()
     device, shape = args.device, "tiny" if args.tiny else "llama3-8b"
@@ -243,6 +315,13 @@ def main() -> None:
                      "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "shape": shape,
                      "batch": [args.batch, seq]}
     kernel_rows: list = []
+    if device == "cuda" and want("probe"):
+        for fn in (format_probe, gemv_sweep):
+            try:
+                fn(device, results)
+            except Exception as exc:  # noqa: BLE001
+                results[f"{fn.__name__}_error"] = repr(exc)
+                print(fn.__name__, "failed:", repr(exc), flush=True)
     if device == "cuda" and want("kernels"):
         try:
             kernel_bench(device, kernel_rows, results)

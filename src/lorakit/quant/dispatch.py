@@ -45,6 +45,6 @@ def dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | Non
 def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for a 4-bit W; fused (no dequantized copy) on CUDA, dequantize + matmul elsewhere."""
-    if _use_triton(x) and len(state.shape) == 2:
+    if _use_triton(x) and len(state.shape) == 2 and state.shape[1] % 2 == 0:
         return _triton_module().gemv_4bit_triton(x, packed, state, bias)
     return F.linear(x, dequantize_4bit(packed, state, x.dtype), None if bias is None else bias.to(x.dtype))

@@ -89,8 +89,8 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, dtype: torch
     if out is None:
         out = torch.empty(state.shape, dtype=dtype, device=packed.device)
     n_blocks = state.n_blocks
-    if rows is None:
-        rows = max(1, min(16, 2048 // state.blocksize))  # about 1024 values per program at block size 64
+    if rows is None:  # 64 blocks of 64 per program: the fastest tile measured on an H100 (bench/qlora.py)
+        rows = max(1, min(64, 4096 // state.blocksize))
     nested_absmax, nested_code, offset, is_nested, nested_bs = _state_pointers(state)
     grid = (triton.cdiv(n_blocks, rows),)
     _dequant_kernel[grid](packed, state.absmax, state.code, nested_absmax, nested_code, offset, out, n, n_blocks,
@@ -104,38 +104,45 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nes
                  bias_ptr, out_ptr, N, K, stride_xm, stride_om,
                  BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NESTED: tl.constexpr,
                  NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    # out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]); W dequantized tile by tile, rounded to x's dtype as
-    # the reference's dequantize-then-matmul does, products summed in fp32.
+    # out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for even K: each byte holds W[n, k] (high nibble) and
+    # W[n, k + 1] (low nibble) for even k, so a (BLOCK_N, BLOCK_K // 2) tile of bytes is read once, row by row.
+    # W is rounded to x's dtype as the reference's dequantize-then-matmul does; products summed in fp32.
+    HALF_K: tl.constexpr = BLOCK_K // 2
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, HALF_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
+        even = k0 + 2 * tl.arange(0, HALF_K)  # (HALF_K,) even column indices
+        col_ok = even < K
         ok = row_ok[:, None] & col_ok[None, :]
-        flat = rows.to(tl.int64)[:, None] * K + cols[None, :]  # (BLOCK_N, BLOCK_K) value index
+        flat = rows.to(tl.int64)[:, None] * K + even[None, :]  # value index of the even column
         byte = tl.load(packed_ptr + flat // 2, mask=ok, other=0).to(tl.int32)
-        q = (byte >> ((1 - (flat % 2)) * 4).to(tl.int32)) & 0x0F  # even index: high nibble
         scale = _absmax_rows(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, flat // BLOCKSIZE, ok,
                              NESTED, NESTED_BS)
-        w = _to_dtype(tl.load(code_ptr + q) * scale, x_ptr.dtype.element_ty).to(tl.float32)
-        xv = tl.load(x_ptr + m * stride_xm + cols, mask=col_ok, other=0.0).to(tl.float32)
-        acc += tl.sum(tl.where(ok, w * xv[None, :], 0.0), axis=1)
+        w_even = _to_dtype(tl.load(code_ptr + (byte >> 4)) * scale, x_ptr.dtype.element_ty).to(tl.float32)
+        w_odd = _to_dtype(tl.load(code_ptr + (byte & 0x0F)) * scale, x_ptr.dtype.element_ty).to(tl.float32)
+        x_even = tl.load(x_ptr + m * stride_xm + even, mask=col_ok, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + m * stride_xm + even + 1, mask=col_ok, other=0.0).to(tl.float32)
+        acc += tl.where(ok, w_even * x_even[None, :] + w_odd * x_odd[None, :], 0.0)
+    total = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + rows, _to_dtype(acc, out_ptr.dtype.element_ty), mask=row_ok)
+        total += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + rows, _to_dtype(total, out_ptr.dtype.element_ty), mask=row_ok)
 
 
 def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
+                     bias: torch.Tensor | None = None, block_n: int = 4, block_k: int = 512,
+                     num_warps: int = 4) -> torch.Tensor:
     """``x @ dequantize(W).T + bias`` for a few rows of x without writing the dequantized weight anywhere.
 
-    x: (..., K) in the compute dtype; W: (N, K) as ``packed`` + ``state``. For small batches (decoding),
-    where reading the 4-bit weight once is the whole cost.
+    x: (..., K) in the compute dtype; W: (N, K) as ``packed`` + ``state``, K even. For small batches
+    (decoding), where reading the 4-bit weight once is the whole cost.
     """
     N, K = state.shape
+    if K % 2:
+        raise ValueError(f"gemv_4bit_triton needs an even number of input features, got {K}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -143,11 +150,10 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     M = x2.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     nested_absmax, nested_code, offset, is_nested, nested_bs = _state_pointers(state)
-    block_n, block_k = 32, 128
     grid = (triton.cdiv(N, block_n), M)
     bias_arg = bias if bias is not None else out
     _gemv_kernel[grid](x2, packed, state.absmax, state.code, nested_absmax, nested_code, offset, bias_arg, out,
                        N, K, x2.stride(0), out.stride(0),
                        BLOCKSIZE=state.blocksize, BLOCK_N=block_n, BLOCK_K=block_k, NESTED=is_nested,
-                       NESTED_BS=nested_bs, HAS_BIAS=bias is not None, **_LAUNCH)
+                       NESTED_BS=nested_bs, HAS_BIAS=bias is not None, num_warps=num_warps, **_LAUNCH)
     return out.reshape(*lead, N)
