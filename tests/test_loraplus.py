@@ -56,6 +56,7 @@ def test_groups_come_from_the_layers_and_cover_every_trainable_tensor_once():
          id(model.lin.lora_B["default"].weight), id(model.lin.lora_B["dora"].weight)}
     assert ids["lora_A"] == A and ids["lora_B"] == B
     assert groups["lora_A"]["lr"] == 1e-3 and groups["lora_B"]["lr"] == 8e-3
+    assert groups["lora_A"]["lr_scale"] == 1.0 and groups["lora_B"]["lr_scale"] == 8.0
     assert groups["lora_B"]["weight_decay"] == 0.1
     no_decay = ids["other_no_decay"]
     assert id(model.lin.lora_magnitude_vector["dora"]) in no_decay  # DoRA magnitude: base lr, no decay

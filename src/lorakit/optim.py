@@ -49,7 +49,9 @@ def loraplus_param_groups(
         weight_decay: applied to A, B and other matrices; never to vectors (biases, norms, DoRA magnitudes).
         lr_embedding: if given, LoRA on embedding layers trains at this learning rate (PEFT uses 1e-6).
 
-    Returns a list of dicts with "params", "lr", "weight_decay" and "name"; empty groups are left out.
+    Returns a list of dicts with "params", "lr", "weight_decay", "name" and "lr_scale" (the group's lr / lr:
+    a loop that sets its own schedule should set ``group["lr"] = scheduled_lr * group["lr_scale"]``; torch's
+    LR schedulers keep the ratios by themselves). Empty groups are left out.
     """
     for label, value in (("lr", lr), ("ratio", ratio)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -94,7 +96,8 @@ def loraplus_param_groups(
     for group, params in groups.items():
         if params:
             group_lr, decay = settings[group]
-            out.append({"params": params, "lr": group_lr, "weight_decay": decay, "name": group})
+            out.append({"params": params, "lr": group_lr, "weight_decay": decay, "name": group,
+                        "lr_scale": group_lr / lr})
     if not out:
         raise ConfigError("the model has no trainable parameters; inject an adapter first")
     return out
