@@ -3,7 +3,9 @@
 Each method is an ordinary ``lorakit train`` run (same loop, same data order, same seed) in a fresh Python
 process, so that peak memory is that method's own: ``torch.cuda.max_memory_allocated`` on a GPU; on CPU the
 peak resident set (VmHWM, reset when training starts) minus the resident set before the model was built.
-Time per step is the mean over all steps but the first (which pays for allocation and warm-up).
+Time per step is the mean over all steps but the first (which pays for allocation and warm-up); on CPU the
+table adds the process CPU seconds per step, which other jobs on a shared machine disturb far less than wall
+time (run with OMP_NUM_THREADS=1 for it to equal the compute spent).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ COLUMNS = [  # (key, header, format)
     ("trainable_params", "trainable params", "{:,}"),
     ("trainable_percent", "trainable %", "{:.3f}"),
     ("seconds_per_step", "s/step", "{:.3f}"),
+    ("cpu_seconds_per_step", "CPU s/step", "{:.3f}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
     ("peak_memory_mb", "peak mem MB", "{:,.0f}"),
     ("saved_mb", "saved MB", "{:,.2f}"),
@@ -69,6 +72,7 @@ def row_from_summary(method: str, s: dict[str, Any]) -> dict[str, Any]:
         "trainable_params": s["trainable_params"],
         "trainable_percent": s["trainable_percent"],
         "seconds_per_step": s["seconds_per_step"],
+        **({"cpu_seconds_per_step": s["cpu_seconds_per_step"]} if cpu else {}),
         "tokens_per_s": s["tokens_per_s"],
         "peak_memory_mb": peak,
         "saved_mb": s["saved_bytes"] / 1e6,
