@@ -28,10 +28,11 @@ import torch
 warnings.filterwarnings("ignore")
 
 SHAPES = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, head_dim=128, rope_theta=500000.0),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, head_dim=32),
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "head_dim": 128,
+                  "rope_theta": 500000.0},
+    "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 512, "head_dim": 32},
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -159,9 +160,9 @@ def setup_lorakit(model, device, adapter_dtype, fast: bool):
 
 # ------------------------------------------------------------------------------------------ kernels
 def kernel_bench(device, out_rows: list, results: dict) -> None:
+    import bitsandbytes.functional as F
     import triton.testing
 
-    import bitsandbytes.functional as F
     from lorakit.quant import nf4
     from lorakit.quant import triton_kernels as tk
 
@@ -179,23 +180,23 @@ def kernel_bench(device, out_rows: list, results: dict) -> None:
         ours = tk.dequantize_4bit_triton(pl, sl, torch.bfloat16)
         identical = torch.equal(ref.view(torch.int16), ours.view(torch.int16))
         out = torch.empty_like(ref)
-        t_bnb = ms(lambda: F.dequantize_4bit(pb, sb))
-        t_lk = ms(lambda: tk.dequantize_4bit_triton(pl, sl, torch.bfloat16, out=out))
-        t_ref = ms(lambda: nf4.dequantize_4bit(pl, sl, torch.bfloat16))
+        t_bnb = ms(lambda pb=pb, sb=sb: F.dequantize_4bit(pb, sb))
+        t_lk = ms(lambda pl=pl, sl=sl, out=out: tk.dequantize_4bit_triton(pl, sl, torch.bfloat16, out=out))
+        t_ref = ms(lambda pl=pl, sl=sl: nf4.dequantize_4bit(pl, sl, torch.bfloat16))
         moved = n / 2 + n * 2 + sl.nbytes  # packed codes read, bf16 written, state read
         sweep = {"default": t_lk}
         for rows in ((8, 32, 64) if nested else ()):
             for warps in (4, 8):
-                sweep[f"rows{rows}_w{warps}"] = ms(lambda: tk.dequantize_4bit_triton(
-                    pl, sl, torch.bfloat16, out=out, rows=rows, num_warps=warps))
+                sweep[f"rows{rows}_w{warps}"] = ms(lambda pl=pl, sl=sl, out=out, rows=rows, warps=warps: (
+                    tk.dequantize_4bit_triton(pl, sl, torch.bfloat16, out=out, rows=rows, num_warps=warps)))
         best = min(sweep, key=sweep.get)
         tag = "double quant" if nested else "no double quant"
         results[f"dequant_{tag}"] = {"bnb_ms": t_bnb, "lorakit_ms": t_lk, "torch_reference_ms": t_ref,
                                      "bit_identical_to_bnb": identical, "same_packed_state_as_bnb": same_codes,
                                      "sweep_ms": sweep, "best": best}
         out_rows.append((f"dequant 4096x14336 nf4, {tag}", f"{t_bnb * 1e3:.1f} us", f"{t_lk * 1e3:.1f} us",
-                         f"{t_bnb / t_lk:.2f}x", f"{moved / t_lk / 1e6:.0f} GB/s; bits equal: {identical}; "
-                         f"best tile {best} {sweep[best] * 1e3:.1f} us"))
+                         f"{t_bnb / t_lk:.2f}x", (f"{moved / t_lk / 1e6:.0f} GB/s; bits equal: {identical}; "
+                                                  f"best tile {best} {sweep[best] * 1e3:.1f} us")))
     # one-token GEMV: y = x @ W.T with W (4096, 14336) in 4 bits
     import bitsandbytes as bnb
 
@@ -211,8 +212,8 @@ def kernel_bench(device, out_rows: list, results: dict) -> None:
     results["gemv_1x14336x4096"] = {"bnb_ms": t_bnb, "lorakit_ms": t_lk, "lorakit_dequant_then_matmul_ms": t_deq,
                                     "rel_err_lorakit": err, "rel_err_bnb": err_bnb}
     out_rows.append(("GEMV 1 token, 4096x14336 nf4", f"{t_bnb * 1e3:.1f} us", f"{t_lk * 1e3:.1f} us",
-                     f"{t_bnb / t_lk:.2f}x", f"dequant+matmul {t_deq * 1e3:.1f} us; rel err {err:.1e} "
-                     f"(bnb {err_bnb:.1e})"))
+                     f"{t_bnb / t_lk:.2f}x", (f"dequant+matmul {t_deq * 1e3:.1f} us; rel err {err:.1e} "
+                                              f"(bnb {err_bnb:.1e})")))
 
 
 def _codes_with_absmax_one(values, quant_type, quantize):
@@ -230,6 +231,7 @@ def _codes_with_absmax_one(values, quant_type, quantize):
 def format_probe(device, results: dict) -> None:
     """Find bitsandbytes' exact decision boundaries (to the last float) and compare lorakit's codes with them."""
     import bitsandbytes.functional as F
+
     from lorakit.quant import nf4
 
     def bnb(x, qt):
@@ -280,7 +282,8 @@ def gemv_sweep(device, results: dict) -> None:
     sweep = {}
     for bn, bk, nw in [(4, 512, 4), (8, 256, 4), (2, 1024, 4), (8, 512, 8), (16, 256, 4), (1, 2048, 4)]:
         sweep[f"n{bn}_k{bk}_w{nw}"] = triton.testing.do_bench(
-            lambda: tk.gemv_4bit_triton(x, pl, sl, block_n=bn, block_k=bk, num_warps=nw), warmup=25, rep=100,
+            lambda bn=bn, bk=bk, nw=nw: tk.gemv_4bit_triton(x, pl, sl, block_n=bn, block_k=bk, num_warps=nw),
+            warmup=25, rep=100,
             return_mode="median")
     results["gemv_sweep_ms"] = sweep
     print("gemv sweep (ms):", sweep, flush=True)
@@ -302,12 +305,12 @@ def main() -> None:
     device, shape = args.device, "tiny" if args.tiny else "llama3-8b"
     seq = 64 if args.tiny else args.seq
     only = set(filter(None, args.only.split(",")))
-    want = lambda k: not only or k in only  # noqa: E731
+    want = lambda k: not only or k in only
 
+    import bitsandbytes
     import peft
     import transformers
 
-    import bitsandbytes
     import lorakit
 
     results: dict = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device == "cuda"

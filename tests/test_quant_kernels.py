@@ -19,8 +19,8 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install triton); the kernels are proven on the GPU run",
                 allow_module_level=True)
 
-from lorakit.quant import nf4  # noqa: E402
-from lorakit.quant import triton_kernels as tk  # noqa: E402
+from lorakit.quant import nf4
+from lorakit.quant import triton_kernels as tk
 
 DEVICE = "cuda" if CUDA else "cpu"
 CASES = [  # (shape, blocksize, quant_type, double_quant)

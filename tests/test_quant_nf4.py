@@ -89,7 +89,7 @@ def test_double_quant_golden():
     # scaled -1, -1/3, 1/3, 1 -> nearest dynamic-map entries 0, 47, 207, 255
     w = torch.zeros(4, 64)
     w[:, 0] = torch.tensor([1.0, -2.0, 3.0, -4.0])
-    packed, state = nf4.quantize_4bit(w, 64, "nf4", True)
+    _, state = nf4.quantize_4bit(w, 64, "nf4", True)
     assert state.nested is not None
     assert state.nested.offset.item() == 2.5 and state.nested.absmax.tolist() == [1.5]
     assert state.absmax.dtype == torch.uint8 and state.absmax.tolist() == [0, 47, 207, 255]
@@ -113,28 +113,42 @@ def test_bnb_serialization_layout():
 
 
 def test_matches_bitsandbytes_when_installed():
+    """On a GPU: the same packed codes and states as bitsandbytes' CUDA kernel, and the same dequantized bits.
+
+    One known difference: that kernel computes 1/absmax with fast-math's approximate reciprocal, so a value
+    whose ratio to its absmax is within an ulp of an FP4 decision boundary may land on the other side. With
+    bf16 weights such exact ties (e.g. x / absmax = 5/24, halfway between 1/6 and 1/4) occur in about 1e-4
+    of the values; both codes are then equally near. NF4's boundaries are never hit that way.
+    """
     F = pytest.importorskip("bitsandbytes.functional")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
+    if not torch.cuda.is_available():
         pytest.skip("bitsandbytes' CPU path differs from its CUDA kernel (8-bit rounding, FP4 signs); "
                     "the format is the CUDA kernel's")
+    bounds = torch.tensor(nf4._FP4_MAGNITUDE_BOUNDS, device="cuda")
     for quant_type in ("nf4", "fp4"):
         for shape, dtype in [((4096, 1024), torch.bfloat16), ((333, 77), torch.float16), ((256, 512), torch.float32)]:
-            w = (torch.randn(shape, generator=gen(3)) * 0.02).to(dtype).to(device)
+            w = (torch.randn(shape, generator=gen(3)) * 0.02).to(dtype).to("cuda")
             pb, sb = F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=True)
             pl, sl = nf4.quantize_4bit(w, 64, quant_type, True)
-            codes_b, codes_l = nf4.unpack_nibbles(pb), nf4.unpack_nibbles(pl)
-            where = (codes_b != codes_l).nonzero().flatten()[:5].tolist()
-            assert torch.equal(pb, pl), (quant_type, shape, pb.shape, pl.shape, where,
-                                         codes_b[where].tolist(), codes_l[where].tolist())
+            n = w.numel()
+            codes_b, codes_l = nf4.unpack_nibbles(pb, n), nf4.unpack_nibbles(pl, n)
+            differ = (codes_b != codes_l).nonzero().flatten()
+            if quant_type == "nf4":
+                assert differ.numel() == 0 and torch.equal(pb, pl), (shape, differ[:5].tolist())
+            else:
+                flat = w.reshape(-1).float()
+                absmax = torch.nn.functional.pad(flat, (0, -n % 64)).view(-1, 64).abs().amax(1)
+                ratio = flat[differ] * (1.0 / absmax[differ // 64])
+                gap = (ratio.abs()[:, None] - bounds[None, :]).abs().amin(1)
+                assert differ.numel() < 1e-3 * n and torch.all(gap <= 2 * torch.finfo(torch.float32).eps), shape
             assert torch.equal(sb.offset, sl.nested.offset), (sb.offset.item(), sl.nested.offset.item())
             assert torch.equal(sb.state2.absmax, sl.nested.absmax), (quant_type, shape)
-            differ = (sb.absmax != sl.absmax).nonzero().flatten()[:5].tolist()
-            assert torch.equal(sb.absmax, sl.absmax), (quant_type, shape, differ, sb.absmax[differ].tolist(),
-                                                       sl.absmax[differ].tolist())
-            ref = F.dequantize_4bit(pb, sb)
-            ours = nf4.dequantize_4bit(pb, nf4.QuantState.from_bnb_dict(sb.as_dict(packed=True)))
-            assert torch.equal(ref, ours), (quant_type, shape, float((ref.float() - ours.float()).abs().max()))
+            assert torch.equal(sb.absmax, sl.absmax), (quant_type, shape)
+            # a bitsandbytes state read by lorakit, and a lorakit state read by bitsandbytes: the same bits
+            ours_of_bnb = nf4.dequantize_4bit(pb, nf4.QuantState.from_bnb_dict(sb.as_dict(packed=True)))
+            assert torch.equal(F.dequantize_4bit(pb, sb), ours_of_bnb), (quant_type, shape)
+            bnb_of_ours = F.dequantize_4bit(pl, F.QuantState.from_dict(dict(sl.as_bnb_dict()), device="cuda"))
+            assert torch.equal(bnb_of_ours, nf4.dequantize_4bit(pl, sl)), (quant_type, shape)
 
 
 # ------------------------------------------------------------------------------------------- statistics

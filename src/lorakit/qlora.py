@@ -13,8 +13,8 @@ Loading a Hugging Face checkpoint straight into 4 bits lives in ``lorakit.quant_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn

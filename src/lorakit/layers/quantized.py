@@ -121,7 +121,7 @@ class Linear4bit(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, *, blocksize: int = 64, quant_type: str = "nf4",
                     double_quant: bool = True, compute_dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None, where: str = "linear") -> "Linear4bit":
+                    device: torch.device | str | None = None, where: str = "linear") -> Linear4bit:
         """Quantize an nn.Linear (or any module with a 2-D ``weight`` and optional ``bias``) on ``device``
         (default: where its weight is). The source module is not modified."""
         weight = linear.weight
