@@ -181,7 +181,9 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> Summa
         raise TypeError(f"inject needs an nn.Module, got {type(model).__name__}")
     if not isinstance(name, str) or not name or "." in name:
         raise ConfigError(f"adapter name must be a non-empty string without dots, got {name!r}")
-    if name in configs(model):
+    from .prefix import prefix_adapters  # local: prefix builds on this module
+
+    if name in configs(model) or name in prefix_adapters(model):
         raise AdapterError(f"the model already has an adapter named {name!r}; delete it or pick another name")
 
     targets = find_targets(model, config)
