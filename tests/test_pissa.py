@@ -226,3 +226,16 @@ def test_training_lowers_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_unload_keeps_a_merged_pissa_adapter_and_drops_an_unmerged_one():
+    model = mlp()
+    w0 = weights(model)
+    lk.inject(model, lk.LoraConfig(r=3, target_modules=["0", "2"], init="pissa"))
+    train_a_bit(model)
+    trained = model(X)
+    merged = lk.unload(copy.deepcopy(model))
+    torch.testing.assert_close(merged(X), trained, rtol=0, atol=TOL)  # W_res + s B A: the fine-tuned weights
+    dropped = lk.unload(model, merge_adapters=False)
+    for n, p in dropped.named_parameters():
+        torch.testing.assert_close(p, w0[n], rtol=0, atol=1e-6)  # the original model

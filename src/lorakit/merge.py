@@ -12,6 +12,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError
 from .layers import FusedLinear, LoraLayer, ModulesToSave
+from .layers.pissa import restore_unmerged_pissa
 from .model import _replace, _saved_modules, configs, lora_layers
 
 
@@ -50,6 +51,7 @@ def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
             layer.merge()
         else:
             layer.unmerge()
+        restore_unmerged_pissa(layer)  # a PiSSA adapter that is not folded in gives W0 its principal part back
         _replace(model, path, layer.base_layer)
     for path, saved in list(_saved_modules(model)):
         _replace(model, path, saved.current if merge_adapters else saved.original_module)

@@ -211,6 +211,11 @@ class DoraLayer(LoraLayer):
             return names
         return super().merge(names, keep_original=keep_original)
 
+    def unmerge(self) -> list[str]:
+        names = super().unmerge()
+        self._dora_merged.clear()  # restored from a copy (keep_original, tied weight): the factors are stale
+        return names
+
     def _add_to_weight(self, coefs: dict[str, float], sign: float) -> None:
         """Merge (sign > 0, from the unmerged weight) or unmerge (sign < 0, all merged adapters) in fp32."""
         if not any(self.is_dora(n) for n in coefs):

@@ -135,3 +135,13 @@ def pissa_restore(layer: LoraLayer, name: str) -> None:
         weight = base.weight.T if layer.fan_in_fan_out else base.weight
         weight.copy_(weight.to(torch.float32) + lora_delta(saved.A, saved.B, saved.scale))
     del layer.pissa_init[name]
+
+
+def restore_unmerged_pissa(layer: LoraLayer) -> None:
+    """Give the base weight back the principal part of every PiSSA adapter not merged into it (unload uses this:
+    a merged PiSSA adapter leaves W_res + s B A, the fine-tuned weight; a dropped one leaves W0)."""
+    if "pissa_init" not in layer._modules:
+        return
+    for name in list(layer.pissa_init):
+        if name not in layer.merged:
+            pissa_restore(layer, name)
