@@ -157,25 +157,9 @@ def main() -> None:
     pm.eval()
     t_setup = time.perf_counter()
 
-    if not only or "hf" in only:
-        results["HF generate, base model"] = hf_run(base, prompts, args.gen, device)
-        merged = copy.deepcopy(base)
-        lorakit.load_adapter(merged, tmp / "adapters" / names[0])
-        lorakit.merge(merged)
-        results["HF generate, 1 adapter merged (ceiling)"] = hf_run(merged, prompts, args.gen, device)
-        del merged
-        gc.collect()
-    if not only or "peft" in only:
-        pm.set_adapter(names[0])
-        results["PEFT, 1 adapter unmerged"] = hf_run(pm, prompts, args.gen, device)
-        results[f"PEFT mixed batch, {args.adapters} adapters"] = hf_run(
-            pm, prompts, args.peft_mixed_tokens, device, adapter_names=rows)
-
     parity = None
     if not only or "lorakit" in only:
         model = copy.deepcopy(base)
-        del base
-        gc.collect()
         config = EngineConfig(max_batch=args.requests, max_model_len=args.prompt + args.gen,
                               max_prefill_tokens=args.requests * args.prompt, max_adapters_gpu=args.adapters,
                               max_adapters_cpu=args.adapters, max_lora_rank=args.rank)
@@ -197,6 +181,24 @@ def main() -> None:
             finally:
                 bgmv._use_triton = original
         engine.shutdown()
+        del engine, model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    if not only or "hf" in only:
+        results["HF generate, base model"] = hf_run(base, prompts, args.gen, device)
+        merged = copy.deepcopy(base)
+        lorakit.load_adapter(merged, tmp / "adapters" / names[0])
+        lorakit.merge(merged)
+        results["HF generate, 1 adapter merged (ceiling)"] = hf_run(merged, prompts, args.gen, device)
+        del merged
+        gc.collect()
+    if not only or "peft" in only:
+        pm.set_adapter(names[0])
+        results["PEFT, 1 adapter unmerged"] = hf_run(pm, prompts, args.gen, device)
+        results[f"PEFT mixed batch, {args.adapters} adapters"] = hf_run(
+            pm, prompts, args.peft_mixed_tokens, device, adapter_names=rows)
 
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"\n{args.shape} shape, {str(dtype).removeprefix('torch.')}, random weights, {args.requests} requests x "
