@@ -325,3 +325,19 @@ def test_training_lowers_the_loss_and_trains_the_magnitude():
     assert losses[-1] < 0.8 * losses[0]
     assert not torch.equal(mag, start)
     assert all(not p.requires_grad for n, p in model.named_parameters() if "base_layer" in n)
+
+
+def test_bf16_zero_change_and_round_trip(tmp_path):
+    """The magnitude is kept in fp32, so c = ||W|| / ||W|| = 1 exactly at init, also for a bf16 model."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 16), nn.Conv1d(4, 4, 3)).to(torch.bfloat16)
+    model = copy.deepcopy(base)
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["0", "1"], use_dora=True))
+    x, seq = torch.randn(3, 16, dtype=torch.bfloat16), torch.randn(2, 4, 7, dtype=torch.bfloat16)
+    assert torch.equal(model[0](x), base[0](x)) and torch.equal(model[1](seq), base[1](seq))
+    assert model[0].lora_magnitude_vector["default"].dtype == torch.float32
+    randomize(model, std=0.05)
+    lk.save_adapter(model, tmp_path)
+    loaded = copy.deepcopy(base)
+    lk.load_adapter(loaded, tmp_path)
+    assert torch.equal(loaded[0](x), model[0](x)) and torch.equal(loaded[1](seq), model[1](seq))

@@ -463,8 +463,8 @@ def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) ->
             )
     by_path = {f"{PREFIX}{p}.": layer for p, layer in lora_layers(model) if name in layer.specs}
     for prefix, layer in by_path.items():
-        dtype = next(iter(layer.peft_state(name).values())).dtype
-        layer.load_peft_state(name, {k: tensors[prefix + k].to(dtype) for k in layer.peft_state(name)})
+        local = layer.peft_state(name)  # each tensor in its own dtype (a DoRA magnitude stays fp32)
+        layer.load_peft_state(name, {k: tensors[prefix + k].to(v.dtype) for k, v in local.items()})
     for path, saved in _saved_modules(model):
         if name in saved.modules_to_save:
             prefix = f"{PREFIX}{path}."

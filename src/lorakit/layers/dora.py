@@ -73,7 +73,9 @@ class DoraLayer(LoraLayer):
         if spec.use_dora:
             with torch.no_grad():
                 norm = self._weight_norm(name, self.dense_weight())  # = ||W|| while B is zero
-            dtype = self.adapter_dtype(spec)
+            # fp32 even for 16-bit adapters (it is one number per row): the forward then divides the very same
+            # fp32 norm by itself, c = 1 exactly, and a fresh DoRA adapter changes nothing in bf16 too
+            dtype = torch.float64 if self.adapter_dtype(spec) == torch.float64 else torch.float32
             self.lora_magnitude_vector[name] = nn.Parameter(norm.reshape(self._peft_magnitude_shape()).to(dtype))
 
     def _remove(self, name: str) -> None:
