@@ -159,29 +159,31 @@ def main() -> None:
 
     parity = None
     if not only or "lorakit" in only:
-        model = copy.deepcopy(base)
         config = EngineConfig(max_batch=args.requests, max_model_len=args.prompt + args.gen,
                               max_prefill_tokens=args.requests * args.prompt, max_adapters_gpu=args.adapters,
                               max_adapters_cpu=args.adapters, max_lora_rank=args.rank)
-        engine = Engine(model, None, tmp / "adapters", config, base_name="base").start()
-        parity = check_parity(engine, pm, prompt_lists, names, device)
-        results["lorakit serve, base model"] = engine_run(engine, prompt_lists, args.gen, [None] * args.requests,
-                                                          device)
-        results["lorakit serve, 1 adapter"] = engine_run(engine, prompt_lists, args.gen, [names[0]] * args.requests,
-                                                         device)
+        triton_on = device == "cuda" and bgmv.triton_available()
         label = f"lorakit serve, {args.adapters} adapters mixed"
-        results[label + (" (Triton BGMV)" if device == "cuda" and bgmv.triton_available() else "")] = engine_run(
-            engine, prompt_lists, args.gen, rows, device)
-        if device == "cuda" and bgmv.triton_available():
-            engine.decoder._graphs.clear()  # re-capture with the torch gather path
+        with Engine(copy.deepcopy(base), None, tmp / "adapters", config, base_name="base") as engine:
+            parity = check_parity(engine, pm, prompt_lists, names, device)
+            print(f"parity, lorakit prefill vs PEFT mixed forward ({parity['rows']} rows, {parity['rows']} "
+                  f"adapters): max |logit diff| {parity['max_diff']:.4f} (the adapters move logits by up to "
+                  f"{parity['effect']:.3f}), same argmax {parity['argmax']}/{parity['rows']}", flush=True)
+            results["lorakit serve, base model"] = engine_run(engine, prompt_lists, args.gen,
+                                                              [None] * args.requests, device)
+            results["lorakit serve, 1 adapter"] = engine_run(engine, prompt_lists, args.gen,
+                                                             [names[0]] * args.requests, device)
+            results[label + (" (Triton BGMV)" if triton_on else "")] = engine_run(engine, prompt_lists, args.gen,
+                                                                                  rows, device)
+        if triton_on:  # the same with the torch gather path, in a fresh engine (its own CUDA graphs)
             original = bgmv._use_triton
             bgmv._use_triton = lambda x: False
             try:
-                results[label + " (torch gather + bmm)"] = engine_run(engine, prompt_lists, args.gen, rows, device)
+                with Engine(copy.deepcopy(base), None, tmp / "adapters", config, base_name="base") as engine:
+                    results[label + " (torch gather + bmm)"] = engine_run(engine, prompt_lists, args.gen, rows,
+                                                                          device)
             finally:
                 bgmv._use_triton = original
-        engine.shutdown()
-        del engine, model
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -215,10 +217,6 @@ def main() -> None:
         rel_p = f"{r['tok_s'] / mixed:.1f}x" if mixed else "-"
         print(f"| {(label + note):<52} | {r['tok_s']:>9.0f} | {r['p50']:>7.2f} | {r['p99']:>7.2f} | {rel_m:>8} | "
               f"{rel_p:>12} |")
-    if parity:
-        print(f"parity, lorakit prefill vs PEFT mixed forward ({parity['rows']} rows, {parity['rows']} adapters): "
-              f"max |logit diff| {parity['max_diff']:.4f} (the adapters move logits by up to {parity['effect']:.3f}), "
-              f"same argmax {parity['argmax']}/{parity['rows']}")
     print(f"(setup before timing: {time.perf_counter() - t_setup:.0f} s of runs after adapter creation)")
 
 
