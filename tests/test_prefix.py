@@ -176,3 +176,26 @@ def test_parameter_count_is_comparable_to_lora():
     # GPT-2 small (124M), from its config only: 20 virtual tokens vs LoRA r=8 on c_attn
     small = px.geometry(transformers.GPT2Config())
     assert small.param_count(lk.PrefixConfig(num_virtual_tokens=20)) == 368_640
+
+
+def test_set_active_adapters_and_disable_adapters_cover_prefixes():
+    base = gpt2()
+    model = copy.deepcopy(base)
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["c_attn"]), "lora")
+    with torch.no_grad():
+        for _, layer in lk.lora_layers(model):
+            layer.lora_B["lora"].weight.normal_()
+    lora_only = logits(model)
+    lk.add_prefix(model, lk.PrefixConfig(num_virtual_tokens=3), "pre")
+    lk.set_active_adapters(model, "pre")  # the prefix alone: LoRA off
+    pre_only = logits(model)
+    lk.set_active_adapters(model, ["lora", "pre"])
+    both = logits(model)
+    assert len({round(float(t.detach().abs().sum()), 3) for t in (lora_only, pre_only, both)}) == 3
+    with lk.disable_adapters(model):
+        assert torch.equal(logits(model), logits(base))
+    assert torch.equal(logits(model), both)
+    lk.set_active_adapters(model, "lora")
+    assert torch.equal(logits(model), lora_only)
+    with pytest.raises(lk.AdapterError, match="one prefix adapter"):
+        lk.set_active_adapters(model, {"pre": 0.5})

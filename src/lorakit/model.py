@@ -324,6 +324,13 @@ def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | dict[s
         adapters = {adapters: 1.0}
     elif not isinstance(adapters, dict):
         adapters = {n: 1.0 for n in adapters}
+    from .prefix import prefix_adapters, set_active_prefix  # local: prefix builds on this module
+
+    prefixes = prefix_adapters(model)
+    named = [n for n in adapters if n in prefixes]
+    if len(named) > 1 or any(adapters[n] != 1.0 for n in named):
+        raise AdapterError(f"a forward uses one prefix adapter at a time, with weight 1; got {adapters}")
+    adapters = {k: v for k, v in adapters.items() if k not in prefixes}
     _check_known(model, adapters)
     layers = list(_adapter_modules(model))
     for module in layers:
@@ -334,6 +341,8 @@ def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | dict[s
             module.set_active({k: float(v) for k, v in adapters.items() if k in module.specs})
         else:
             module.set_active({k: float(v) for k, v in adapters.items()})
+    if prefixes:
+        set_active_prefix(model, named[0] if named else None)
 
 
 def active_adapters(model: nn.Module) -> dict[str, float]:
@@ -375,8 +384,11 @@ def disable_adapters(model: nn.Module):
     previous = {m: m.disabled for m in modules}
     for m in modules:
         m.disabled = True
+    from .prefix import disable_prefix
+
     try:
-        yield model
+        with disable_prefix(model):
+            yield model
     finally:
         for m in modules:
             m.disabled = previous[m]
