@@ -293,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as err:
         _one_line(args, err)
         return EXIT_FAILED
+    except _out_of_memory_types() as err:
+        detail = " ".join(str(err).split())[:160]
+        _one_line(args, f"out of memory ({detail}); lower --batch-size or --seq-len, or use "
+                  "--gradient-checkpointing or --method qlora")
+        return EXIT_FAILED
     except (LoraError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
         _one_line(args, err)
         return EXIT_USAGE
@@ -300,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         resume = " (continue with --resume)" if args.command == "train" else ""
         print(f"lorakit {args.command}: interrupted{resume}", file=sys.stderr)
         return 130
+
+
+def _out_of_memory_types() -> tuple[type[BaseException], ...]:
+    """MemoryError (CPU) and torch.OutOfMemoryError (CUDA, a RuntimeError), without importing torch."""
+    torch = sys.modules.get("torch")
+    return (MemoryError, torch.OutOfMemoryError) if torch is not None else (MemoryError,)
 
 
 def _one_line(args: argparse.Namespace, err: BaseException) -> None:

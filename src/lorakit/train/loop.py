@@ -94,6 +94,8 @@ def autocast_context(mode: str, device: torch.device) -> tuple[contextlib.Abstra
     dtype = torch.bfloat16 if mode == "bf16" else torch.float16
     if device.type == "cpu" and mode == "fp16":
         raise ConfigError("--autocast fp16 needs a GPU; use bf16 or none on CPU")
+    if device.type == "cuda" and mode == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--autocast bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or none")
     return torch.autocast(device.type, dtype=dtype), mode
 
 
