@@ -1,0 +1,193 @@
+"""Distributed training on CPU (gloo, 2 processes): same losses and adapters as one process, resume across
+world sizes. The references run in this process; the 2-process runs run in forked workers (no re-import),
+all scenarios in one process group to keep the file fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.train import distributed
+from lorakit.train.config import TrainConfig
+from lorakit.train.modeling import qlora_available
+from lorakit.train.runner import run
+
+STEPS = 12
+KILL_AT = 6
+LOSS_TOL = 1e-5  # fp32; the only difference is the order of the gradient sums over the batch rows
+ADAPTER_TOL = 1e-5  # per element, after 12 AdamW steps at lr 1e-3
+
+
+class Kill:
+    """A hook that stops the run after step ``at`` (checkpoint written), like a kill."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, state, record):
+        if state.step == self.at:
+            raise KeyboardInterrupt(f"killed at step {self.at}")
+
+
+def config(out: Path, **kw) -> TrainConfig:
+    base = dict(model_config="llama-tiny", seq_len=32, batch_size=4, max_steps=STEPS, lr=1e-3,
+                progress=False, plot=False, device="cpu", save_every=3, output_dir=str(out))
+    return TrainConfig(**(base | kw))
+
+
+def train(cfg: TrainConfig, kill: int = 0) -> None:
+    try:
+        run(cfg, hooks=[Kill(kill)] if kill else (), log=lambda _m: None)
+    except KeyboardInterrupt:
+        pass
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def _worker(rank: int, world: int, port: int, tmp: str, jobs: list) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for name, kw, kill in jobs:
+            train(config(Path(tmp) / name, **kw), kill)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+QLORA = dict(method="qlora")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every run the tests compare, made once: references on 1 process, the rest on 2."""
+    if sys.platform != "linux":
+        pytest.skip("the 2-process runs fork workers (Linux)")
+    tmp = tmp_path_factory.mktemp("dist")
+    with_qlora = qlora_available()
+    # one process
+    train(config(tmp / "one"))
+    if with_qlora:
+        train(config(tmp / "one_q", **QLORA))
+    train(config(tmp / "one_killed"), kill=KILL_AT)  # resumed below on 2 processes
+    jobs = [
+        ("ddp", dict(distributed="ddp"), 0),
+        ("fsdp", dict(distributed="fsdp"), 0),
+        ("fsdp_killed", dict(distributed="fsdp"), KILL_AT),  # resumed below on 1 process
+        ("one_killed", dict(distributed="fsdp", resume="latest"), 0),
+    ]
+    if with_qlora:
+        jobs += [("ddp_q", dict(distributed="ddp", **QLORA), 0), ("fsdp_q", dict(distributed="fsdp", **QLORA), 0)]
+    ctx = torch.multiprocessing.start_processes(
+        _worker, args=(2, _free_port(), str(tmp), jobs), nprocs=2, join=False, start_method="fork"
+    )
+    while not ctx.join(timeout=120):
+        pass
+    train(config(tmp / "fsdp_killed", resume="latest"))
+    return tmp, with_qlora
+
+
+def _check_same(tmp: Path, ref: str, other: str) -> None:
+    a, b = losses(tmp / ref), losses(tmp / other)
+    assert len(a) == len(b) == STEPS
+    assert max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL, (a, b)
+    wa, wb = adapter(tmp / ref), adapter(tmp / other)
+    assert set(wa) == set(wb) and wa
+    for k in wa:
+        assert wa[k].dtype == wb[k].dtype and wa[k].shape == wb[k].shape
+        assert torch.allclose(wa[k], wb[k], rtol=0, atol=ADAPTER_TOL), (k, float((wa[k] - wb[k]).abs().max()))
+    cfg_a = json.loads((tmp / ref / "adapter" / "adapter_config.json").read_text())
+    cfg_b = json.loads((tmp / other / "adapter" / "adapter_config.json").read_text())
+    assert cfg_a == cfg_b
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_lora(runs, strategy):
+    tmp, _ = runs
+    _check_same(tmp, "one", strategy)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_qlora(runs, strategy):
+    tmp, with_qlora = runs
+    if not with_qlora:
+        pytest.skip("lorakit.qlora is not available in this install")
+    _check_same(tmp, "one_q", f"{strategy}_q")
+
+
+def test_fsdp_run_killed_resumes_on_one_process(runs):
+    tmp, _ = runs
+    _check_same(tmp, "one", "fsdp_killed")
+
+
+def test_one_process_run_killed_resumes_on_two(runs):
+    tmp, _ = runs
+    _check_same(tmp, "one", "one_killed")
+
+
+def test_checkpoints_are_single_process_files(runs):
+    tmp, _ = runs
+    one = load_file(str(tmp / "one" / "checkpoints" / f"step-{STEPS:06d}" / "trainable.safetensors"))
+    fsdp = load_file(str(tmp / "fsdp" / "checkpoints" / f"step-{STEPS:06d}" / "trainable.safetensors"))
+    assert set(one) == set(fsdp)
+    assert all(one[k].shape == fsdp[k].shape for k in one)  # full tensors, not one rank's shard
+    opt_one = torch.load(tmp / "one" / "checkpoints" / f"step-{STEPS:06d}" / "optimizer.pt", weights_only=True)
+    opt_fsdp = torch.load(tmp / "fsdp" / "checkpoints" / f"step-{STEPS:06d}" / "optimizer.pt", weights_only=True)
+    assert opt_one["state"].keys() == opt_fsdp["state"].keys()
+    for i, st in opt_one["state"].items():
+        assert st["exp_avg"].shape == opt_fsdp["state"][i]["exp_avg"].shape
+
+
+def test_fsdp_shards_the_4bit_base():
+    """prepare_4bit_for_fsdp turns the packed buffer into a frozen parameter holding the same tensor."""
+    if not qlora_available():
+        pytest.skip("lorakit.qlora is not available in this install")
+    from lorakit.layers.quantized import Linear4bit
+
+    layer = Linear4bit.from_linear(torch.nn.Linear(64, 32), compute_dtype=torch.float32)
+    packed = layer.weight
+    x = torch.randn(3, 64)
+    before = layer(x)
+    (found,) = distributed.prepare_4bit_for_fsdp(torch.nn.Sequential(layer))
+    assert found is layer and "weight" not in layer._buffers
+    assert isinstance(layer.weight, torch.nn.Parameter) and not layer.weight.requires_grad
+    assert layer.weight.data_ptr() == packed.data_ptr() and layer.weight.dtype == torch.uint8
+    assert torch.equal(layer(x), before)
+    assert "weight.absmax" in layer.state_dict()
+
+
+def test_batch_must_split_evenly_and_strategy_needs_processes(tmp_path):
+    from lorakit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs several processes"):
+        distributed.start(config(tmp_path, distributed="fsdp"))
+    assert not distributed.start(config(tmp_path)).enabled
+
+
+def test_relaunch_command_strips_the_flag():
+    argv = ["train", "--nproc-per-node", "2", "--lr", "1e-3", "--nproc-per-node=3"]
+    stripped = distributed.strip_flag(argv, "--nproc-per-node")
+    assert stripped == ["train", "--lr", "1e-3"]
+    cmd = distributed.relaunch_command(2, stripped)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert cmd[-4:] == ["lorakit", "train", "--lr", "1e-3"]
