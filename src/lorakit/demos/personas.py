@@ -167,7 +167,9 @@ def run(steps: int = 30, out_dir: str | Path | None = None, base_dir: str | Path
     del model
 
     served = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = EngineConfig(max_batch=4 * len(HELD_OUT), max_model_len=512, max_adapters_gpu=len(personas))
+    context = min(512, served.config.max_position_embeddings)
+    config = EngineConfig(max_batch=(1 + len(personas)) * len(HELD_OUT), max_model_len=context,
+                          max_adapters_gpu=len(personas))
     rows = [(who, q) for q in HELD_OUT for who in (None, *personas)]
     t0 = time.perf_counter()
     with Engine(served, tokenizer, adapters, config, base_name="base") as engine:
