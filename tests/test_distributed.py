@@ -85,6 +85,16 @@ def runs(tmp_path_factory):
         pytest.skip("the 2-process runs fork workers (Linux)")
     tmp = tmp_path_factory.mktemp("dist")
     with_qlora = qlora_available()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is faster, and fair to the 2 forked workers
+    try:
+        _make_runs(tmp, with_qlora)
+    finally:
+        torch.set_num_threads(threads)
+    return tmp, with_qlora
+
+
+def _make_runs(tmp: Path, with_qlora: bool) -> None:
     # one process
     train(config(tmp / "one"))
     if with_qlora:
@@ -104,7 +114,6 @@ def runs(tmp_path_factory):
     while not ctx.join(timeout=120):
         pass
     train(config(tmp / "fsdp_killed", resume="latest"))
-    return tmp, with_qlora
 
 
 def _check_same(tmp: Path, ref: str, other: str) -> None:
