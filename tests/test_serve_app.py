@@ -368,3 +368,69 @@ def test_shutdown_drains_in_flight_streams(world):
     assert engine.closing
     with pytest.raises(httpx.ConnectError):
         httpx.get(live.url + "/health", timeout=2)
+
+
+# ------------------------------------------------------------------------------------------ command line
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_command_line_server_drains_on_sigterm(world):
+    """``python -m lorakit.serve.cli`` (what ``lorakit serve`` runs): serves with an API key from the
+    environment, and on SIGTERM finishes the stream in flight before it exits."""
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    env = {**os.environ, "LORAKIT_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lorakit.serve.cli", "--model", str(world["model_dir"]), "--adapters",
+           str(world["adapters"]), "--port", str(port), "--max-batch", "4", "--max-model-len", "96",
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # up to 60 s for imports and model loading
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            time.sleep(0.1)
+        with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+            got = complete(c, "a2", PROMPTS[0]).json()["choices"][0]["token_ids"]
+            assert got == world["expected"][("a2", 0)]
+            tokens, finish = [], None
+            body = {"model": "a4", "prompt": PROMPTS[1], "max_tokens": 80, "temperature": 0, "stream": True,
+                    "return_token_ids": True}
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    choice = json.loads(line[6:])["choices"][0]
+                    if not tokens:
+                        proc.send_signal(signal.SIGTERM)  # mid-stream
+                    tokens += choice.get("token_ids", [])
+                    finish = choice["finish_reason"] or finish
+        assert finish in ("stop", "length")
+        assert tokens[:MAX_TOKENS] == world["expected"][("a4", 1)]
+        # uvicorn re-raises the signal once it has drained: exit status 0 or "terminated by SIGTERM"
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    from lorakit.serve import cli
+
+    assert cli.main(["--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not exist" in err

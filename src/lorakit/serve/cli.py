@@ -10,15 +10,22 @@ import sys
 from ..errors import ConfigError
 
 
+DESCRIPTION = (
+    "One base model in memory; every sub-folder of --adapters is an adapter, chosen per request by the "
+    "'model' field. Requests for different adapters are decoded in one batch (continuous batching). Hot-load "
+    "with POST /v1/adapters, unload with DELETE /v1/adapters/NAME. SIGINT/SIGTERM drain in-flight requests."
+)
+
+
 def add_serve_parser(sub) -> argparse.ArgumentParser:
-    """Add the ``serve`` sub-command to an argparse sub-parser collection."""
-    p = sub.add_parser(
-        "serve",
-        help="serve a base model and many adapters over an OpenAI-compatible HTTP API",
-        description="One base model in memory; every sub-folder of --adapters is an adapter, chosen per "
-        "request by the 'model' field. Requests for different adapters are decoded in one batch "
-        "(continuous batching). Hot-load with POST /v1/adapters, unload with DELETE /v1/adapters/NAME.",
-    )
+    """Add the ``serve`` sub-command to an argparse sub-parser collection (``lorakit serve``)."""
+    p = sub.add_parser("serve", help="serve a base model and many adapters over an OpenAI-compatible HTTP API",
+                       description=DESCRIPTION)
+    add_serve_arguments(p)
+    return p
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face causal-LM folder (Llama/Mistral/Qwen2/Qwen3)")
     p.add_argument("--adapters", default=None, help="folder of adapter folders (PEFT or lorakit format)")
     p.add_argument("--host", default="127.0.0.1")
@@ -40,7 +47,6 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="seconds to finish in-flight requests on shutdown (SIGINT/SIGTERM)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
-    return p
 
 
 def _is_loopback(host: str) -> bool:
@@ -81,4 +87,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_serve_parser", "cmd_serve"]
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lorakit.serve.cli ...``: the same as ``lorakit serve ...``."""
+    from ..errors import LoraError
+
+    parser = argparse.ArgumentParser(prog="lorakit serve", description=DESCRIPTION)
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return cmd_serve(args)
+    except (LoraError, FileNotFoundError, PermissionError) as err:
+        print(f"lorakit serve: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["add_serve_arguments", "add_serve_parser", "cmd_serve", "main"]
