@@ -83,7 +83,8 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 
 @needs_triton
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
-@pytest.mark.parametrize("shape", [(4, 8, 40, (24, 8, 8)), (3, 4, 300, (300,)), (5, 16, 64, (130, 130))])
+@pytest.mark.parametrize("shape", [(4, 8, 40, (24, 8, 8)), (3, 4, 300, (300,)), (5, 16, 64, (130, 130)),
+                                   (3, 4, 2100, (48,))])  # K split in two uneven parts
 def test_triton_matches_reference(dtype, atol, shape):
     from lorakit.serve import bgmv_triton
 

@@ -14,25 +14,31 @@ import triton.language as tl
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, idx_ptr, out_ptr, K, RR,
-                   sx_b, sx_k, sa_n, sa_r, sa_k, so_b, so_r,
+def _shrink_kernel(x_ptr, a_ptr, idx_ptr, out_ptr, K, RR, K_PER_SPLIT,
+                   sx_b, sx_k, sa_n, sa_r, sa_k, so_s, so_b, so_r,
                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    # program (row b, block of BLOCK_R adapter rows): out[b, r] = sum_k A[slot, r, k] * x[b, k]
+    # program (row b, block of BLOCK_R adapter rows, split ks of K):
+    #   out[ks, b, r] = sum over k in split ks of A[slot, r, k] * x[b, k]
+    # (K is split so that a 64-row batch still fills the GPU when K is 8192; the splits are summed after)
     b = tl.program_id(0)
     pr = tl.program_id(1)
+    ks = tl.program_id(2)
     slot = tl.load(idx_ptr + b).to(tl.int64)
     rr = pr * BLOCK_R + tl.arange(0, BLOCK_R)
+    out_ptrs = out_ptr + ks * so_s + b * so_b + rr * so_r
     if slot == 0:
-        tl.store(out_ptr + b * so_b + rr * so_r, tl.zeros((BLOCK_R,), tl.float32), mask=rr < RR)
+        tl.store(out_ptrs, tl.zeros((BLOCK_R,), tl.float32), mask=rr < RR)
         return
     acc = tl.zeros((BLOCK_R,), tl.float32)
     a_row = a_ptr + slot * sa_n + rr[:, None] * sa_r
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        xv = tl.load(x_ptr + b * sx_b + kk * sx_k, mask=kk < K, other=0.0).to(tl.float32)
-        av = tl.load(a_row + kk[None, :] * sa_k, mask=(rr[:, None] < RR) & (kk[None, :] < K), other=0.0)
+    k_start = ks * K_PER_SPLIT
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        kk = k_start + k0 + tl.arange(0, BLOCK_K)
+        k_ok = (kk < K) & (kk < k_start + K_PER_SPLIT)
+        xv = tl.load(x_ptr + b * sx_b + kk * sx_k, mask=k_ok, other=0.0).to(tl.float32)
+        av = tl.load(a_row + kk[None, :] * sa_k, mask=(rr[:, None] < RR) & k_ok[None, :], other=0.0)
         acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
-    tl.store(out_ptr + b * so_b + rr * so_r, acc, mask=rr < RR)
+    tl.store(out_ptrs, acc, mask=rr < RR)
 
 
 @triton.jit
@@ -65,13 +71,17 @@ def shrink(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x: (rows, in); A: (n_slots, RR, in); idx: (rows,) -> (rows, RR) fp32."""
     rows, K = x.shape
     RR = A.shape[1]
-    out = torch.empty(rows, RR, device=x.device, dtype=torch.float32)
     BLOCK_R = 16
     BLOCK_K = 256 if K >= 256 else triton.next_power_of_2(K)
-    grid = (rows, triton.cdiv(RR, BLOCK_R))
-    _shrink_kernel[grid](x, A, idx, out, K, RR, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
-                         A.stride(2), out.stride(0), out.stride(1), BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K)
-    return out
+    splits = max(1, min(8, K // 1024))  # 2048 -> 2, 4096 -> 4, 8192 -> 8 splits of K
+    per_split = triton.cdiv(triton.cdiv(K, splits), BLOCK_K) * BLOCK_K
+    splits = triton.cdiv(K, per_split)
+    out = torch.empty(splits, rows, RR, device=x.device, dtype=torch.float32)
+    grid = (rows, triton.cdiv(RR, BLOCK_R), splits)
+    _shrink_kernel[grid](x, A, idx, out, K, RR, per_split, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
+                         A.stride(2), out.stride(0), out.stride(1), out.stride(2), BLOCK_R=BLOCK_R,
+                         BLOCK_K=BLOCK_K)
+    return out[0] if splits == 1 else out.sum(0)  # a fixed-order sum: deterministic, unlike atomics
 
 
 def expand_(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor,
