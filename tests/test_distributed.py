@@ -37,8 +37,8 @@ class Kill:
 
 
 def config(out: Path, **kw) -> TrainConfig:
-    base = dict(model_config="llama-tiny", seq_len=32, batch_size=4, max_steps=STEPS, lr=1e-3,
-                progress=False, plot=False, device="cpu", save_every=3, output_dir=str(out))
+    base = {"model_config": "llama-tiny", "seq_len": 32, "batch_size": 4, "max_steps": STEPS, "lr": 1e-3,
+                "progress": False, "plot": False, "device": "cpu", "save_every": 3, "output_dir": str(out)}
     return TrainConfig(**(base | kw))
 
 
@@ -75,7 +75,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-QLORA = dict(method="qlora")
+QLORA = {"method": "qlora"}
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +101,13 @@ def _make_runs(tmp: Path, with_qlora: bool) -> None:
         train(config(tmp / "one_q", **QLORA))
     train(config(tmp / "one_killed"), kill=KILL_AT)  # resumed below on 2 processes
     jobs = [
-        ("ddp", dict(distributed="ddp"), 0),
-        ("fsdp", dict(distributed="fsdp"), 0),
-        ("fsdp_killed", dict(distributed="fsdp"), KILL_AT),  # resumed below on 1 process
-        ("one_killed", dict(distributed="fsdp", resume="latest"), 0),
+        ("ddp", {"distributed": "ddp"}, 0),
+        ("fsdp", {"distributed": "fsdp"}, 0),
+        ("fsdp_killed", {"distributed": "fsdp"}, KILL_AT),  # resumed below on 1 process
+        ("one_killed", {"distributed": "fsdp", "resume": "latest"}, 0),
+        # gradient accumulation: 2 micro-batches of 2 rows = the reference's 4 rows; no sync on the first
+        ("ddp_accum", {"distributed": "ddp", "batch_size": 2, "grad_accum": 2}, 0),
+        ("fsdp_accum", {"distributed": "fsdp", "batch_size": 2, "grad_accum": 2}, 0),
     ]
     if with_qlora:
         jobs += [("ddp_q", dict(distributed="ddp", **QLORA), 0), ("fsdp_q", dict(distributed="fsdp", **QLORA), 0)]
@@ -134,6 +137,12 @@ def _check_same(tmp: Path, ref: str, other: str) -> None:
 def test_two_processes_match_one_lora(runs, strategy):
     tmp, _ = runs
     _check_same(tmp, "one", strategy)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_gradient_accumulation_syncs_once_and_matches(runs, strategy):
+    tmp, _ = runs
+    _check_same(tmp, "one", f"{strategy}_accum")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
