@@ -65,11 +65,19 @@ TRAIN_HOOKS: list = []
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import run
+    from .train import distributed, run
 
+    nproc = getattr(args, "nproc_per_node", None)
+    if nproc is not None and "WORLD_SIZE" not in os.environ:  # re-launch this command through torchrun
+        argv = distributed.strip_flag(list(getattr(args, "argv", None) or sys.argv[1:]), "--nproc-per-node")
+        return distributed.relaunch(nproc, argv)
     cfg = _train_config(args)
-    summary = run(cfg, hooks=TRAIN_HOOKS)
-    _print_train_summary(summary, cfg)
+    try:
+        summary = run(cfg, hooks=TRAIN_HOOKS)
+    finally:
+        distributed.shutdown()
+    if "rank" not in summary:  # ranks > 0 of a distributed run print nothing
+        _print_train_summary(summary, cfg)
     return 0
 
 
@@ -193,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints into --output-dir. Settings: defaults < --config file < flags.",
     )
     add_train_flags(train)
+    train.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                       help="run on N local processes (GPUs) by re-launching this command through torchrun; "
+                       "same as: torchrun --nproc-per-node N -m lorakit train ...")
     train.set_defaults(func=cmd_train)
 
     gen = sub.add_parser(
@@ -286,6 +297,7 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command != "demo":
         _quiet_libraries()
     try:

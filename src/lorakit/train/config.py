@@ -120,6 +120,10 @@ class TrainConfig:
     """Mixed precision: bf16, fp16, none, or auto (bf16 on GPUs that support it, none on CPU)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more time."""
+    distributed: str = "auto"
+    """Under torchrun (several processes): ddp (replicated model, only adapter gradients all-reduced), fsdp
+    (FSDP2: every weight sharded, the 4-bit base too), none, or auto (ddp). batch_size is the global
+    micro-batch, split over the processes, so any number of processes follows the same loss curve."""
 
     # ----------------------------------------------------------------- logging and checkpoints
     output_dir: str = "lorakit-out"

@@ -30,6 +30,7 @@ The output directory must be one that every rank sees (one machine, or a shared 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import shutil
 import subprocess
@@ -130,11 +131,11 @@ class Session:
             self.wrapped = model
         elif self.strategy == "ddp":
             device = next(model.parameters()).device
-            self.wrapped = nn.parallel.DistributedDataParallel(
-                model,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False,  # buffers (rotary tables, 4-bit state) are the same on every rank
-            )
+            ddp = nn.parallel.DistributedDataParallel
+            # buffers (rotary tables, 4-bit codes and state) are the same on every rank: no sync per forward
+            quiet = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                     else {"broadcast_buffers": False})
+            self.wrapped = ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **quiet)
         else:
             self.wrapped = shard_fsdp(model, mixed_precision(cfg, next(model.parameters()).device))
         return self.wrapped

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, TrainingError
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint
 from .data import IGNORE_INDEX, DataBundle, EpochSampler, collate
 from .report import MetricsLog, current_memory_mb, peak_memory_mb, reset_peak_memory
 
@@ -171,12 +171,18 @@ def train_loop(
     output_dir: Path,
     pad_id: int,
     hooks: Sequence[Any] = (),
+    dist=None,
 ) -> dict[str, Any]:
     """Train ``model`` (already on ``device``, trainable parameters marked) on ``data`` as ``cfg`` says.
 
     Writes metrics.jsonl and checkpoints under ``output_dir``; returns the final numbers.
     Raises TrainingError on a non-finite loss or gradient, before the bad update touches the weights.
+    ``dist`` (a lorakit.train.distributed.Session) runs the same trajectory on several processes.
     """
+    if dist is None:
+        from .distributed import Session
+
+        dist = Session()
     optimizer = optimizer_for(model, cfg.lr, cfg.weight_decay)
     sampler = EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
     total = cfg.max_steps or cfg.epochs * -(-sampler.batches_per_epoch() // cfg.grad_accum)
@@ -185,12 +191,12 @@ def train_loop(
     fingerprint = {k: getattr(cfg, k) for k in TRAJECTORY_FIELDS} | {
         "train_data_sha256": data_fingerprint(data)
     }
-    metrics = MetricsLog(output_dir / "metrics.jsonl")
+    metrics = dist.metrics_log(MetricsLog(output_dir / "metrics.jsonl"))
     state = LoopState(total_steps=total, model=model, optimizer=optimizer)
 
     if cfg.resume:
         path = find_checkpoint(output_dir, cfg.resume)
-        saved = load_checkpoint(path, model, optimizer, fingerprint, scaler)
+        saved = dist.load_checkpoint(path, model, optimizer, fingerprint, scaler)
         sampler.load_state_dict(saved["sampler"])
         state.step, state.tokens, state.elapsed = saved["step"], saved["tokens"], saved["elapsed"]
         state.history = metrics.truncate_after(state.step)
@@ -217,16 +223,18 @@ def train_loop(
             step_loss = torch.zeros((), device=device, dtype=torch.float32)
             step_tokens = 0
             for batch in micro:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                dist.grad_sync(model, batch is micro[-1])
+                batch = {k: v.to(device, non_blocking=True) for k, v in dist.shard(batch).items()}
                 with ctx:
                     logits = model(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                     ).logits
                 loss, _ = loss_sum(logits, batch["labels"], task)
-                scaled = loss / max(targets, 1)
+                scaled = loss * dist.grad_scale / max(targets, 1)
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 step_loss += loss.detach()
                 step_tokens += int(batch["attention_mask"].sum())
+            step_loss, step_tokens = dist.reduce_step(step_loss, step_tokens)
             mean_loss = float(step_loss) / max(targets, 1)
             if not math.isfinite(mean_loss):
                 raise TrainingError(_nan_message("loss", mean_loss, state, cfg, output_dir))
@@ -286,7 +294,7 @@ def train_loop(
                     "sampler": sampler.state_dict(),
                     "fingerprint": fingerprint,
                 }
-                save_checkpoint(
+                dist.save_checkpoint(
                     output_dir / "checkpoints",
                     state.step,
                     model,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from . import distributed
 from .checkpoint import start_fresh
 from .config import TrainConfig
 from .data import DataBundle, build_data, synthetic_data
@@ -105,7 +106,9 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
     ``cfg`` itself is not changed: the run works on a validated copy (with seq_len resolved).
     """
     cfg = dataclasses.replace(cfg).validate()
-    device = resolve_device(cfg.device)
+    session = distributed.start(cfg)
+    log = session.log(log)
+    device = session.device(resolve_device(cfg.device))
     task, hf_config, raw = resolve_task(cfg)
     if cfg.method == "qlora":
         from .modeling import import_quant
@@ -120,11 +123,12 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
             log(f"note: {note}")
 
     out = Path(cfg.output_dir)
-    if cfg.checkpoints and not cfg.resume and start_fresh(out / "checkpoints"):
+    if session.is_main and cfg.checkpoints and not cfg.resume and start_fresh(out / "checkpoints"):
         log(f"note: removed the checkpoints of an earlier finished run in {out / 'checkpoints'}")
     out.mkdir(parents=True, exist_ok=True)
     # the saved config reruns this job from scratch (resume is a way to run it, not part of the job)
     atomic_write_text(out / "train_config.toml", dataclasses.replace(cfg, resume="").to_toml())
+    session.barrier()
 
     seed_everything(cfg.seed)
     memory_before_model = current_memory_mb(device)
@@ -142,11 +146,17 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
     seed_everything(cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
 
+    trained = session.wrap(loaded.model, cfg)
     result = train_loop(
-        loaded.model, data, cfg, task=task, device=device, output_dir=out, pad_id=pad_id, hooks=hooks
+        trained, data, cfg, task=task, device=device, output_dir=out, pad_id=pad_id, hooks=hooks,
+        dist=session,
     )
 
-    saved = save_outputs(loaded, cfg, task, labels, out)
+    with distributed.gathered(loaded.model):  # full adapter tensors under FSDP (every rank joins)
+        saved = save_outputs(loaded, cfg, task, labels, out) if session.is_main else out / "adapter"
+    session.barrier()
+    if not session.is_main:
+        return {"steps": result["steps"], "final_loss": result["final_loss"], "rank": session.rank}
     plot_note = (
         plot_losses(
             _read_history(out), out / "loss.png", f"{cfg.method} on {Path(cfg.data).name or 'synthetic'}"
