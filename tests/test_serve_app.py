@@ -111,6 +111,9 @@ def test_models_list_base_and_adapters(server):
     ids = [m["id"] for m in data]
     assert ids[0] == "tiny" and set(ids[1:]) == {f"a{i}" for i in range(N_ADAPTERS)} | {"wrong_base"}
     assert all(m["parent"] == "tiny" for m in data[1:])
+    with client(server) as c:
+        assert c.get("/v1/models/a3").json()["id"] == "a3" and c.get("/v1/models/tiny").json()["parent"] is None
+        assert c.get("/v1/models/nope").status_code == 404
 
 
 def test_completions_equal_offline_generate(server, world):

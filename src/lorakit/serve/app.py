@@ -1,6 +1,6 @@
 """The HTTP front: an OpenAI-compatible API over an Engine (FastAPI + uvicorn).
 
-    GET    /v1/models                     the base model and every served adapter
+    GET    /v1/models[/{name}]            the base model and every served adapter (or one of them)
     POST   /v1/completions                prompt -> text (stream: server-sent events)
     POST   /v1/chat/completions           messages -> assistant message (chat template of the tokenizer)
     GET    /v1/adapters                   served adapters and where each one sits (device / host / disk)
@@ -172,17 +172,27 @@ def create_app(engine: Engine, api_key: str | None = None, limits: ServerLimits 
             return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok"}
 
+    def model_card(name: str) -> dict:
+        if name == engine.base_name:
+            return {"id": name, "object": "model", "created": started, "owned_by": "lorakit", "root": name,
+                    "parent": None}
+        info = engine.adapters.describe(name)  # AdapterNotFoundError -> 404
+        return {"id": name, "object": "model", "created": info["created"], "owned_by": "lorakit",
+                "root": engine.base_name, "parent": engine.base_name}
+
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
-        data = [{"id": engine.base_name, "object": "model", "created": started, "owned_by": "lorakit",
-                 "root": engine.base_name, "parent": None}]
+        data = [model_card(engine.base_name)]
         for name in engine.adapters.names():
-            with contextlib.suppress(LoraError):
-                info = engine.adapters.describe(name)
-                data.append({"id": name, "object": "model", "created": info["created"], "owned_by": "lorakit",
-                             "root": engine.base_name, "parent": engine.base_name})
+            with contextlib.suppress(LoraError):  # deleted between the listing and here
+                data.append(model_card(name))
         return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str, request: Request):
+        check_key(request)
+        return model_card(name)
 
     @app.get("/v1/adapters")
     async def adapters(request: Request):
