@@ -113,7 +113,7 @@ def offline_generate(model_dir: Path, adapter_dir: Path | None, prompt_ids: list
         model = load_model(model_dir)
         if adapter_dir is not None:
             lorakit.load_adapter(model, adapter_dir)
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=1, pad_token_id=0, temperature=None, top_p=None, top_k=None)
     return out[0, len(prompt_ids):].tolist()
