@@ -277,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     demo.add_argument("--out", default=None, help="directory to save the trained adapter into")
     demo.set_defaults(func=cmd_demo)
+
+    from .serve.cli import add_serve_parser  # lorakit serve: flags and command live in lorakit.serve.cli
+
+    add_serve_parser(sub)
     return parser
 
 
