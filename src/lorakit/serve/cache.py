@@ -270,8 +270,9 @@ class AdapterCache:
         if load:
             groups, info = adapter_groups(self.decoder, path)
             entry.groups, entry.info, entry.state = groups, info, "host"
-            self.stats["disk_loads"] += 1
         with self._lock:
+            if load:
+                self.stats["disk_loads"] += 1
             if name in self._entries:
                 raise AdapterExistsError(f"an adapter named {name!r} is already served; DELETE it first")
             self._entries[name] = entry
