@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LoraError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD_NAMES = ("classifier", "score", "classification_head")
@@ -49,6 +50,8 @@ class Loaded:
     task: str
     head: str | None = None
     notes: tuple[str, ...] = ()
+    quantized: bool = False
+    """True when the Linear layers were loaded straight into 4 bits (QLoRA from a causal-LM folder)."""
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -152,6 +155,16 @@ def load_model(cfg, task: str, tokenizer=None, num_labels: int | None = None,
         with torch.device(device or "cpu"):
             model = auto.from_config(config, dtype=dtype)
         notes.append(f"random weights: preset {cfg.model_config}")
+    elif cfg.method == "qlora" and task == "causal-lm":
+        # stream the checkpoint into 4 bits: the full-precision model never exists, on the CPU or the GPU
+        compute = torch.float32 if cfg.dtype == "fp32" else dtype
+        try:
+            model = import_quant().load_quantized(
+                cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant, dtype=dtype,
+                compute_dtype=compute, device=device or "cpu")
+        except LoraError as err:
+            raise ConfigError(f"cannot load {cfg.model!r} in 4 bits: {err}") from None
+        return _finish(model, tokenizer, task, notes, quantized=True)
     else:
         kwargs: dict[str, Any] = {"dtype": dtype}
         if task == "classification" and num_labels is not None:
@@ -164,8 +177,12 @@ def load_model(cfg, task: str, tokenizer=None, num_labels: int | None = None,
         except (OSError, ValueError, KeyError) as err:
             first = str(err).splitlines()[0]
             raise ConfigError(f"cannot load a {task} model from {cfg.model!r}: {first}") from None
-        if device is not None:
+        if device is not None and cfg.method != "qlora":  # qlora: quantize_model moves it layer by layer
             model.to(device)
+    return _finish(model, tokenizer, task, notes)
+
+
+def _finish(model, tokenizer, task: str, notes: list[str], quantized: bool = False) -> Loaded:
     if tokenizer is not None:
         vocab = getattr(model.config, "vocab_size", None)
         if vocab is not None and len(tokenizer) > vocab:
@@ -178,7 +195,8 @@ def load_model(cfg, task: str, tokenizer=None, num_labels: int | None = None,
     if task == "classification":
         head = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)), None)
         model.config.problem_type = "single_label_classification"
-    return Loaded(model=model, tokenizer=tokenizer, task=task, head=head, notes=tuple(notes))
+    return Loaded(model=model, tokenizer=tokenizer, task=task, head=head, notes=tuple(notes),
+                  quantized=quantized)
 
 
 def apply_method(loaded: Loaded, cfg, device: torch.device):
@@ -196,8 +214,9 @@ def apply_method(loaded: Loaded, cfg, device: torch.device):
     if cfg.method == "qlora":
         qlora = import_quant()
         compute = torch.float32 if cfg.dtype == "fp32" else torch_dtype(cfg.dtype)
-        qlora.quantize_model(model, bits=4, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                             compute_dtype=compute, device=device)
+        if not loaded.quantized:
+            qlora.quantize_model(model, bits=4, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                                 compute_dtype=compute, device=device)
         # gradient checkpointing stays the user's choice (--gradient-checkpointing), as for lora and full,
         # so that compare measures the same recipe for every method
         qlora.prepare_for_kbit_training(model, gradient_checkpointing=cfg.gradient_checkpointing)
@@ -239,17 +258,16 @@ def _apply_peft(loaded: Loaded, cfg):
     return lorakit.summary(loaded.model)
 
 
-def import_quant():
-    """The module holding ``quantize_model`` and ``prepare_for_kbit_training`` (lorakit.qlora), or a
+def import_quant() -> SimpleNamespace:
+    """lorakit's QLoRA functions (quantize_model, prepare_for_kbit_training, load_quantized), or a
     ConfigError saying QLoRA is unavailable in this install."""
     try:
-        from .. import qlora
+        from ..qlora import prepare_for_kbit_training, quantize_model
+        from ..quant_loading import load_quantized
     except ImportError as err:
         raise ConfigError(f"--method qlora needs lorakit.qlora, which is not available here ({err})") from None
-    for name in ("quantize_model", "prepare_for_kbit_training"):
-        if not hasattr(qlora, name):
-            raise ConfigError(f"--method qlora needs lorakit.qlora.{name}, which this version lacks")
-    return qlora
+    return SimpleNamespace(quantize_model=quantize_model, prepare_for_kbit_training=prepare_for_kbit_training,
+                           load_quantized=load_quantized)
 
 
 def qlora_available() -> bool:

@@ -136,7 +136,7 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
     loaded = load_model(
         cfg, task, tokenizer, num_labels=len(labels) if labels else None, label_names=labels, device=device
     )
-    base_params = _count_params(loaded.model)  # before 4-bit packing changes what numel() means
+    base_params = _count_params(loaded.model)
     info = apply_method(loaded, cfg, device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
@@ -186,11 +186,15 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
 
 
 def _count_params(model) -> int:
-    """Parameters of the model, each shared tensor once."""
-    seen: dict[int, int] = {}
-    for p in model.parameters():
-        seen[id(p)] = p.numel()
-    return sum(seen.values())
+    """Parameters of the model, each shared tensor once; a 4-bit Linear counts its out x in weight values
+    (they are packed into a uint8 buffer, not a parameter)."""
+    try:
+        from ..layers import Linear4bit
+    except ImportError:
+        Linear4bit = ()  # an install without the 4-bit layer
+    unique = {id(p): p.numel() for p in model.parameters()}
+    packed = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    return sum(unique.values()) + packed
 
 
 def _read_history(out: Path) -> list[dict]:
