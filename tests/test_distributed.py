@@ -194,6 +194,17 @@ def test_fsdp_shards_the_4bit_base():
     assert "weight.absmax" in layer.state_dict()
 
 
+def test_short_last_batch_gives_an_idle_rank_an_ignored_row():
+    session = distributed.Session(rank=1, world_size=2)
+    ids = torch.tensor([[5, 6, 7]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    mine = session.shard(batch)
+    assert mine["input_ids"].shape == (1, 3) and (mine["labels"] == -100).all()
+    assert torch.equal(batch["labels"], ids)  # the global batch is untouched
+    assert session._dummy_tokens == 3
+    assert distributed.Session(rank=0, world_size=2).shard(batch)["labels"].tolist() == [[5, 6, 7]]
+
+
 def test_batch_must_split_evenly_and_strategy_needs_processes(tmp_path):
     from lorakit.errors import ConfigError
 

@@ -46,6 +46,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import checkpoint as ckpt
+from .data import IGNORE_INDEX
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 """auto: ddp when launched on several processes, none otherwise."""
@@ -65,6 +66,7 @@ class Session:
     strategy: str = "none"
     owns_group: bool = False
     wrapped: nn.Module | None = field(default=None, repr=False)
+    _dummy_tokens: int = field(default=0, repr=False)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -97,15 +99,25 @@ class Session:
 
     # ------------------------------------------------------------------ the step
     def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's rows of a collated global micro-batch (contiguous, in rank order)."""
+        """This rank's rows of a collated global micro-batch (contiguous, in rank order).
+
+        A rank left without rows (the short last batch of an epoch) gets a copy of row 0 whose labels are
+        all ignored: it joins the collectives, adds nothing to the loss or the gradient, and its tokens are
+        not counted (``reduce_step``)."""
         if not self.enabled:
             return batch
-        return {k: v.tensor_split(self.world_size, dim=0)[self.rank] for k, v in batch.items()}
+        mine = {k: v.tensor_split(self.world_size, dim=0)[self.rank] for k, v in batch.items()}
+        if mine["input_ids"].shape[0] == 0:
+            mine = {k: v[:1].clone() for k, v in batch.items()}
+            mine["labels"].fill_(IGNORE_INDEX)
+            self._dummy_tokens += int(mine["attention_mask"].sum())
+        return mine
 
     def reduce_step(self, loss_sum: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
         """(loss sum, tokens) over all ranks, from each rank's part: one small all-reduce per step."""
         if not self.enabled:
             return loss_sum, tokens
+        tokens, self._dummy_tokens = tokens - self._dummy_tokens, 0
         both = torch.stack([loss_sum.detach().double(), torch.tensor(float(tokens), device=loss_sum.device,
                                                                      dtype=torch.float64)])
         dist.all_reduce(both)
