@@ -369,6 +369,7 @@ def test_compare_prints_a_table_and_writes_a_chart(files, tmp_path, capsys, monk
     if qlora_available():
         assert rows["qlora"]["trainable_params"] == lora["trainable_params"]
         assert rows["qlora"]["trainable_percent"] == pytest.approx(lora["trainable_percent"])
+        assert rows["qlora"]["model_mb"] < 0.5 * lora["model_mb"]  # 4-bit Linear weights
     else:
         assert "not available" in rows["qlora"]["error"]
     assert "| full |" in stdout and "| lora |" in stdout and "trainable params" in stdout

@@ -35,6 +35,7 @@ COLUMNS = [  # (key, header, format)
     ("seconds_per_step", "s/step", "{:.3f}"),
     ("cpu_seconds_per_step", "CPU s/step", "{:.3f}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("model_mb", "weights MB", "{:,.0f}"),
     ("peak_memory_mb", "peak mem MB", "{:,.0f}"),
     ("saved_mb", "saved MB", "{:,.2f}"),
     ("checkpoint_mb", "ckpt MB", "{:,.2f}"),
@@ -74,6 +75,7 @@ def row_from_summary(method: str, s: dict[str, Any]) -> dict[str, Any]:
         "seconds_per_step": s["seconds_per_step"],
         **({"cpu_seconds_per_step": s["cpu_seconds_per_step"]} if cpu else {}),
         "tokens_per_s": s["tokens_per_s"],
+        "model_mb": s["model_bytes"] / 1e6,
         "peak_memory_mb": peak,
         "saved_mb": s["saved_bytes"] / 1e6,
         "checkpoint_mb": s["checkpoint_bytes"] / 1e6,
@@ -196,9 +198,10 @@ def compare(
         f"{datetime.date.today().isoformat()}; {machine_description(device_name)}"
     )
     peak_note = (
-        "peak mem: torch.cuda.max_memory_allocated during training"
-        if device_name.startswith("cuda")
-        else "peak mem: peak RSS during training minus RSS before the model was built"
+        "weights MB: the model's parameters and buffers (4-bit weights packed); peak mem: "
+        + ("torch.cuda.max_memory_allocated during training" if device_name.startswith("cuda") else
+           "peak RSS during training minus RSS before the model was built (includes what the C allocator "
+           "keeps of freed buffers)")
     )
     table = format_table(rows)
     text = f"{header}\n{peak_note}\n\n{table}\n"

@@ -175,6 +175,7 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
         "trainable_percent": 100 * info.trainable / total_params,
         "saved_to": str(saved),
         "saved_bytes": dir_size_bytes(saved),
+        "model_bytes": _tensor_bytes(loaded.model),
         "memory_before_model_mb": memory_before_model,
         "data": [vars(s) for s in data.stats],
         "label_names": labels,
@@ -195,6 +196,14 @@ def _count_params(model) -> int:
     unique = {id(p): p.numel() for p in model.parameters()}
     packed = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
     return sum(unique.values()) + packed
+
+
+def _tensor_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers, each storage once (4-bit weights at their packed size)."""
+    storages: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def _read_history(out: Path) -> list[dict]:
