@@ -202,6 +202,7 @@ def _tensor_bytes(model) -> int:
     """Bytes of the model's parameters and buffers, each storage once (4-bit weights at their packed size)."""
     storages: dict[int, int] = {}
     for t in [*model.parameters(), *model.buffers()]:
+        t = t.to_local() if hasattr(t, "to_local") else t  # FSDP2 shards are DTensors: count this rank's share
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(storages.values())
 
