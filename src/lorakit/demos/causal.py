@@ -26,7 +26,7 @@ import torch
 
 import lorakit
 
-from .assets import SMOLLM2, DemoAssetError, asset_file, read_kjv, require_module
+from .assets import KJV, SMOLLM2, DemoAssetError, asset_file, read_kjv, require_assets, require_module
 from .text import _quiet_transformers, warmup_cosine
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -172,7 +172,9 @@ def run(steps: int = 30, batch_size: int = 4, block: int = 128, lr: float = 1e-3
         verbose: print the report.
     """
     t_start = time.perf_counter()
-    require_module("transformers", "transformers")
+    convert = model_dir is None and not _complete(cache_root() / CACHE_NAME)
+    require_assets(("transformers", "transformers"), *([KJV] if verses is None else []),
+                   *([SMOLLM2, ("gguf", "gguf")] if convert else []))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     default_model = model_dir is None

