@@ -472,3 +472,31 @@ def test_demo_registry_is_a_plain_dict(capsys, monkeypatch):
     rc, _, _ = call(capsys, "demo", "fake", "--steps", 3)
     assert rc == 7
     assert cli.DEFAULT_DEMO in cli.DEMOS
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--method", "prefix", "--prefix-projection", "--num-virtual-tokens", 4],
+     ["--init", "pissa_niter_4", "--loraplus-ratio", 16],
+     ["--init", "pissa", "--use-dora"]],
+    ids=["prefix", "pissa-loraplus", "pissa-dora"],
+)
+def test_train_other_methods_end_to_end(files, tmp_path, capsys, extra):
+    """prefix tuning, PiSSA init, LoRA+ and DoRA through the CLI: the loss falls, the adapter loads back in
+    generate, and merge refuses a prefix (it lives in the attention cache) with one line."""
+    out = tmp_path / "out"
+    rc, stdout, err = call(capsys, "train", "--model", files / "llama", "--data", files / "text.jsonl",
+                           "--output-dir", out, "--max-steps", 20, "--lr", "1e-2", "--batch-size", 8,
+                           "--seq-len", 32, "--no-progress", *extra)
+    assert rc == 0, err
+    train = [r["loss"] for r in metrics(out) if "loss" in r]
+    assert sum(train[-4:]) / 4 < sum(train[:4]) / 4
+    rc, stdout, err = call(capsys, "generate", "--model", files / "llama", "--adapter", out / "adapter",
+                           "--prompt", "the", "--max-new-tokens", 3)
+    assert rc == 0, err
+    rc, _, err = call(capsys, "merge", "--model", files / "llama", "--adapter", out / "adapter",
+                      "--out", tmp_path / "merged")
+    if extra[1] == "prefix":
+        assert rc == 2 and "cannot be merged" in err and "Traceback" not in err
+    else:
+        assert rc == 0, err

@@ -13,6 +13,7 @@ import functools
 import inspect
 import itertools
 import math
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-METHODS = ("lora", "qlora", "full", "peft-lora")
+METHODS = ("lora", "qlora", "full", "peft-lora", "prefix")
 TASKS = ("auto", "causal-lm", "classification")
 DTYPES = ("fp32", "bf16", "fp16")
 AUTOCAST = ("auto", "none", "bf16", "fp16")
@@ -84,6 +85,15 @@ class TrainConfig:
     """Scale by alpha / sqrt(r) (rank-stabilised LoRA)."""
     use_dora: bool = False
     """DoRA: also train a magnitude per output row of each adapted weight (slower, sometimes better)."""
+    init: str = "kaiming"
+    """Adapter init: kaiming, gaussian, pissa (A and B from the top singular vectors of each weight, the residual
+    stays frozen in the base) or pissa_niter_<N> (randomized SVD with N iterations: much faster)."""
+    loraplus_ratio: float = 0.0
+    """LoRA+: B trains with lr * ratio, A with lr (the paper uses 16); 0 turns it off."""
+    num_virtual_tokens: int = 20
+    """prefix only: virtual tokens, i.e. trainable key/value vectors per attention layer."""
+    prefix_projection: bool = False
+    """prefix only: train the prefix through a two-layer MLP (reparametrization), folded away when saved."""
     quant_type: str = "nf4"
     """qlora only: 4-bit data type of the frozen base weights (nf4 or fp4), through lorakit.quantize_model."""
     double_quant: bool = True
@@ -159,6 +169,12 @@ class TrainConfig:
         _choice("autocast", self.autocast, AUTOCAST)
         _choice("chat_loss", self.chat_loss, CHAT_LOSS)
         _choice("quant_type", self.quant_type, ("nf4", "fp4"))
+        if not re.fullmatch(r"kaiming|gaussian|pissa|pissa_niter_[1-9][0-9]*", self.init):
+            raise ConfigError(f"init must be kaiming, gaussian, pissa or pissa_niter_<N>, got {self.init!r}")
+        if not (math.isfinite(self.loraplus_ratio) and self.loraplus_ratio >= 0):
+            raise ConfigError(f"loraplus_ratio must be a finite number >= 0, got {self.loraplus_ratio}")
+        if self.num_virtual_tokens < 1:
+            raise ConfigError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
         for name in ("r", "batch_size", "grad_accum", "epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

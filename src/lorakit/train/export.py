@@ -80,6 +80,9 @@ def merged_model(model_dir: str, adapter_dir: str, dtype: str = "fp32"):
     import lorakit
 
     adapter = check_adapter_dir(adapter_dir)
+    if _peft_type(adapter) == "PREFIX_TUNING":
+        raise ConfigError("a prefix-tuning adapter lives in the attention cache, not in the weights: it cannot be "
+                          "merged; use it with `lorakit generate --adapter`")
     task, labels = adapter_task(model_dir, adapter)
     model = load_base(model_dir, task, labels, torch.float32)
     lorakit.load_adapter(model, adapter, dtype=torch.float32)
@@ -124,3 +127,12 @@ __all__ = [
     "merged_model",
     "read_train_info",
 ]
+
+
+def _peft_type(adapter: Path) -> str | None:
+    """peft_type of an adapter folder's adapter_config.json (None when it cannot be read)."""
+    try:
+        data = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data.get("peft_type") if isinstance(data, dict) else None

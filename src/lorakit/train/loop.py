@@ -41,7 +41,8 @@ TRAJECTORY_FIELDS = (
     "model", "model_config", "tokenizer", "task", "method", "data", "eval_fraction", "seq_len", "packing",
     "text_column", "prompt_column", "completion_column", "messages_column", "label_column", "chat_loss",
     "r", "alpha", "dropout", "target_modules", "use_rslora",
-    "use_dora", "quant_type", "double_quant", "lr",
+    "use_dora", "init", "loraplus_ratio", "num_virtual_tokens", "prefix_projection", "quant_type", "double_quant",
+    "lr",
     "weight_decay", "batch_size", "grad_accum", "max_steps", "epochs", "warmup_steps", "min_lr_ratio",
     "max_grad_norm", "seed", "dtype", "autocast", "gradient_checkpointing",
 )
@@ -99,8 +100,13 @@ def autocast_context(mode: str, device: torch.device) -> tuple[contextlib.Abstra
     return torch.autocast(device.type, dtype=dtype), mode
 
 
-def optimizer_for(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; matrices decay, vectors (biases, norms) do not."""
+def optimizer_for(model: nn.Module, lr: float, weight_decay: float, loraplus_ratio: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; matrices decay, vectors (biases, norms) do not. With LoRA+ (ratio > 0)
+    B gets lr * ratio through groups that carry their ``lr_scale``."""
+    if loraplus_ratio > 0:
+        from ..optim import loraplus_param_groups
+
+        return torch.optim.AdamW(loraplus_param_groups(model, lr, loraplus_ratio, weight_decay), lr=lr)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameter (check --target-modules)")
@@ -183,7 +189,7 @@ def train_loop(
         from .distributed import Session
 
         dist = Session()
-    optimizer = optimizer_for(model, cfg.lr, cfg.weight_decay)
+    optimizer = optimizer_for(model, cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
     sampler = EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
     total = cfg.max_steps or cfg.epochs * -(-sampler.batches_per_epoch() // cfg.grad_accum)
     ctx, amp = autocast_context(cfg.autocast, device)
@@ -246,7 +252,7 @@ def train_loop(
                 raise TrainingError(_nan_message("gradient norm", grad_norm, state, cfg, output_dir))
             lr = lr_at(state.step, total, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()

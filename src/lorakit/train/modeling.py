@@ -211,6 +211,12 @@ def apply_method(loaded: Loaded, cfg, device: torch.device):
         return lorakit.summary(model)
     if cfg.method == "peft-lora":
         return _apply_peft(loaded, cfg)
+    if cfg.method == "prefix":
+        if loaded.task != "causal-lm":
+            raise ConfigError("--method prefix works with causal language models only")
+        torch.manual_seed(cfg.seed + 1)
+        return lorakit.add_prefix(model, lorakit.PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens,
+                                                              projection=cfg.prefix_projection))
     if cfg.method == "qlora":
         qlora = import_quant()
         compute = torch.float32 if cfg.dtype == "fp32" else torch_dtype(cfg.dtype)
@@ -227,6 +233,7 @@ def apply_method(loaded: Loaded, cfg, device: torch.device):
         target_modules=cfg.targets(),
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
+        init=cfg.init,
         modules_to_save=(loaded.head,) if loaded.head else (),
         dtype=torch.float32,
     )
@@ -250,6 +257,7 @@ def _apply_peft(loaded: Loaded, cfg):
         target_modules=cfg.targets(),
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
+        init_lora_weights=True if cfg.init == "kaiming" else cfg.init,
         modules_to_save=[loaded.head] if loaded.head else None,
         task_type="SEQ_CLS" if loaded.task == "classification" else "CAUSAL_LM",
     )
