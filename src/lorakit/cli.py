@@ -46,6 +46,7 @@ def _demo_job(name: str) -> Callable[[argparse.Namespace], int]:
 DEMOS: dict[str, Callable[[argparse.Namespace], int]] = {
     "quickstart": _demo_quickstart, "digits": _demo_job("digits"), "text": _demo_job("text"),
     "causal": _demo_job("causal"), "all": _demo_job("all"),
+    "personas": lambda args: __import__("lorakit.demos.personas", fromlist=["main"]).main(args),
 }
 """Embedded default jobs: name -> function(args) -> exit code. Demos register here (args has .steps, .out)."""
 DEFAULT_DEMO = "quickstart"
