@@ -19,6 +19,7 @@ import gc
 import math
 import os
 import random
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ class Arm:
     trainable: int
     total: int
     steps: int
-    seconds: float
+    step_seconds: list[float]
     peak_mb: float | None
     state_mb: float
     saved_mb: float
@@ -79,7 +80,8 @@ class Arm:
 
     @property
     def seconds_per_step(self) -> float:
-        return self.seconds / max(self.steps, 1)
+        """Median time of one step: robust to other programs stealing the CPU now and then."""
+        return statistics.median(self.step_seconds) if self.step_seconds else float("nan")
 
 
 # ------------------------------------------------------------------------------------------ memory probes
@@ -214,7 +216,7 @@ def train(model: nn.Module, tokenizer, examples: list[Example], steps: int, batc
     """AdamW on the parameters that require grad, warm-up + cosine schedule, gradient clipping at 1.
 
     The batches depend only on ``seed``, so LoRA and full fine-tuning see the same data in the same order.
-    Returns (losses, seconds, peak memory MB above the start or None).
+    Returns (losses, seconds of every step, peak memory MB above the start or None).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -222,11 +224,11 @@ def train(model: nn.Module, tokenizer, examples: list[Example], steps: int, batc
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
     rng = random.Random(seed)
     batches = [rng.sample(range(len(examples)), batch_size) for _ in range(steps)]
-    losses = []
+    losses, times = [], []
     model.train()
     with PeakMemory(device) as peak:
-        t0 = time.perf_counter()
         for idx in batches:
+            t0 = time.perf_counter()
             batch, labels = encode(tokenizer, [examples[i] for i in idx], max_length, device)
             loss = F.cross_entropy(model(**batch).logits.float(), labels)
             if not torch.isfinite(loss):
@@ -238,10 +240,10 @@ def train(model: nn.Module, tokenizer, examples: list[Example], steps: int, batc
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-    return losses, seconds, peak.mb
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return losses, times, peak.mb
 
 
 def optimizer_state_mb(model: nn.Module) -> float:
@@ -311,26 +313,27 @@ def run(steps: int = 100, batch_size: int = 16, lora_lr: float = 2e-3, full_lr: 
                                 modules_to_save=["classifier"])
     torch.manual_seed(seed + 1)
     info = lorakit.inject(model, config)
-    losses, seconds, peak = train(model, tokenizer, train_set, steps, batch_size, lora_lr, max_length, seed + 2, dev)
+    losses, step_times, peak = train(model, tokenizer, train_set, steps, batch_size, lora_lr, max_length, seed + 2,
+                                     dev)
     after = class_report(predict(model, tokenizer, test_set, max_length, dev).argmax(-1), labels, num_classes)
     with lorakit.disable_adapters(model), torch.no_grad():
         model.eval()
         identical = torch.equal(model(**probe).logits, probe_before)
     if out_dir is not None:
         lorakit.save_adapter(model, out_dir, base_model_name_or_path=str(model_dir), task_type="SEQ_CLS")
-    arms = [Arm("LoRA", info.trainable, info.total, steps, seconds, peak, optimizer_state_mb(model),
+    arms = [Arm("LoRA", info.trainable, info.total, steps, step_times, peak, optimizer_state_mb(model),
                 saved_size_mb(model, "lora"), after, losses)]
     del model
     gc.collect()
 
     if compare:
         _, full = load_classifier(model_dir, num_classes, seed, dev)  # same pretrained weights, same new head
-        full_losses, full_seconds, full_peak = train(full, tokenizer, train_set, steps, batch_size, full_lr,
+        full_losses, full_times, full_peak = train(full, tokenizer, train_set, steps, batch_size, full_lr,
                                                      max_length, seed + 2, dev)
         full_after = class_report(predict(full, tokenizer, test_set, max_length, dev).argmax(-1), labels,
                                   num_classes)
         n = sum(p.numel() for p in full.parameters())
-        arms.append(Arm("full", n, n, steps, full_seconds, full_peak, optimizer_state_mb(full),
+        arms.append(Arm("full", n, n, steps, full_times, full_peak, optimizer_state_mb(full),
                         saved_size_mb(full, "full"), full_after, full_losses))
         del full
         gc.collect()
@@ -383,7 +386,7 @@ def format_report(result: dict, rank: int, batch_size: int, max_length: int, lor
     ]
     if len(arms) > 1:
         lines += ["", (f"full fine-tuning vs LoRA, same model, same {lora.steps} batches (full: lr {full_lr:g}; "
-                       f"memory = peak {'GPU allocation' if result['device'].startswith('cuda') else 'resident set'}"
+                       f"s/step = median step time; memory = peak {'GPU allocation' if result['device'].startswith('cuda') else 'resident set'}"
                        f" rise while training):")]
         header = (f"{'method':<6} | {'trainable':>12} {'%':>7} | {'s/step':>7} | {'peak memory':>12} | "
                   f"{'grads+AdamW':>12} | {'saved':>9} | {'accuracy':>8} {'macro F1':>8}")
