@@ -49,7 +49,7 @@ DEMOS: dict[str, Callable[[argparse.Namespace], int]] = {
     "personas": lambda args: __import__("lorakit.demos.personas", fromlist=["main"]).main(args),
 }
 """Embedded default jobs: name -> function(args) -> exit code. Demos register here (args has .steps, .out)."""
-DEFAULT_DEMO = "quickstart"
+DEFAULT_DEMO = "all"
 """What plain ``lorakit demo`` runs."""
 
 
