@@ -109,15 +109,24 @@ def save_adapter(
         return save_prefix(model, directory, name, base_model_name_or_path=base_model_name_or_path)
     _require_adapter(model, name)
     config = (configs(model) if _method(model, name) == "inject" else parametrized_configs(model))[name]
+    lorakit_cfg = _lorakit_json(model, name, config)
+    peft_cfg = _peft_json(model, name, config, lorakit_cfg, base_model_name(model, base_model_name_or_path), task_type)
+    return write_adapter_folder(directory, adapter_state_dict(model, name), peft_cfg, lorakit_cfg)
+
+
+def base_model_name(model: nn.Module, given: str | None) -> str | None:
+    """``given``, else the Hugging Face ``config._name_or_path`` of the model (None when it has none)."""
+    if given is not None:
+        return given
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def write_adapter_folder(directory: str | os.PathLike, state: dict[str, torch.Tensor], peft_cfg: dict,
+                         lorakit_cfg: dict) -> Path:
+    """Write the three files of an adapter folder, each atomically (weights first, configs after)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in adapter_state_dict(model, name).items()}
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-
-    lorakit_cfg = _lorakit_json(model, name, config)
-    peft_cfg = _peft_json(model, name, config, lorakit_cfg, base_model_name_or_path, task_type)
-
+    state = {k: v.contiguous() for k, v in state.items()}
     _atomic_write(directory / ADAPTER_WEIGHTS, lambda f: save_file(state, f, metadata={"format": "pt"}))
     _atomic_write(directory / ADAPTER_CONFIG, lambda f: Path(f).write_text(json.dumps(peft_cfg, indent=2)))
     _atomic_write(directory / LORAKIT_CONFIG, lambda f: Path(f).write_text(json.dumps(lorakit_cfg, indent=2)))

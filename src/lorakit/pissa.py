@@ -19,26 +19,15 @@ Two ways to keep a PiSSA adapter, both readable by PEFT:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .errors import AdapterError, ConfigError
-from .io import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    LORAKIT_CONFIG,
-    PREFIX,
-    _atomic_write,
-    _lorakit_json,
-    _peft_json,
-    adapter_state_dict,
-)
+from .io import PREFIX, _lorakit_json, _peft_json, adapter_state_dict, base_model_name, write_adapter_folder
 from .model import configs, lora_layers
 
 
@@ -83,13 +72,8 @@ def save_pissa_as_lora(
     The model itself is not changed. PEFT and lorakit load the folder onto the unmodified base model.
     """
     config, _ = _pissa_layers(model, name)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in pissa_to_lora_state(model, name).items()}
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     kit = _lorakit_json(model, name, config)
-    peft = _peft_json(model, name, config, kit, base_model_name_or_path, task_type)
+    peft = _peft_json(model, name, config, kit, base_model_name(model, base_model_name_or_path), task_type)
     factor = math.sqrt(2.0) if config.use_rslora else 2.0  # alpha' / f(2r) == alpha / f(r)
     for d, (r_key, alpha_key) in ((kit, ("r", "alpha")), (peft, ("r", "lora_alpha"))):
         d[r_key] *= 2
@@ -99,10 +83,7 @@ def save_pissa_as_lora(
     kit["init"], peft["init_lora_weights"] = "kaiming", True
     kit["learnable_scale"] = False  # the learned scale is in alpha (see io._layer_overrides)
     kit["converted_from"] = "pissa"
-    _atomic_write(directory / ADAPTER_WEIGHTS, lambda f: save_file(state, f, metadata={"format": "pt"}))
-    _atomic_write(directory / ADAPTER_CONFIG, lambda f: Path(f).write_text(json.dumps(peft, indent=2)))
-    _atomic_write(directory / LORAKIT_CONFIG, lambda f: Path(f).write_text(json.dumps(kit, indent=2)))
-    return directory
+    return write_adapter_folder(directory, pissa_to_lora_state(model, name), peft, kit)
 
 
 __all__ = ["pissa_to_lora_state", "save_pissa_as_lora"]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .errors import AdapterError, AdapterLoadError, ConfigError
@@ -327,19 +327,14 @@ def prefix_state_dict(model: nn.Module, name: str = "default") -> dict[str, torc
 
 def save_prefix(model: nn.Module, directory, name: str = "default", base_model_name_or_path: str | None = None):
     """Write prefix adapter ``name`` as PEFT does (the MLP folded into the table); returns the folder."""
-    from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT_VERSION, LORAKIT_CONFIG, _atomic_write
+    from .io import FORMAT_VERSION, base_model_name, write_adapter_folder
 
     _require(model, name)
     config, geo = prefix_adapters(model)[name], _state(model)["geometry"]
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in prefix_state_dict(model, name).items()}
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     peft_cfg = {
         "peft_type": PREFIX_TYPE,
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": base_model_name(model, base_model_name_or_path),
         "revision": None,
         "inference_mode": True,
         "num_virtual_tokens": config.num_virtual_tokens,
@@ -353,10 +348,7 @@ def save_prefix(model: nn.Module, directory, name: str = "default", base_model_n
         "modules_to_save": None,
     }
     kit_cfg = {"format_version": FORMAT_VERSION, "method": "prefix", **_config_dict(config), "head_dim": geo.head_dim}
-    _atomic_write(directory / ADAPTER_WEIGHTS, lambda f: save_file(state, f, metadata={"format": "pt"}))
-    _atomic_write(directory / ADAPTER_CONFIG, lambda f: Path(f).write_text(json.dumps(peft_cfg, indent=2)))
-    _atomic_write(directory / LORAKIT_CONFIG, lambda f: Path(f).write_text(json.dumps(kit_cfg, indent=2)))
-    return directory
+    return write_adapter_folder(directory, prefix_state_dict(model, name), peft_cfg, kit_cfg)
 
 
 def _config_dict(config: PrefixConfig) -> dict:
