@@ -218,6 +218,7 @@ def train_loop(
     session_tokens, session_start = 0, time.perf_counter()
     last_eval: dict[str, float] = {}
     step_times: list[float] = []
+    step_token_counts: list[int] = []
     cpu_times: list[float] = []  # process CPU seconds: a fairer cost than wall time on a shared CPU
     try:
         while state.step < total:
@@ -263,6 +264,7 @@ def train_loop(
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
             step_times.append(dt)
+            step_token_counts.append(step_tokens)
             cpu_times.append(time.process_time() - c0)
             state.step += 1
             state.tokens += step_tokens
@@ -328,7 +330,9 @@ def train_loop(
         "seconds_per_step": sum(timed) / len(timed) if timed else None,
         "cpu_seconds_per_step": sum(cpu_times[1:] or cpu_times) / len(cpu_times[1:] or cpu_times)
         if cpu_times else None,
-        "tokens_per_s": session_tokens / max(sum(step_times), 1e-9) if step_times else None,
+        # like seconds_per_step, over every step but the first (allocation, autotuning, kernel compiles)
+        "tokens_per_s": sum(step_token_counts[1:] or step_token_counts) / max(sum(timed), 1e-9)
+        if step_times else None,
         "peak_memory_mb": peak_memory_mb(device),
         "autocast": amp,
         "resumed_from": state.resumed_from,
