@@ -116,6 +116,7 @@ def main() -> None:
         return step
 
     results = {}
+    profiles: dict[str, dict[str, tuple[float, int]]] = {}
     only = set(filter(None, args.only.split(",")))
 
     def want(name):
@@ -125,7 +126,10 @@ def main() -> None:
         """The floor: frozen base, forward + backward to the inputs, no optimizer."""
         model.requires_grad_(False)
         handle = model.get_input_embeddings().register_forward_hook(lambda mod, i, o: o.requires_grad_(True))
-        results[label] = measure(model, train_step_factory(model, [], False), batch, args.steps, args.warmup, device)
+        step = train_step_factory(model, [], False)
+        results[label] = measure(model, step, batch, args.steps, args.warmup, device)
+        if args.profile and label == "frozen base fwd+bwd (floor)":
+            profiles["floor"] = profile(step, "the floor")
         handle.remove()
 
     def lorakit_row(label, dtype=None, autocast=False, fused=True):
@@ -136,7 +140,7 @@ def main() -> None:
         step = train_step_factory(model, params, autocast)
         results[label] = measure(model, step, batch, args.steps, args.warmup, device)
         if args.profile and label == "lorakit bf16 adapters":
-            profile(step)
+            profiles["lorakit"] = profile(step, "one lorakit step")
         lk.unload(model, merge_adapters=False)
         gc.collect()
 
@@ -185,11 +189,27 @@ def main() -> None:
     for label, r in results.items():
         cells = " | ".join(f"{r['tok_s'] / v:>14.3f}" for _, v in refs)
         print(f"| {label:<42} | {r['tok_s'] / 1e3:>8.1f}k | {r['peak_gib']:>8.1f} | {cells} |")
+    if "floor" in profiles and "lorakit" in profiles:
+        print_profile_diff(profiles["floor"], profiles["lorakit"])
     if args.check:
         check_numerics("tiny", device)
 
 
-def profile(step) -> None:
+def print_profile_diff(floor: dict, lora: dict, rows: int = 25) -> None:
+    """Where the LoRA step's extra GPU time goes: per kernel name, lorakit minus floor (ms, calls)."""
+    names = set(floor) | set(lora)
+    diff = sorted(names, key=lambda n: lora.get(n, (0, 0))[0] - floor.get(n, (0, 0))[0], reverse=True)
+    total_f = sum(v[0] for v in floor.values())
+    total_l = sum(v[0] for v in lora.values())
+    print(f"\nGPU time of one step: floor {total_f:.2f} ms, lorakit {total_l:.2f} ms (+{total_l - total_f:.2f} ms)")
+    print(f"| {'kernel':<90} | floor ms (calls) | lorakit ms (calls) | extra ms |")
+    print(f"|{'-' * 92}|------------------|--------------------|----------|")
+    for n in diff[:rows]:
+        f, l = floor.get(n, (0.0, 0)), lora.get(n, (0.0, 0))
+        print(f"| {n[:90]:<90} | {f[0]:>8.2f} ({f[1]:>4}) | {l[0]:>10.2f} ({l[1]:>4}) | {l[0] - f[0]:>8.2f} |")
+
+
+def profile(step, what: str) -> dict[str, tuple[float, int]]:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -198,8 +218,11 @@ def profile(step) -> None:
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print("\ntop CUDA kernels of one lorakit step:")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+    print(f"\ntop CUDA kernels of {what}:")
+    averages = prof.key_averages()
+    print(averages.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+    attr = "self_device_time_total" if hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
+    return {e.key: (getattr(e, attr) / 1e3, e.count) for e in averages if getattr(e, attr) > 0}
 
 
 def check_numerics(shape: str, device: str) -> None:

@@ -131,3 +131,79 @@ def test_cases_outside_the_fused_path_use_the_reference(case, monkeypatch):
     else:
         model(x)
     assert calls == []
+
+
+# ---------------------------------------------------------------- the 4-bit base (QLoRA) through the fused op
+def _qlora_pair(compute_dtype=None, bias=True):
+    from lorakit.layers.quantized import Linear4bit
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 96, bias=bias), nn.Tanh(), nn.Linear(96, 32, bias=False))
+    model = nn.Sequential(*[Linear4bit.from_linear(m, compute_dtype=compute_dtype) if isinstance(m, nn.Linear)
+                            else m for m in dense])
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for _, layer in lk.lora_layers(model):
+            layer.lora_B["default"].weight.normal_()
+    reference = copy.deepcopy(model)
+    for _, layer in lk.lora_layers(reference):
+        layer.use_fused_kernel = False
+    return model, reference
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_4bit_base_takes_the_fused_path_and_matches_the_reference(bias, monkeypatch):
+    calls = _count_fused_calls(monkeypatch)
+    model, reference = _qlora_pair(bias=bias)
+    x = torch.randn(3, 7, 64)
+    y, gx, grads = _run(model, x)
+    assert len(calls) == 2
+    y_ref, gx_ref, grads_ref = _run(reference, x)
+    # same dequantized weight, same fp32 maths; only the order of the additions differs
+    assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_ref.keys() and len(grads) == 4
+    for name in grads:
+        assert torch.allclose(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5), name
+
+
+def test_4bit_fused_path_saves_no_dequantized_weight():
+    model, _ = _qlora_pair()
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    x = torch.randn(5, 64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x)
+    y.sum().backward()
+    assert saved, "nothing saved at all: the hook did not run"
+    assert (96, 64) not in saved and (32, 96) not in saved and (64, 96) not in saved, saved
+
+
+def test_4bit_autocast_bf16_fused_within_bf16_noise(monkeypatch):
+    calls = _count_fused_calls(monkeypatch)
+    model, reference = _qlora_pair()
+    x = torch.randn(16, 64)
+    outs = []
+    for m in (model, reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        assert y.dtype == torch.float32  # a 4-bit base answers in its input's dtype (bitsandbytes does too)
+        y.float().pow(2).sum().backward()
+        outs.append((y.float(), [p.grad for p in m.parameters() if p.grad is not None]))
+    assert len(calls) == 2
+    (y, grads), (y_ref, grads_ref) = outs
+    assert (y - y_ref).abs().max() <= 0.02 * y_ref.abs().max()
+    for g, g_ref in zip(grads, grads_ref):
+        assert (g - g_ref).abs().max() <= 0.03 * g_ref.abs().max()
+
+
+def test_4bit_with_another_compute_dtype_keeps_the_reference_path(monkeypatch):
+    calls = _count_fused_calls(monkeypatch)
+    model, reference = _qlora_pair(compute_dtype=torch.float64)  # x fp32, base computes in fp64
+    x = torch.randn(4, 64)
+    assert torch.equal(model(x), reference(x))
+    assert calls == []

@@ -52,9 +52,9 @@ def _embedding(module: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
     return Embedding(module)
 
 
-_PLAIN_MATMUL: set[type] = {nn.Linear}
-"""Base types whose forward is exactly ``x @ W.T + b`` (or ``x @ W + b`` when fan_in_fan_out): the fused
-LoRA kernel may compute them itself."""
+_PLAIN_MATMUL: set[type] = {nn.Linear, Linear4bit}
+"""Base types whose forward is exactly ``x @ W.T + b`` (or ``x @ W + b`` when fan_in_fan_out; for Linear4bit
+with W dequantized to its compute dtype): the fused LoRA kernel may compute them itself."""
 
 
 _REGISTRY: dict[type, LayerType] = {

@@ -20,13 +20,27 @@ Backward, with G = dL/dY:
 
 Saved for backward: Xd (for dA) and XA, never the (out, in) update B @ A. W is frozen, so X itself is not
 needed by the base matmul's backward.
+
+W may also be a packed weight (anything with ``dequantize(dtype)``, e.g. a 4-bit base): it is then dequantized
+in forward and again in backward, and only a reference to the packed codes is kept (QLoRA's memory promise),
+so the 4-bit path gets the same fused epilogues as the 16-bit one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, Union
 
 import torch
+
+
+class PackedWeight(Protocol):
+    """A frozen weight stored in another format (4-bit codes): the fused op materializes it on demand."""
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+Weight = Union[torch.Tensor, PackedWeight]
 
 
 @dataclass(frozen=True)
@@ -43,14 +57,21 @@ class LoraLinearFunction(torch.autograd.Function):
         in_features = A.shape[1]
         x2 = x.reshape(-1, in_features)
         xd2 = x2 if x_drop is None else x_drop.reshape(-1, in_features)
-        w_t = weight if args.transposed else weight.t()  # (in, out) view, no copy
+        packed = not isinstance(weight, torch.Tensor)
+        dense = weight.dequantize(x2.dtype) if packed else weight
+        w_t = dense if args.transposed else dense.t()  # (in, out) view, no copy
         xa = xd2 @ A.t()
         if bias is not None:
             y = torch.addmm(bias, x2, w_t)
         else:
             y = x2 @ w_t
         y.addmm_(xa, B.t(), alpha=args.scale)
-        ctx.save_for_backward(xd2, xa, weight, A, B)
+        if packed:  # keep the codes, not the dequantized copy
+            ctx.save_for_backward(xd2, xa, A, B)
+            ctx.packed = weight
+        else:
+            ctx.save_for_backward(xd2, xa, weight, A, B)
+            ctx.packed = None
         ctx.args = args
         ctx.has_drop = x_drop is not None
         ctx.x_shape = x.shape
@@ -59,7 +80,11 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        xd2, xa, weight, A, B = ctx.saved_tensors
+        if ctx.packed is None:
+            xd2, xa, weight, A, B = ctx.saved_tensors
+        else:
+            xd2, xa, A, B = ctx.saved_tensors
+            weight = None
         args = ctx.args
         g = grad_out.reshape(-1, grad_out.shape[-1])
         ga = (g @ B).mul_(args.scale)  # (N, r)
@@ -67,6 +92,8 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_B = (g.t() @ xa).mul_(args.scale) if ctx.needs_input_grad[5] else None
         grad_x = grad_xd = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            if weight is None:
+                weight = ctx.packed.dequantize(g.dtype)
             grad_x = g @ (weight.t() if args.transposed else weight)  # (N, in)
             if ctx.has_drop:
                 grad_xd = (ga @ A).view(ctx.x_shape)
@@ -79,7 +106,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
 def lora_linear_fused(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Weight,
     bias: torch.Tensor | None,
     A: torch.Tensor,
     B: torch.Tensor,
@@ -87,14 +114,16 @@ def lora_linear_fused(
     dropout: torch.nn.Module | None = None,
     transposed: bool = False,
 ) -> torch.Tensor:
-    """``x @ W.T + b + scale * dropout(x) @ A.T @ B.T`` as one autograd node (W must be frozen).
+    """``x @ W.T + b + scale * dropout(x) @ A.T @ B.T`` as one autograd node (W must be frozen; a tensor or a
+    packed weight dequantized to the compute dtype on demand).
 
     Under autocast every operand is cast to the autocast dtype first (the casts of A and B are tiny and
     differentiable, so fp32 master adapters still get their gradients).
     """
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, A, B = (t.to(dtype) for t in (x, weight, A, B))
+        x, A, B = (t.to(dtype) for t in (x, A, B))
+        weight = weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(x.device.type, enabled=False):
             return _apply(x, weight, bias, A, B, scale, dropout, transposed)

@@ -27,13 +27,21 @@ class Linear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._fused_adapter(x, args, kwargs)
-        if name is None:
+        operand = self._base_operand(x) if name is not None else None
+        if operand is None:
             return super().forward(x, *args, **kwargs)
+        weight, dtype = operand
         base, drop = self.base_layer, self.lora_dropout[name]
         drop = drop if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0 else None
         scale = self.specs[name].scale * self.active[name]
-        return lora_linear_fused(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                 scale, drop, self.fan_in_fan_out)
+        bias = base.bias
+        if bias is not None and bias.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            bias = bias.to(dtype)  # a 4-bit base keeps its bias in the original dtype and casts it the same way
+        y = lora_linear_fused(x, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                              scale, drop, self.fan_in_fan_out)
+        if not isinstance(weight, torch.Tensor) and y.dtype != x.dtype:
+            y = y.to(x.dtype)  # a 4-bit base returns its input's dtype, under autocast too (as bitsandbytes')
+        return y
 
     def _fused_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
         """The one active adapter when the fused kernel computes exactly what the reference path does."""
@@ -45,10 +53,24 @@ class Linear(LoraLayer):
         base = self.base_layer
         if name in self.lora_scale or base.weight.requires_grad or base._forward_hooks or base._forward_pre_hooks:
             return None
-        A = self.lora_A[name].weight
-        if not torch.is_autocast_enabled(x.device.type) and not (x.dtype == base.weight.dtype == A.dtype):
-            return None
         return name
+
+    def _base_operand(self, x: torch.Tensor):
+        """(weight, compute dtype) for the fused kernel, or None when the dtypes would make it differ from the
+        reference path. A base storing its weight packed (Linear4bit) hands over the packed weight."""
+        base = self.base_layer
+        if hasattr(base, "matmul_operand"):  # the packed-weight protocol of layers.quantized.Linear4bit
+            operand = base.matmul_operand(x)
+            if operand is None:
+                return None
+        else:
+            operand = (base.weight, base.weight.dtype)
+        device_type = x.device.type
+        A = self.lora_A[next(iter(self.active))].weight
+        if torch.is_autocast_enabled(device_type):  # autocast computes a dense base in its own dtype
+            dense = isinstance(operand[0], torch.Tensor)
+            return operand if dense or operand[1] == torch.get_autocast_dtype(device_type) else None
+        return operand if x.dtype == operand[1] == A.dtype else None
 
     def _create(self, name: str, spec: AdapterSpec, dtype: torch.dtype, device: torch.device) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, spec.r, bias=False, dtype=dtype, device=device)

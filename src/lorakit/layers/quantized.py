@@ -48,6 +48,9 @@ class Packed4bit:
     packed: torch.Tensor
     state: QuantState
 
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return dispatch.dequantize(self.packed, self.state, dtype)
+
 
 class _Matmul4bit(torch.autograd.Function):
     """y = x @ D(W).T + b, with D the dequantization of the frozen 4-bit W.
@@ -191,6 +194,16 @@ class Linear4bit(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype if x.dtype.is_floating_point else self.weight_dtype
 
+    def _use_gemv(self, x: torch.Tensor) -> bool:
+        return self.use_gemv and x.is_cuda and x.numel() <= GEMV_MAX_ROWS * self.in_features
+
+    def matmul_operand(self, x: torch.Tensor) -> tuple[Packed4bit, torch.dtype] | None:
+        """For the fused LoRA kernel: the packed weight and the dtype this layer would compute ``x`` in, or
+        None where its own forward is better (small-batch inference takes the fused GEMV)."""
+        if not torch.is_grad_enabled() and self._use_gemv(x):
+            return None
+        return Packed4bit(self.weight, self.quant_state), self._compute_dtype(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._compute_dtype(x)
         xin = x if x.dtype == dtype else x.to(dtype)
@@ -198,7 +211,7 @@ class Linear4bit(nn.Module):
         needs_grad = torch.is_grad_enabled() and (xin.requires_grad or (bias is not None and bias.requires_grad))
         if needs_grad:
             y = _Matmul4bit.apply(xin, Packed4bit(self.weight, self.quant_state), bias)
-        elif self.use_gemv and xin.is_cuda and xin.numel() <= GEMV_MAX_ROWS * self.in_features:
+        elif self._use_gemv(xin):
             y = dispatch.gemv_4bit(xin, self.weight, self.quant_state, bias)
         else:
             y = F.linear(xin, self.dequantize(dtype), bias)
