@@ -99,46 +99,167 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, dtype: torch
     return out
 
 
+# ---------------------------------------------------------------------------------------------- GEMV
 @triton.jit
-def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                 bias_ptr, out_ptr, N, K, stride_xm, stride_om,
-                 BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NESTED: tl.constexpr,
-                 NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    # out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for even K: each byte holds W[n, k] (high nibble) and
-    # W[n, k + 1] (low nibble) for even k, so a (BLOCK_N, BLOCK_K // 2) tile of bytes is read once, row by row.
-    # W is rounded to x's dtype as the reference's dequantize-then-matmul does; products summed in fp32.
-    HALF_K: tl.constexpr = BLOCK_K // 2
+def _round_to(x, dtype: tl.constexpr, NATIVE: tl.constexpr):
+    """fp32 -> dtype, round to nearest even: the hardware conversion when compiled (NATIVE), else
+    ``_to_dtype`` (the interpreter's own bf16 cast truncates)."""
+    if NATIVE:
+        out = x.to(dtype)
+    else:
+        out = _to_dtype(x, dtype)
+    return out
+
+
+@triton.jit
+def _bf16_pair(even, odd, NATIVE: tl.constexpr):
+    """Round two fp32 tensors to bf16 (nearest even) into one uint32 each: ``even`` in the low half, ``odd`` in
+    the high half, i.e. the two values in memory order. Compiled, one ``cvt.rn.bf16x2.f32`` per pair (a
+    single-value conversion is a quarter-rate instruction, the bottleneck of this kernel otherwise)."""
+    if NATIVE:
+        out = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", [odd, even],
+                                        dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        lo = _to_dtype(even, tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        hi = _to_dtype(odd, tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        out = lo | (hi << 16)
+    return out
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, x_pairs_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                 bias_ptr, out_ptr, M, N, K, HALF_K, K_SPLIT, HALF_K_SPLIT, stride_xm, stride_xp, stride_om,
+                 BLOCKSIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 USE_DOT: tl.constexpr, ATOMIC: tl.constexpr, NATIVE: tl.constexpr):
+    # out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]). A program owns BLOCK_N rows of W, BLOCK_M rows of x and
+    # the columns [pid_k * K_SPLIT, + K_SPLIT) (all of K without split-K), walked BLOCK_K at a time; W is read
+    # once for all BLOCK_M rows. The (BLOCK_N, BLOCK_K) tile of W is viewed as (BLOCK_N, NG, GROUP): GROUP
+    # consecutive values of a row lie in one quantization block (GROUP divides K and BLOCKSIZE), so absmax
+    # (and its nested decode) is read once per group, not per value. A byte holds values 2i (high nibble) and
+    # 2i + 1 (low nibble): both are decoded from the 16-entry code book (a 64-byte table, L1-resident),
+    # scaled in fp32 and rounded to x's dtype as the reference's dequantize-then-matmul does; products are
+    # summed in fp32 (FMA path: per-thread partial sums, one reduction at the end; dot path: tensor cores).
+    NG: tl.constexpr = BLOCK_K // GROUP
+    HALF_G: tl.constexpr = GROUP // 2
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    PAIRS: tl.constexpr = dtype == tl.bfloat16  # round both values of a byte in one instruction
     pid_n = tl.program_id(0)
-    m = tl.program_id(1)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    acc = tl.zeros((BLOCK_N, HALF_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        even = k0 + 2 * tl.arange(0, HALF_K)  # (HALF_K,) even column indices
-        col_ok = even < K
-        ok = row_ok[:, None] & col_ok[None, :]
-        flat = rows.to(tl.int64)[:, None] * K + even[None, :]  # value index of the even column
-        byte = tl.load(packed_ptr + flat // 2, mask=ok, other=0).to(tl.int32)
-        scale = _absmax_rows(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, flat // BLOCKSIZE, ok,
-                             NESTED, NESTED_BS)
-        w_even = _to_dtype(tl.load(code_ptr + (byte >> 4)) * scale, x_ptr.dtype.element_ty).to(tl.float32)
-        w_odd = _to_dtype(tl.load(code_ptr + (byte & 0x0F)) * scale, x_ptr.dtype.element_ty).to(tl.float32)
-        x_even = tl.load(x_ptr + m * stride_xm + even, mask=col_ok, other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + m * stride_xm + even + 1, mask=col_ok, other=0.0).to(tl.float32)
-        acc += tl.where(ok, w_even * x_even[None, :] + w_odd * x_odd[None, :], 0.0)
-    total = tl.sum(acc, axis=1)
+    rows64 = rows.to(tl.int64)
+    grp = tl.arange(0, NG)
+    half = tl.arange(0, HALF_G)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)  # a multiple of GROUP, as K and K_SPLIT are
+    w_ptrs = (packed_ptr + rows64[:, None, None] * HALF_K + pid_k * HALF_K_SPLIT
+              + (grp * HALF_G)[None, :, None] + half[None, None, :])  # (BLOCK_N, NG, HALF_G) bytes
+    row_flat = rows64[:, None] * K + (grp * GROUP)[None, :]  # (BLOCK_N, NG): index of each group's value 0, - k0
+    even_col = (grp * GROUP)[:, None] + 2 * half[None, :]  # (NG, HALF_G) column of value 2i, - k0
+    # bf16 x read as uint32 pairs (value 2i, value 2i + 1), in W's tile shape: vector loads, no layout change
+    xp_ptrs = (x_pairs_ptr + pid_k * HALF_K_SPLIT
+               + tl.broadcast_to(((grp * HALF_G)[:, None] + half[None, :])[None, :, :], (BLOCK_N, NG, HALF_G)))
+    m_idx = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m_idx < M
+    acc_e = tl.zeros((BLOCK_N, NG, HALF_G), dtype=tl.float32)  # FMA path, one row of x: partial sums
+    acc_o = tl.zeros((BLOCK_N, NG, HALF_G), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        grp_ok = row_ok[:, None] & ((k0 + grp * GROUP) < k_hi)[None, :]
+        byte = tl.load(w_ptrs, mask=grp_ok[:, :, None], other=0).to(tl.int32)
+        scale = _absmax_rows(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                             (row_flat + k0) // BLOCKSIZE, grp_ok, NESTED, NESTED_BS)[:, :, None]
+        v_even = tl.load(code_ptr + (byte >> 4)) * scale  # fp32, rounded once
+        v_odd = tl.load(code_ptr + (byte & 0x0F)) * scale
+        if PAIRS:
+            pair = _bf16_pair(v_even, v_odd, NATIVE)
+            w_even_bits = (pair & 0xFFFF).to(tl.uint16)
+            w_odd_bits = (pair >> 16).to(tl.uint16)
+        if USE_DOT:  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N), exact products summed in fp32
+            if PAIRS:
+                w = tl.join(w_even_bits.to(tl.bfloat16, bitcast=True), w_odd_bits.to(tl.bfloat16, bitcast=True))
+            else:
+                w = tl.join(_round_to(v_even, dtype, NATIVE), _round_to(v_odd, dtype, NATIVE))
+            w = tl.reshape(w, (BLOCK_N, BLOCK_K))  # value 2i, then 2i + 1
+            cols = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_ptr + m_idx[:, None] * stride_xm + cols[None, :],
+                         mask=m_ok[:, None] & (cols < k_hi)[None, :], other=0.0)
+            if NATIVE:
+                acc = tl.dot(xt, tl.trans(w), acc)
+            else:  # the interpreter's 16-bit dot is wrong (triton 3.9): the same exact products in fp32
+                acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            if PAIRS:  # bf16 -> fp32 is a 16-bit shift
+                w_even = (pair << 16).to(tl.float32, bitcast=True)
+                w_odd = (pair & 0xFFFF0000).to(tl.float32, bitcast=True)
+            else:
+                w_even = _round_to(v_even, dtype, NATIVE).to(tl.float32)
+                w_odd = _round_to(v_odd, dtype, NATIVE).to(tl.float32)
+            x_off = tl.broadcast_to((k0 + even_col)[None, :, :], (BLOCK_N, NG, HALF_G))  # W's shape
+            x_ok = tl.broadcast_to(((k0 + grp * GROUP) < k_hi)[None, :, None], (BLOCK_N, NG, HALF_G))  # by group
+            for i in tl.static_range(BLOCK_M):
+                m = pid_m * BLOCK_M + i
+                if BLOCK_M > 1:
+                    x_ok = x_ok & (x_off * 0 + m < M)
+                if PAIRS:  # x through a uint32 view: the pair (2i, 2i + 1) in one load, bf16 -> fp32 by shifts
+                    x_pair = tl.load(xp_ptrs + m * stride_xp, mask=x_ok, other=0).to(tl.uint32, bitcast=True)
+                    x_even = (x_pair << 16).to(tl.float32, bitcast=True)
+                    x_odd = (x_pair & 0xFFFF0000).to(tl.float32, bitcast=True)
+                else:
+                    x_even = tl.load(x_ptr + m * stride_xm + x_off, mask=x_ok, other=0.0).to(tl.float32)
+                    x_odd = tl.load(x_ptr + m * stride_xm + x_off + 1, mask=x_ok, other=0.0).to(tl.float32)
+                if BLOCK_M == 1:
+                    acc_e = tl.fma(w_even, x_even, acc_e)
+                    acc_o = tl.fma(w_odd, x_odd, acc_o)
+                else:
+                    part = tl.sum(tl.sum(tl.fma(w_even, x_even, w_odd * x_odd), axis=2), axis=1)  # (BLOCK_N,)
+                    acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == i, part[None, :], 0.0)
+        w_ptrs += BLOCK_K // 2
+        xp_ptrs += BLOCK_K // 2
+    if BLOCK_M == 1 and not USE_DOT:
+        acc += tl.sum(tl.sum(acc_e + acc_o, axis=2), axis=1)[None, :]
     if HAS_BIAS:
-        total += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + rows, _to_dtype(total, out_ptr.dtype.element_ty), mask=row_ok)
+        bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if ATOMIC:
+            bias = bias * (pid_k == 0).to(tl.float32)  # added by the first K split only
+        acc += bias[None, :]
+    out_ptrs = out_ptr + m_idx[:, None] * stride_om + rows[None, :]
+    out_ok = m_ok[:, None] & row_ok[None, :]
+    if ATOMIC:  # split-K: fp32 partial sums into a zeroed buffer, rounded to x's dtype afterwards
+        tl.atomic_add(out_ptrs, acc, mask=out_ok)
+    else:
+        tl.store(out_ptrs, _round_to(acc, out_ptr.dtype.element_ty, NATIVE), mask=out_ok)
+
+
+def gemv_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
+    """Default knobs of ``gemv_4bit_triton`` for x (M, K) @ W (N, K).T. Chosen from the sm_90 build's loop
+    (SASS instructions per weight value: one row on FMAs ~12; 2-16 rows through tl.dot ~14 for all rows, where
+    per-row FMA reductions cost ~6 per value per row; one pipelining stage, else Triton turns the code-book
+    gather into async copies); to be confirmed on an H100 with bench/gemv_sweep.py."""
+    if M > 1 and dtype in (torch.bfloat16, torch.float16):
+        return {"block_n": 32, "block_k": 128, "num_warps": 8, "num_stages": 1, "dot": True, "split_k": 1}
+    if M > 1:
+        return {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 1, "dot": False, "split_k": 1}
+    return {"block_n": 8, "block_k": 512, "num_warps": 4, "num_stages": 1, "dot": False, "split_k": 1}
+
+
+def _interpreted() -> bool:
+    return type(_gemv_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1: no PTX, no inline asm
 
 
 def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
-                     bias: torch.Tensor | None = None, block_n: int = 4, block_k: int = 512,
-                     num_warps: int = 4) -> torch.Tensor:
+                     bias: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None,
+                     num_warps: int | None = None, split_k: int | None = None, dot: bool | None = None,
+                     block_m: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """``x @ dequantize(W).T + bias`` for a few rows of x without writing the dequantized weight anywhere.
 
     x: (..., K) in the compute dtype; W: (N, K) as ``packed`` + ``state``, K even. For small batches
-    (decoding), where reading the 4-bit weight once is the whole cost.
+    (decoding), where reading the 4-bit weight once is the whole cost: W is read once per ``block_m`` (<= 16)
+    rows of x. The other arguments are tuning knobs, None meaning ``gemv_config``'s choice: tile (block_n rows
+    of W by block_k columns), warps, pipelining stages, ``split_k`` > 1 to cut K among programs that add fp32
+    partial sums atomically (order not deterministic), ``dot`` for the tensor cores (16-bit x only).
     """
     N, K = state.shape
     if K % 2:
@@ -148,12 +269,38 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return x.new_empty(*lead, N)
+    cfg = gemv_config(M, N, K, x.dtype)
+    block_n = cfg["block_n"] if block_n is None else block_n
+    block_k = cfg["block_k"] if block_k is None else block_k
+    num_warps = cfg["num_warps"] if num_warps is None else num_warps
+    split_k = cfg["split_k"] if split_k is None else split_k
+    num_stages = cfg["num_stages"] if num_stages is None else num_stages
+    dot = cfg["dot"] if dot is None else dot
+    dot = dot and x.dtype in (torch.bfloat16, torch.float16)  # fp32 would go through tf32: not exact
+    if dot:  # tl.dot needs 16 x 16 tiles at least; extra rows of x are masked
+        block_n, block_k, block_m = max(block_n, 16), max(block_k, 32), 16
+    elif block_m is None:
+        block_m = min(16, triton.next_power_of_2(M))
+    group = min(K & -K, state.blocksize, block_k)  # largest power of two dividing K, within a block and the tile
+    k_split = triton.cdiv(triton.cdiv(K, max(1, split_k)), block_k) * block_k
+    n_split = triton.cdiv(K, k_split)
+    atomic = n_split > 1
+    out = torch.zeros(M, N, dtype=torch.float32, device=x.device) if atomic else x.new_empty(M, N)
     nested_absmax, nested_code, offset, is_nested, nested_bs = _state_pointers(state)
-    grid = (triton.cdiv(N, block_n), M)
-    bias_arg = bias if bias is not None else out
-    _gemv_kernel[grid](x2, packed, state.absmax, state.code, nested_absmax, nested_code, offset, bias_arg, out,
-                       N, K, x2.stride(0), out.stride(0),
-                       BLOCKSIZE=state.blocksize, BLOCK_N=block_n, BLOCK_K=block_k, NESTED=is_nested,
-                       NESTED_BS=nested_bs, HAS_BIAS=bias is not None, num_warps=num_warps, **_LAUNCH)
+    grid = (triton.cdiv(N, block_n), n_split, triton.cdiv(M, block_m))
+    launch = dict(_LAUNCH, num_warps=num_warps, num_stages=num_stages)
+    pairs = x.dtype == torch.bfloat16 and x2.stride(0) % 2 == 0 and x2.storage_offset() % 2 == 0
+    if x.dtype == torch.bfloat16 and not pairs:
+        x2 = x2.contiguous()
+    x_pairs = x2.view(torch.int32) if x.dtype == torch.bfloat16 else x2  # bf16 x read as (2i, 2i + 1) pairs
+    _gemv_kernel[grid](x2, x_pairs, packed, state.absmax, state.code, nested_absmax, nested_code, offset,
+                       bias if bias is not None else out, out, M, N, K, K // 2, k_split, k_split // 2,
+                       x2.stride(0), x_pairs.stride(0), out.stride(0),
+                       BLOCKSIZE=state.blocksize, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                       NESTED=is_nested, NESTED_BS=nested_bs, HAS_BIAS=bias is not None, USE_DOT=dot,
+                       ATOMIC=atomic, NATIVE=not _interpreted(), **launch)
+    if atomic:
+        out = out.to(x.dtype)
     return out.reshape(*lead, N)
