@@ -295,7 +295,9 @@ def test_dora_joins_a_plain_layer_and_leaves_it_alone():
     assert "dora" not in old_layer.specs and "dora" not in old_layer.lora_A  # the old layer is untouched
     assert max_diff(model(*x), plain_out) == 0.0  # "plain" still active, same result
     lk.set_active_adapters(model, ["plain", "dora"])
-    assert max_diff(model(*x), plain_out) == 0.0  # DoRA at init adds nothing
+    # DoRA at init adds nothing; two active adapters take the reference path, which sums in another order
+    # than the fused kernel "plain" alone used for plain_out: equal to fp32 rounding
+    assert max_diff(model(*x), plain_out) <= 1e-5
     lk.delete_adapter(model, "dora")
     assert max_diff(model(*x), plain_out) == 0.0
 
