@@ -1,29 +1,23 @@
 """Choose the implementation: the Triton kernels on CUDA when Triton imports, the reference otherwise.
 
 Set ``LORAKIT_NO_TRITON=1`` to force the reference everywhere (to compare, or to work around a driver issue).
-Both paths give the same bits, so the choice never changes results, only speed.
+Both paths give the same bits, so the choice never changes results, only speed. The choice is made inside the
+custom ops of ops.py (``torch.ops.lorakit.*``) by the inputs' device, so torch.compile sees one opaque node.
+
+One shortcut: an eager call on plain CUDA tensors that needs no gradient runs the op's CUDA kernel directly.
+The dispatcher round trip of a Python custom op (autograd wrapper, redispatch, backend wrapper) costs about
+10 us per call, as much as a decode-sized GEMV itself; the kernel called is the very function the op
+registers, so the bits are the same. Under torch.compile/export, on fake or subclassed tensors, on other
+devices and whenever autograd must record the call, the op itself is called.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
-import torch.nn.functional as F
 
-from .nf4 import QuantState, dequantize_4bit
-
-
-@functools.lru_cache(maxsize=1)
-def _triton_module():
-    if os.environ.get("LORAKIT_NO_TRITON") == "1":
-        return None
-    try:
-        from . import triton_kernels
-    except Exception:  # triton missing or broken: the reference still works  # noqa: BLE001
-        return None
-    return triton_kernels
+from . import ops
+from .nf4 import QuantState
+from .ops import triton_module as _triton_module
 
 
 def triton_available() -> bool:
@@ -31,20 +25,26 @@ def triton_available() -> bool:
     return _triton_module() is not None
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda" and _triton_module() is not None
+def _direct(t: torch.Tensor) -> bool:
+    """Call the CUDA kernel without the dispatcher: eager, a plain CUDA tensor (not fake, not a subclass)."""
+    return not torch.compiler.is_compiling() and t.is_cuda and type(t) is torch.Tensor
 
 
 def dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dequantize a 4-bit tensor to ``dtype`` (default: the original dtype), on its own device."""
-    if _use_triton(packed):
-        return _triton_module().dequantize_4bit_triton(packed, state, dtype)
-    return dequantize_4bit(packed, state, dtype)
+    dtype = state.dtype if dtype is None else dtype
+    if _direct(packed):  # no autograd to record: the op has no backward (the weight is frozen)
+        return ops.dequantize_4bit_cuda(packed, *ops.state_args(state), dtype)
+    return ops.dequantize_4bit(packed, *ops.state_args(state), dtype)
 
 
 def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` for a 4-bit W; fused (no dequantized copy) on CUDA, dequantize + matmul elsewhere."""
-    if _use_triton(x) and len(state.shape) == 2 and state.shape[1] % 2 == 0:
-        return _triton_module().gemv_4bit_triton(x, packed, state, bias)
-    return F.linear(x, dequantize_4bit(packed, state, x.dtype), None if bias is None else bias.to(x.dtype))
+    """``x @ W.T + bias`` for a 4-bit W; fused (no dequantized copy) on CUDA, dequantize + matmul elsewhere.
+    Differentiable in x and bias (the backward dequantizes W again)."""
+    absmax, code, n_absmax, n_code, n_offset, shape, bs, qt, n_bs = ops.state_args(state)
+    args = (x, packed, absmax, code, n_absmax, n_code, n_offset, bias, shape, bs, qt, n_bs, state.dtype)
+    if _direct(x) and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None
+                                                                             and bias.requires_grad))):
+        return ops.gemv_4bit_cuda(*args)
+    return ops.gemv_4bit(*args)
