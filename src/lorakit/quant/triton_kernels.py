@@ -234,15 +234,14 @@ def _gemv_kernel(x_ptr, x_pairs_ptr, packed_ptr, absmax_ptr, code_ptr, nested_ab
 
 
 def gemv_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
-    """Default knobs of ``gemv_4bit_triton`` for x (M, K) @ W (N, K).T. Chosen from the sm_90 build's loop
-    (SASS instructions per weight value: one row on FMAs ~12; 2-16 rows through tl.dot ~14 for all rows, where
-    per-row FMA reductions cost ~6 per value per row; one pipelining stage, else Triton turns the code-book
-    gather into async copies); to be confirmed on an H100 with bench/gemv_sweep.py."""
+    """Default knobs of ``gemv_4bit_triton`` for x (M, K) @ W (N, K).T: the best total over W of 4096x14336
+    and 14336x4096 in bench/gemv_sweep.py on an H100 (2026-11-23): one row on FMAs, 2-16 rows through
+    tl.dot; one pipelining stage (with more, Triton turns the code-book gather into async copies)."""
     if M > 1 and dtype in (torch.bfloat16, torch.float16):
-        return {"block_n": 32, "block_k": 128, "num_warps": 8, "num_stages": 1, "dot": True, "split_k": 1}
+        return {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 1, "dot": True, "split_k": 1}
     if M > 1:
         return {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 1, "dot": False, "split_k": 1}
-    return {"block_n": 8, "block_k": 512, "num_warps": 4, "num_stages": 1, "dot": False, "split_k": 1}
+    return {"block_n": 4, "block_k": 1024, "num_warps": 4, "num_stages": 1, "dot": False, "split_k": 1}
 
 
 def _interpreted() -> bool:
