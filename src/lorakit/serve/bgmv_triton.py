@@ -67,25 +67,28 @@ def _expand_kernel(xa_ptr, b_ptr, idx_ptr, scale_ptr, y_ptr, N, R, N0, N1,
     tl.store(y_ptrs, (y_old + acc * scale).to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-def shrink(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x: (rows, in); A: (n_slots, RR, in); idx: (rows,) -> (rows, RR) fp32."""
+def shrink(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor, *, block_k: int | None = None,
+           splits: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """x: (rows, in); A: (n_slots, RR, in); idx: (rows,) -> (rows, RR) fp32. The knobs are for
+    bench/bgmv_sweep.py; None keeps the defaults."""
     rows, K = x.shape
     RR = A.shape[1]
     BLOCK_R = 16
-    BLOCK_K = 256 if K >= 256 else triton.next_power_of_2(K)
-    splits = max(1, min(8, K // 1024))  # 2048 -> 2, 4096 -> 4, 8192 -> 8 splits of K
+    BLOCK_K = block_k or (256 if K >= 256 else triton.next_power_of_2(K))
+    if splits is None:
+        splits = max(1, min(8, K // 1024))  # 2048 -> 2, 4096 -> 4, 8192 -> 8 splits of K
     per_split = triton.cdiv(triton.cdiv(K, splits), BLOCK_K) * BLOCK_K
     splits = triton.cdiv(K, per_split)
     out = torch.empty(splits, rows, RR, device=x.device, dtype=torch.float32)
     grid = (rows, triton.cdiv(RR, BLOCK_R), splits)
     _shrink_kernel[grid](x, A, idx, out, K, RR, per_split, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
                          A.stride(2), out.stride(0), out.stride(1), out.stride(2), BLOCK_R=BLOCK_R,
-                         BLOCK_K=BLOCK_K)
+                         BLOCK_K=BLOCK_K, num_warps=num_warps)
     return out[0] if splits == 1 else out.sum(0)  # a fixed-order sum: deterministic, unlike atomics
 
 
 def expand_(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor,
-            bounds: tuple[int, ...]) -> torch.Tensor:
+            bounds: tuple[int, ...], *, block_n: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """y: (rows, N) updated in place; xa: (rows, S * R) fp32; B: (n_slots, N, R); bounds: slice ends (<= 3)."""
     if len(bounds) > 3:
         raise ValueError(f"the expand kernel handles up to 3 slices per group, got {len(bounds)}")
@@ -93,9 +96,9 @@ def expand_(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scales: torch.Te
     R = B.shape[-1]
     N0 = bounds[0] if len(bounds) > 1 else N
     N1 = bounds[1] if len(bounds) > 2 else N
-    BLOCK_N = 128 if N >= 128 else triton.next_power_of_2(N)
+    BLOCK_N = min(block_n or 128, triton.next_power_of_2(N))
     grid = (rows, triton.cdiv(N, BLOCK_N))
     _expand_kernel[grid](xa, B, idx, scales, y, N, R, N0, N1, xa.stride(0), xa.stride(1), B.stride(0),
                          B.stride(1), B.stride(2), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
-                         BLOCK_N=BLOCK_N, BLOCK_R=triton.next_power_of_2(R))
+                         BLOCK_N=BLOCK_N, BLOCK_R=triton.next_power_of_2(R), num_warps=num_warps)
     return y
