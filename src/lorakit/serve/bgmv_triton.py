@@ -75,8 +75,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor, *, block_k: int 
     RR = A.shape[1]
     BLOCK_R = 16
     BLOCK_K = block_k or (256 if K >= 256 else triton.next_power_of_2(K))
-    if splits is None:
-        splits = max(1, min(8, K // 1024))  # 2048 -> 2, 4096 -> 4, 8192 -> 8 splits of K
+    if splits is None:  # 8 splits fill an H100 with 64 decode rows (bench/bgmv_sweep.py, 2026-11-23)
+        splits = max(1, min(8, K // 256))
     per_split = triton.cdiv(triton.cdiv(K, splits), BLOCK_K) * BLOCK_K
     splits = triton.cdiv(K, per_split)
     out = torch.empty(splits, rows, RR, device=x.device, dtype=torch.float32)
@@ -88,7 +88,7 @@ def shrink(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor, *, block_k: int 
 
 
 def expand_(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor,
-            bounds: tuple[int, ...], *, block_n: int | None = None, num_warps: int = 4) -> torch.Tensor:
+            bounds: tuple[int, ...], *, block_n: int | None = None, num_warps: int = 2) -> torch.Tensor:
     """y: (rows, N) updated in place; xa: (rows, S * R) fp32; B: (n_slots, N, R); bounds: slice ends (<= 3)."""
     if len(bounds) > 3:
         raise ValueError(f"the expand kernel handles up to 3 slices per group, got {len(bounds)}")
