@@ -61,7 +61,7 @@ def _kernel_body(x_ptr, w_ptr, p_ptr, q_ptr, y_ptr, M, N, K,
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :] * sxk
     w_ptrs = w_ptr + rk[:, None].to(tl.int64) * swk + rn[None, :] * swn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+    for k0 in range(tl.cdiv(K, BLOCK_K)):
         k_left = K - k0 * BLOCK_K
         a = tl.load(x_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
         b = tl.load(w_ptrs, mask=(rk[:, None] < k_left) & (rn[None, :] < N), other=0.0)

@@ -10,7 +10,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def python_blocks(text: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
 
 
 def test_readme_snippets_run():
@@ -29,7 +29,7 @@ def test_readme_snippets_run():
 def test_ci_runs_the_readme_test_command():
     text = README.read_text()
     marker = text.index("<!-- ci:test -->")
-    block = re.search(r"```bash\n(.*?)```", text[marker:], flags=re.S).group(1).strip()
+    block = re.search(r"```bash\n(.*?)```", text[marker:], flags=re.DOTALL).group(1).strip()
     assert "pytest" in block and "torch==2.13.0" in block
     ci = (README.parent / ".ci" / "run").read_text()
     assert "ci:test" in ci  # .ci/run extracts that very block

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,7 +67,7 @@ class FusedSpec:
         return (out_features // k,) * k
 
     @classmethod
-    def coerce(cls, value: Any) -> "FusedSpec":
+    def coerce(cls, value: Any) -> FusedSpec:
         if isinstance(value, FusedSpec):
             return value
         if isinstance(value, dict):
@@ -169,7 +170,7 @@ class LoraConfig:
     def fused_for(self, name: str) -> FusedSpec | None:
         return _pattern_value(self.fused_slices, name, None)
 
-    def replace(self, **changes: Any) -> "LoraConfig":
+    def replace(self, **changes: Any) -> LoraConfig:
         return dataclasses.replace(self, **changes)
 
 

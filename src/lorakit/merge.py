@@ -4,14 +4,14 @@ and combine adapters into a new one."""
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError
-from .layers import FusedLinear, LoraLayer, ModulesToSave
+from .layers import FusedLinear
 from .layers.pissa import restore_unmerged_pissa
 from .model import _replace, _saved_modules, configs, lora_layers
 

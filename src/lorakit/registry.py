@@ -7,8 +7,8 @@ families (4-bit Linear, ...) call ``register`` for their own base type.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 

@@ -15,7 +15,7 @@ import torch
 
 
 def zen_of_python() -> str:
-    import this  # noqa: F401  (prints on first import; the text is rot13-encoded in this.s)
+    import this
 
     return codecs.decode(this.s, "rot13")
 

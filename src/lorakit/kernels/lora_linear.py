@@ -32,7 +32,7 @@ so the 4-bit path gets the same fused epilogues as the 16-bit one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Protocol
 
 import torch
 
@@ -43,7 +43,7 @@ class PackedWeight(Protocol):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor: ...
 
 
-Weight = Union[torch.Tensor, PackedWeight]
+Weight = torch.Tensor | PackedWeight
 
 
 @dataclass(frozen=True)

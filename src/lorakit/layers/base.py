@@ -9,8 +9,9 @@ at), nothing more.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -160,7 +161,9 @@ class LoraLayer(nn.Module):
         self.specs[name] = spec
         self._reset(name, spec)
         if spec.init.startswith("pissa"):
-            from .pissa import pissa_init  # local: pissa dispatches on the layer families, which import this module
+            from .pissa import (
+                pissa_init,  # local: pissa dispatches on the layer families, which import this module
+            )
 
             pissa_init(self, name, spec)
 
@@ -313,7 +316,7 @@ class LoraLayer(nn.Module):
             if acc is not w:
                 w.copy_(acc)
 
-    def train(self, mode: bool = True) -> "LoraLayer":
+    def train(self, mode: bool = True) -> LoraLayer:
         super().train(mode)
         if self.merge_on_eval:
             if mode:

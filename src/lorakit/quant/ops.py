@@ -13,11 +13,11 @@ the same bits. ``gemv_4bit`` has a backward (for x and bias), ``dequantize_4bit`
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
+from .._triton import load_kernels
 from .nf4 import NestedState, QuantState
 from .nf4 import dequantize_4bit as _reference_dequantize
 
@@ -25,13 +25,7 @@ from .nf4 import dequantize_4bit as _reference_dequantize
 @functools.lru_cache(maxsize=1)
 def triton_module():
     """lorakit.quant.triton_kernels, or None when Triton does not import or LORAKIT_NO_TRITON=1."""
-    if os.environ.get("LORAKIT_NO_TRITON") == "1":
-        return None
-    try:
-        from . import triton_kernels
-    except Exception:  # triton missing or broken: the reference still works  # noqa: BLE001
-        return None
-    return triton_kernels
+    return load_kernels("lorakit.quant.triton_kernels")
 
 
 def _state(shape, dtype, blocksize, quant_type, absmax, code, nested_absmax, nested_code, nested_offset,

@@ -22,9 +22,10 @@ Set ``LORAKIT_NO_TRITON=1`` to force the reference.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from .._triton import load_kernels
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -54,13 +55,7 @@ def expand_reference_(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scales
 # ---------------------------------------------------------------------------------------------- dispatch
 @functools.lru_cache(maxsize=1)
 def _triton_kernels():
-    if os.environ.get("LORAKIT_NO_TRITON") == "1":
-        return None
-    try:
-        from . import bgmv_triton
-    except Exception:  # triton missing or broken: the reference still works  # noqa: BLE001
-        return None
-    return bgmv_triton
+    return load_kernels("lorakit.serve.bgmv_triton")
 
 
 def triton_available() -> bool:
