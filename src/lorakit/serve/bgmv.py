@@ -13,7 +13,7 @@ is all zeros (the base model). ``idx`` (rows,) holds each row's slot. Then for r
     shrink   xa[b, :]  = A[idx[b]] @ x[b]                                   (S * R,), fp32 accumulate
     expand   y[b, n]  += scales[idx[b], s] * (B[idx[b], n, :] @ xa[b, s * R:(s + 1) * R])
 
-``lora_shrink`` / ``lora_expand_`` pick the implementation: the Triton kernels for decode rows (one token a
+``lora_apply_`` picks the implementation: the Triton kernels for decode rows (one token a
 row) on CUDA, the pure-torch reference (a gather of each row's A and B, then ``bmm`` on tensor cores)
 everywhere else, which is also the oracle the kernels are tested against (TRITON_INTERPRET=1 on a CPU).
 Set ``LORAKIT_NO_TRITON=1`` to force the reference.
@@ -67,20 +67,15 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and x.shape[1] == 1 and _triton_kernels() is not None
 
 
-def lora_shrink(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Each row's ``x @ A[idx[row]].T`` in fp32: (rows, T, in) -> (rows, T, S * R)."""
+def lora_apply_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
+                idx: torch.Tensor, bounds: tuple[int, ...]) -> torch.Tensor:
+    """Shrink then expand into y (in place). On the Triton path the shrink's K-split partial sums go to the
+    expand kernel as they are: two launches per projection group, no reduction kernel in between."""
     if _use_triton(x):
-        return _triton_kernels().shrink(x[:, 0], A, idx).unsqueeze(1)
-    return shrink_reference(x, A, idx)
-
-
-def lora_expand_(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor,
-                 bounds: tuple[int, ...]) -> torch.Tensor:
-    """Add each row's scaled ``xa @ B[idx[row]].T`` into y (in place, per slice of the output)."""
-    if _use_triton(y):
-        _triton_kernels().expand_(y[:, 0], xa[:, 0], B, scales, idx, bounds)
+        kernels = _triton_kernels()
+        kernels.expand_(y[:, 0], kernels.shrink_partials(x[:, 0], A, idx), B, scales, idx, bounds)
         return y
-    return expand_reference_(y, xa, B, scales, idx, bounds)
+    return expand_reference_(y, shrink_reference(x, A, idx), B, scales, idx, bounds)
 
 
-__all__ = ["expand_reference_", "lora_expand_", "lora_shrink", "shrink_reference", "triton_available"]
+__all__ = ["expand_reference_", "lora_apply_", "shrink_reference", "triton_available"]

@@ -43,9 +43,11 @@ def _shrink_kernel(x_ptr, a_ptr, idx_ptr, out_ptr, K, RR, K_PER_SPLIT,
 
 @triton.jit
 def _expand_kernel(xa_ptr, b_ptr, idx_ptr, scale_ptr, y_ptr, N, R, N0, N1,
-                   sxa_b, sxa_r, sb_n, sb_o, sb_r, ss_n, ss_s, sy_b, sy_o,
-                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                   sxa_p, sxa_b, sxa_r, sb_n, sb_o, sb_r, ss_n, ss_s, sy_b, sy_o,
+                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLITS: tl.constexpr):
     # program (row b, block of BLOCK_N outputs): y[b, n] += scale[slot, s] * sum_r B[slot, n, r] * xa[b, s*R + r]
+    # where xa is the sum of the shrink kernel's SPLITS partial sums, added here in a fixed order (no separate
+    # reduction kernel: at decode batch sizes every launch costs more than the work it does)
     b = tl.program_id(0)
     pn = tl.program_id(1)
     slot = tl.load(idx_ptr + b).to(tl.int64)
@@ -56,8 +58,10 @@ def _expand_kernel(xa_ptr, b_ptr, idx_ptr, scale_ptr, y_ptr, N, R, N0, N1,
     n_ok = nn < N
     s = (nn >= N0).to(tl.int32) + (nn >= N1).to(tl.int32)  # slice of each output column
     r_ok = rr < R
-    xa = tl.load(xa_ptr + b * sxa_b + (s[:, None] * R + rr[None, :]) * sxa_r,
-                 mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+    xa_ptrs = xa_ptr + b * sxa_b + (s[:, None] * R + rr[None, :]) * sxa_r
+    xa = tl.load(xa_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+    for p in tl.static_range(1, SPLITS):
+        xa += tl.load(xa_ptrs + p * sxa_p, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
     bv = tl.load(b_ptr + slot * sb_n + nn[:, None] * sb_o + rr[None, :] * sb_r,
                  mask=n_ok[:, None] & r_ok[None, :], other=0.0)
     acc = tl.sum(bv.to(tl.float32) * xa, axis=1)
@@ -67,10 +71,10 @@ def _expand_kernel(xa_ptr, b_ptr, idx_ptr, scale_ptr, y_ptr, N, R, N0, N1,
     tl.store(y_ptrs, (y_old + acc * scale).to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-def shrink(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor, *, block_k: int | None = None,
-           splits: int | None = None, num_warps: int = 4) -> torch.Tensor:
-    """x: (rows, in); A: (n_slots, RR, in); idx: (rows,) -> (rows, RR) fp32. The knobs are for
-    bench/bgmv_sweep.py; None keeps the defaults."""
+def shrink_partials(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor, *, block_k: int | None = None,
+                    splits: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """x: (rows, in); A: (n_slots, RR, in); idx: (rows,) -> (splits, rows, RR) fp32 partial sums over K
+    (``expand_`` adds them up). The knobs are for bench/bgmv_sweep.py; None keeps the defaults."""
     rows, K = x.shape
     RR = A.shape[1]
     BLOCK_R = 16
@@ -84,12 +88,18 @@ def shrink(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor, *, block_k: int 
     _shrink_kernel[grid](x, A, idx, out, K, RR, per_split, x.stride(0), x.stride(1), A.stride(0), A.stride(1),
                          A.stride(2), out.stride(0), out.stride(1), out.stride(2), BLOCK_R=BLOCK_R,
                          BLOCK_K=BLOCK_K, num_warps=num_warps)
-    return out[0] if splits == 1 else out.sum(0)  # a fixed-order sum: deterministic, unlike atomics
+    return out
+
+
+def shrink(x: torch.Tensor, A: torch.Tensor, idx: torch.Tensor, **knobs) -> torch.Tensor:
+    """x: (rows, in); A: (n_slots, RR, in); idx: (rows,) -> (rows, RR) fp32 (the partials summed in order)."""
+    return shrink_partials(x, A, idx, **knobs).sum(0)
 
 
 def expand_(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor,
             bounds: tuple[int, ...], *, block_n: int | None = None, num_warps: int = 2) -> torch.Tensor:
-    """y: (rows, N) updated in place; xa: (rows, S * R) fp32; B: (n_slots, N, R); bounds: slice ends (<= 3)."""
+    """y: (rows, N) updated in place; xa: (rows, S * R) fp32, or (splits, rows, S * R) partial sums straight
+    from ``shrink_partials``; B: (n_slots, N, R); bounds: slice ends (<= 3)."""
     if len(bounds) > 3:
         raise ValueError(f"the expand kernel handles up to 3 slices per group, got {len(bounds)}")
     rows, N = y.shape
@@ -98,7 +108,10 @@ def expand_(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scales: torch.Te
     N1 = bounds[1] if len(bounds) > 2 else N
     BLOCK_N = min(block_n or 128, triton.next_power_of_2(N))
     grid = (rows, triton.cdiv(N, BLOCK_N))
-    _expand_kernel[grid](xa, B, idx, scales, y, N, R, N0, N1, xa.stride(0), xa.stride(1), B.stride(0),
+    parts = xa if xa.dim() == 3 else xa.unsqueeze(0)
+    _expand_kernel[grid](parts, B, idx, scales, y, N, R, N0, N1, parts.stride(0), parts.stride(1), parts.stride(2),
+                         B.stride(0),
                          B.stride(1), B.stride(2), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
-                         BLOCK_N=BLOCK_N, BLOCK_R=triton.next_power_of_2(R), num_warps=num_warps)
+                         BLOCK_N=BLOCK_N, BLOCK_R=triton.next_power_of_2(R), SPLITS=parts.shape[0],
+                         num_warps=num_warps)
     return y

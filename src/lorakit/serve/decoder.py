@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .bgmv import lora_expand_, lora_shrink
+from .bgmv import lora_apply_
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 """model_type values whose decoder layout this forward reproduces."""
@@ -234,8 +234,7 @@ class Decoder:
     # ------------------------------------------------------------------------------------ forward parts
     def _lora(self, layer: int, group: str, inp: torch.Tensor, out: torch.Tensor, idx: torch.Tensor) -> None:
         st = self.stacks[layer][group]
-        xa = lora_shrink(inp, st.A, idx)
-        lora_expand_(out, xa, st.B, st.scales, idx, st.bounds)
+        lora_apply_(out, inp, st.A, st.B, st.scales, idx, st.bounds)
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
