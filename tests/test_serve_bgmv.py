@@ -138,27 +138,21 @@ def test_triton_llama_1b_shapes_on_gpu():
         assert torch.allclose(y_got.float(), y_ref.float(), atol=0.5, rtol=2e-2)
 
 
+@needs_triton
 def test_expand_sums_the_shrink_partials_itself():
-    """The engine's path: shrink_partials -> expand_ (no reduction kernel) equals the reference."""
+    """The engine's path: shrink_partials -> expand_ (no reduction kernel) equals the reference, for groups
+    of 1, 2 and 3 slices and blocks of outputs that straddle a slice boundary."""
     from lorakit.serve import bgmv_triton
 
-    torch.manual_seed(3)
-    rows, K, R, widths = 5, 96, 16, (24, 8, 8)
-    N = sum(widths)
-    A = torch.randn(4, 3 * R, K)
-    A[0] = 0
-    B = torch.randn(4, N, R)
-    B[0] = 0
-    scales = torch.rand(4, 3)
-    idx = torch.tensor([1, 0, 3, 2, 1])
-    x, y = torch.randn(rows, K), torch.randn(rows, N)
-    bounds = (24, 32, 40)
-    want = bgmv.expand_reference_(y[:, None].clone(), bgmv.shrink_reference(x[:, None], A, idx), B, scales, idx,
-                                  bounds)[:, 0]
-    parts = bgmv_triton.shrink_partials(x, A, idx, block_k=32, splits=3)
-    assert parts.shape == (3, rows, 3 * R)
-    got = bgmv_triton.expand_(y.clone(), parts, B, scales, idx, bounds)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert torch.equal(bgmv.lora_apply_(y[:, None].clone(), x[:, None], A, B, scales, idx, bounds)[:, 0],
-                       bgmv.expand_reference_(y[:, None].clone(), bgmv.shrink_reference(x[:, None], A, idx), B,
-                                              scales, idx, bounds)[:, 0])  # CPU: the reference path
+    for outs, block_n in [((24, 8, 8), 16), ((40, 40), 32), ((48,), 16)]:
+        A, B, scales, bounds = stacks(4, 16, 96, outs, torch.float32, seed=5, device=DEVICE)
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(5, 96, generator=g).to(DEVICE)
+        y = torch.randn(5, sum(outs), generator=g).to(DEVICE)
+        idx = torch.tensor([1, 0, 3, 2, 1], device=DEVICE)
+        want = bgmv.expand_reference_(y[:, None].clone(), bgmv.shrink_reference(x[:, None], A, idx), B, scales,
+                                      idx, bounds)[:, 0]
+        parts = bgmv_triton.shrink_partials(x, A, idx, block_k=32, splits=3)
+        assert parts.shape == (3, 5, len(outs) * 16)
+        got = bgmv_triton.expand_(y.clone(), parts, B, scales, idx, bounds, block_n=block_n)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

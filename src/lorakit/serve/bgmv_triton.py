@@ -42,7 +42,7 @@ def _shrink_kernel(x_ptr, a_ptr, idx_ptr, out_ptr, K, RR, K_PER_SPLIT,
 
 
 @triton.jit
-def _expand_kernel(xa_ptr, b_ptr, idx_ptr, scale_ptr, y_ptr, N, R, N0, N1,
+def _expand_kernel(xa_ptr, b_ptr, idx_ptr, scale_ptr, y_ptr, N, R, N0, N1, R1, R2,
                    sxa_p, sxa_b, sxa_r, sb_n, sb_o, sb_r, ss_n, ss_s, sy_b, sy_o,
                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLITS: tl.constexpr):
     # program (row b, block of BLOCK_N outputs): y[b, n] += scale[slot, s] * sum_r B[slot, n, r] * xa[b, s*R + r]
@@ -58,10 +58,18 @@ def _expand_kernel(xa_ptr, b_ptr, idx_ptr, scale_ptr, y_ptr, N, R, N0, N1,
     n_ok = nn < N
     s = (nn >= N0).to(tl.int32) + (nn >= N1).to(tl.int32)  # slice of each output column
     r_ok = rr < R
-    xa_ptrs = xa_ptr + b * sxa_b + (s[:, None] * R + rr[None, :]) * sxa_r
-    xa = tl.load(xa_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+    # the (up to 3) slices' R values, each summed over the splits once, then picked per output column
+    ok1 = rr < R1  # R1, R2: R where the group has a second / third slice, else 0
+    ok2 = rr < R2
+    row = xa_ptr + b * sxa_b + rr * sxa_r
+    x0 = tl.load(row, mask=r_ok, other=0.0)
+    x1 = tl.load(row + R * sxa_r, mask=ok1, other=0.0)
+    x2 = tl.load(row + 2 * R * sxa_r, mask=ok2, other=0.0)
     for p in tl.static_range(1, SPLITS):
-        xa += tl.load(xa_ptrs + p * sxa_p, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        x0 += tl.load(row + p * sxa_p, mask=r_ok, other=0.0)
+        x1 += tl.load(row + p * sxa_p + R * sxa_r, mask=ok1, other=0.0)
+        x2 += tl.load(row + p * sxa_p + 2 * R * sxa_r, mask=ok2, other=0.0)
+    xa = tl.where(s[:, None] == 0, x0[None, :], tl.where(s[:, None] == 1, x1[None, :], x2[None, :]))
     bv = tl.load(b_ptr + slot * sb_n + nn[:, None] * sb_o + rr[None, :] * sb_r,
                  mask=n_ok[:, None] & r_ok[None, :], other=0.0)
     acc = tl.sum(bv.to(tl.float32) * xa, axis=1)
@@ -109,7 +117,8 @@ def expand_(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scales: torch.Te
     BLOCK_N = min(block_n or 128, triton.next_power_of_2(N))
     grid = (rows, triton.cdiv(N, BLOCK_N))
     parts = xa if xa.dim() == 3 else xa.unsqueeze(0)
-    _expand_kernel[grid](parts, B, idx, scales, y, N, R, N0, N1, parts.stride(0), parts.stride(1), parts.stride(2),
+    R1, R2 = (R if len(bounds) > 1 else 0), (R if len(bounds) > 2 else 0)
+    _expand_kernel[grid](parts, B, idx, scales, y, N, R, N0, N1, R1, R2, parts.stride(0), parts.stride(1), parts.stride(2),
                          B.stride(0),
                          B.stride(1), B.stride(2), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
                          BLOCK_N=BLOCK_N, BLOCK_R=triton.next_power_of_2(R), SPLITS=parts.shape[0],
