@@ -27,7 +27,7 @@ class Linear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._fused_adapter(x, args, kwargs)
-        operand = self._base_operand(x) if name is not None else None
+        operand = self._base_operand(x, name) if name is not None else None
         if operand is None:
             return super().forward(x, *args, **kwargs)
         weight, dtype = operand
@@ -55,7 +55,7 @@ class Linear(LoraLayer):
             return None
         return name
 
-    def _base_operand(self, x: torch.Tensor):
+    def _base_operand(self, x: torch.Tensor, name: str):
         """(weight, compute dtype) for the fused kernel, or None when the dtypes would make it differ from the
         reference path. A base storing its weight packed (Linear4bit) hands over the packed weight."""
         base = self.base_layer
@@ -66,7 +66,7 @@ class Linear(LoraLayer):
         else:
             operand = (base.weight, base.weight.dtype)
         device_type = x.device.type
-        A = self.lora_A[next(iter(self.active))].weight
+        A = self.lora_A[name].weight
         if torch.is_autocast_enabled(device_type):  # autocast computes a dense base in its own dtype
             dense = isinstance(operand[0], torch.Tensor)
             return operand if dense or operand[1] == torch.get_autocast_dtype(device_type) else None
