@@ -16,7 +16,7 @@ from .errors import (
 )
 from .functional import lora_delta
 from .io import adapter_state_dict, load_adapter, read_adapter, save_adapter
-from .layers import Linear4bit, LoraLayer
+from .layers import Linear4bit, Linear8bit, LoraLayer
 from .merge import combine_adapters, merge, unload, unmerge
 from .model import (
     Summary,
@@ -59,6 +59,7 @@ __all__ = [
     "ConfigError",
     "FusedSpec",
     "Linear4bit",
+    "Linear8bit",
     "LoraConfig",
     "LoraError",
     "LoraLayer",

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import QuantError
-from .layers import Linear4bit, LoraLayer, ModulesToSave
+from .layers import FrozenPackedLinear, Linear4bit, Linear8bit, LoraLayer, ModulesToSave
 from .merge import merge, unload
 from .model import _name_matches, _replace, lora_layers, output_head
 from .quant.nf4 import _check_blocksize, _check_quant_type, check_weight
@@ -68,7 +68,7 @@ def quantize_model(model: nn.Module, bits: int = 4, quant_type: str = "nf4", dou
                    compute_dtype: torch.dtype | None = None, skip: Sequence[str] | None = None,
                    blocksize: int = 64, quantize_head: bool = False,
                    device: torch.device | str | None = None) -> QuantizeReport:
-    """Replace the model's Linear layers by Linear4bit, in place, one layer at a time.
+    """Replace the model's Linear layers by Linear4bit (or Linear8bit), in place, one layer at a time.
 
     Each weight is quantized (on ``device`` when given, else where it lives) and its 16-bit original dropped
     before the next layer, so with ``device="cuda"`` a model loaded on the CPU arrives on the GPU at its 4-bit
@@ -77,7 +77,8 @@ def quantize_model(model: nn.Module, bits: int = 4, quant_type: str = "nf4", dou
     QuantError with the model untouched.
 
     Args:
-        bits: 4 (the only width implemented).
+        bits: 4 (NF4/FP4 blocks, QLoRA) or 8 (row-wise absmax int8, bitsandbytes' LLM.int8 weight format;
+            quant_type, double_quant and blocksize do not apply to it).
         quant_type: "nf4" or "fp4".
         double_quant: 8-bit absmax values (QLoRA's double quantization).
         compute_dtype: dtype of the matmuls (None: the input's dtype).
@@ -86,8 +87,11 @@ def quantize_model(model: nn.Module, bits: int = 4, quant_type: str = "nf4", dou
         quantize_head: also quantize the output head.
         device: where the quantized layers (and the rest of the model, at the end) go.
     """
-    if bits != 4:
-        raise QuantError(f"quantize_model: only bits=4 is implemented, got bits={bits!r}")
+    if bits not in (4, 8):
+        raise QuantError(f"quantize_model: bits must be 4 or 8, got bits={bits!r}")
+    if bits == 8 and (quant_type, double_quant, blocksize) != ("nf4", True, 64):
+        raise QuantError("quantize_model: quant_type, double_quant and blocksize are 4-bit settings; bits=8 "
+                         "stores one int8 code per value with one fp32 scale per row")
     _check_quant_type(quant_type, "quantize_model")
     _check_blocksize(blocksize, "quantize_model")
     targets, kept = quantize_targets(model, skip, quantize_head)
@@ -98,12 +102,16 @@ def quantize_model(model: nn.Module, bits: int = 4, quant_type: str = "nf4", dou
     for path in targets:
         linear = modules.pop(path)
         report.bytes_before += linear.weight.numel() * linear.weight.element_size()
-        layer = Linear4bit.from_linear(linear, blocksize=blocksize, quant_type=quant_type,
-                                       double_quant=double_quant, compute_dtype=compute_dtype, device=device,
-                                       where=path)
+        if bits == 8:
+            layer = Linear8bit.from_linear(linear, compute_dtype=compute_dtype, device=device, where=path)
+        else:
+            layer = Linear4bit.from_linear(linear, blocksize=blocksize, quant_type=quant_type,
+                                           double_quant=double_quant, compute_dtype=compute_dtype, device=device,
+                                           where=path)
         _replace(model, path, layer)
         del linear
-        report.bytes_after += layer.weight.numel() + layer.quant_state.nbytes
+        report.bytes_after += layer.weight.numel() * layer.weight.element_size()
+        report.bytes_after += sum(t.numel() * t.element_size() for t in layer.state_tensors())
         report.quantized.append(path)
     if device is not None:
         model.to(device)
@@ -175,11 +183,11 @@ class MemoryReport:
     """Bytes held by a model's tensors, by group (every storage counted once, tied weights included once).
 
     Attributes:
-        quantized_weights: the packed 4-bit codes.
+        quantized_weights: the packed 4-bit (or int8) codes.
         quant_state: absmax values (8-bit or fp32), code books and offsets.
         adapters: LoRA tensors (A, B, learnable scales) and modules_to_save copies.
         other: every other parameter and buffer (embeddings, norms, head, 16-bit Linears), by dtype name.
-        quantized_params: number of weight values stored in 4 bits.
+        quantized_params: number of weight values stored in 4 or 8 bits.
     """
 
     quantized_weights: int = 0
@@ -197,18 +205,18 @@ class MemoryReport:
         return 8 * (self.quantized_weights + self.quant_state) / self.quantized_params if self.quantized_params else 0.0
 
     def __str__(self) -> str:
-        rows = [("4-bit weights", self.quantized_weights), ("quant state", self.quant_state),
+        rows = [("quantized weights", self.quantized_weights), ("quant state", self.quant_state),
                 ("adapters", self.adapters)]
         rows += [(f"other ({k})", v) for k, v in sorted(self.other.items())]
         rows.append(("total", self.total))
         lines = [f"{name:<22}{b / 2**20:>12.2f} MiB" for name, b in rows]
         if self.quantized_params:
-            lines.append(f"{'bits per 4-bit param':<22}{self.bits_per_quantized_param:>12.3f}")
+            lines.append(f"{'bits per quant. param':<22}{self.bits_per_quantized_param:>12.3f}")
         return "\n".join(lines)
 
 
 def memory_report(model: nn.Module) -> MemoryReport:
-    """Bytes per parameter group: 4-bit weights, quant state, adapters and the rest (16-bit leftovers)."""
+    """Bytes per parameter group: 4/8-bit weights, quant state, adapters and the rest (16-bit leftovers)."""
     report = MemoryReport()
     seen: set[tuple] = set()
 
@@ -222,9 +230,9 @@ def memory_report(model: nn.Module) -> MemoryReport:
         return t.numel() * t.element_size()
 
     for module in model.modules():
-        if isinstance(module, Linear4bit):
+        if isinstance(module, FrozenPackedLinear):
             report.quantized_weights += add(module.weight)
-            report.quant_state += sum(add(t) for t in module.quant_state.tensors())
+            report.quant_state += sum(add(t) for t in module.state_tensors())
             report.quantized_params += module.in_features * module.out_features
         elif isinstance(module, LoraLayer):
             for name in module.specs:
@@ -250,7 +258,7 @@ def merge_to_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
     """
     for path, layer in list(lora_layers(model)):
         base = layer.base_layer
-        if isinstance(base, Linear4bit):
+        if isinstance(base, FrozenPackedLinear):
             target = base.weight_dtype if dtype is None else dtype
             if layer.merged:
                 layer.unmerge()  # a re-quantized merge is undone before the exact one
@@ -259,19 +267,19 @@ def merge_to_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
             layer.base_layer.to(target)
     unload(model, merge_adapters=True)
     for path, module in list(model.named_modules()):
-        if isinstance(module, Linear4bit):
+        if isinstance(module, FrozenPackedLinear):
             _replace(model, path, module.to_linear(dtype))
     return model
 
 
 def merge_requantized(model: nn.Module, adapters: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    """Merge adapters into the 4-bit weights (W <- Q(D(W) + delta)) and report the error each re-quantization
+    """Merge adapters into the 4/8-bit weights (W <- Q(D(W) + delta)) and report the error each re-quantization
     added: ``{path: {"mean_abs", "max_abs", "rel_fro"}}`` against the exact fp32 sum. The model stays 4-bit
     (``lorakit.unload`` then drops the LoRA layers); ``lorakit.unmerge`` takes the adapters back out
     approximately, or exactly after ``lorakit.merge(model, keep_original=True)``."""
     done = set(merge(model, adapters))
     return {path: dict(layer.base_layer.merge_error) for path, layer in lora_layers(model)
-            if path in done and isinstance(layer.base_layer, Linear4bit)}
+            if path in done and isinstance(layer.base_layer, FrozenPackedLinear)}
 
 
 __all__ = ["MemoryReport", "QuantizeReport", "memory_report", "merge_requantized", "merge_to_dense",

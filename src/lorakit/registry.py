@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import ConfigError
-from .layers import Conv, Embedding, FusedLinear, Linear, Linear4bit, LoraLayer
+from .layers import Conv, Embedding, FusedLinear, Linear, Linear4bit, Linear8bit, LoraLayer
 from .layers.dora import DoraConv, DoraFusedLinear, DoraLayer, DoraLinear, upgrade_to_dora
 
 
@@ -52,14 +52,15 @@ def _embedding(module: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
     return Embedding(module)
 
 
-_PLAIN_MATMUL: set[type] = {nn.Linear, Linear4bit}
+_PLAIN_MATMUL: set[type] = {nn.Linear, Linear4bit, Linear8bit}
 """Base types whose forward is exactly ``x @ W.T + b`` (or ``x @ W + b`` when fan_in_fan_out; for Linear4bit
-with W dequantized to its compute dtype): the fused LoRA kernel may compute them itself."""
+and Linear8bit with W dequantized to their compute dtype): the fused LoRA kernel may compute them itself."""
 
 
 _REGISTRY: dict[type, LayerType] = {
     nn.Linear: LayerType(_linear(False), "linear"),
     Linear4bit: LayerType(_linear(False), "linear"),  # 4-bit base: the ordinary LoRA Linear on top
+    Linear8bit: LayerType(_linear(False), "linear"),
     nn.Embedding: LayerType(_embedding, "embedding"),
     nn.Conv1d: LayerType(_conv, "conv"),
     nn.Conv2d: LayerType(_conv, "conv"),

@@ -5,7 +5,19 @@ from .conv import Conv
 from .embedding import Embedding
 from .linear import FusedLinear, Linear
 from .modules_to_save import ModulesToSave
-from .quantized import Linear4bit
+from .quantized import FrozenPackedLinear, Linear4bit
+from .quantized8 import Linear8bit
 
-__all__ = ["AdapterSpec", "Conv", "Embedding", "FusedLinear", "Linear", "Linear4bit", "LoraLayer", "MixedBatch",
-           "ModulesToSave"]
+__all__ = [
+           "AdapterSpec",
+           "Conv",
+           "Embedding",
+           "FrozenPackedLinear",
+           "FusedLinear",
+           "Linear",
+           "Linear4bit",
+           "Linear8bit",
+           "LoraLayer",
+           "MixedBatch",
+           "ModulesToSave",
+]

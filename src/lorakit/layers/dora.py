@@ -30,7 +30,7 @@ from ..functional import add_scaled, lora_linear
 from .base import AdapterSpec, LoraLayer, WeightStore
 from .conv import Conv
 from .linear import FusedLinear, Linear
-from .quantized import Linear4bit
+from .quantized import FrozenPackedLinear
 
 
 class DoraLayer(LoraLayer):
@@ -98,9 +98,9 @@ class DoraLayer(LoraLayer):
 
     # ------------------------------------------------------------------ maths
     def dense_weight(self) -> torch.Tensor:
-        """The base weight in its own layout as fp32 (dequantized for a 4-bit base). Not a copy for fp32 weights."""
+        """The base weight in its own layout as fp32 (dequantized for a 4-bit or 8-bit base). Not a copy for fp32 weights."""
         base = self.base_layer
-        if isinstance(base, Linear4bit):
+        if isinstance(base, FrozenPackedLinear):
             return base.dequantize(torch.float32)
         return base.weight.detach().to(torch.float32)
 

@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..functional import lora_delta
 from .base import AdapterSpec, LoraLayer
 from .linear import FusedLinear, Linear
-from .quantized import Linear4bit
+from .quantized import FrozenPackedLinear
 
 _NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 SVD_SEED = 0
@@ -67,7 +67,7 @@ def check_pissa(layer: LoraLayer, r: int, where: str = "") -> None:
             f"{type(layer).__name__}; leave this module out of the PiSSA adapter's target_modules"
         )
     base = layer.base_layer
-    if isinstance(base, Linear4bit) or base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16,
+    if isinstance(base, FrozenPackedLinear) or base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16,
                                                                   torch.float64):
         raise ConfigError(
             f"init='pissa'{at}: the base weight must be floating point (found {type(base).__name__} with "

@@ -52,8 +52,9 @@ class Packed4bit:
         return dispatch.dequantize(self.packed, self.state, dtype)
 
 
-class _Matmul4bit(torch.autograd.Function):
-    """y = x @ D(W).T + b, with D the dequantization of the frozen 4-bit W.
+class MatmulPacked(torch.autograd.Function):
+    """y = x @ D(W).T + b, with D the dequantization of a frozen packed W (4-bit, 8-bit: anything with
+    ``dequantize(dtype)``).
 
     Backward: dL/dx = dL/dy @ D(W) (W dequantized again: nothing but references is saved, so a layer's
     activations cost no more than with a 16-bit weight); W gets no gradient (frozen); dL/db = dL/dy summed
@@ -61,23 +62,138 @@ class _Matmul4bit(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None):
+    def forward(ctx, x: torch.Tensor, weight, bias: torch.Tensor | None):
         ctx.weight = weight
         ctx.has_bias = bias is not None
-        return F.linear(x, dispatch.dequantize(weight.packed, weight.state, x.dtype), bias)
+        return F.linear(x, weight.dequantize(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = dispatch.dequantize(ctx.weight.packed, ctx.weight.state, grad.dtype)
-            grad_x = grad @ w
+            grad_x = grad @ ctx.weight.dequantize(grad.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, None, grad_bias
 
 
-class Linear4bit(nn.Module):
+class FrozenPackedLinear(nn.Module):
+    """What the 4-bit and 8-bit Linears share: a frozen weight stored packed (the buffers in
+    ``_STATE_BUFFERS``, which dtype casts of the module never touch), dequantized to the compute dtype for
+    each matmul, never kept dequantized for backward. Subclasses give ``packed()`` (an object with
+    ``dequantize(dtype)``), ``dequantize``, ``state_tensors`` and the merge hooks."""
+
+    _STATE_BUFFERS: tuple[str, ...] = ()
+    in_features: int
+    out_features: int
+    compute_dtype: torch.dtype | None
+    weight_dtype: torch.dtype
+
+    def packed(self):
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The quantization state besides the codes in ``weight`` (for memory accounting)."""
+        raise NotImplementedError
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain nn.Linear holding the dequantized weight (and the bias), frozen like this layer."""
+        dtype = self.weight_dtype if dtype is None else dtype
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
+                           dtype=dtype)
+        linear.weight = nn.Parameter(self.dequantize(dtype), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().to(dtype).clone(), requires_grad=self.bias.requires_grad)
+        return linear
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype if x.dtype.is_floating_point else self.weight_dtype
+
+    def _small_batch_kernel(self, x: torch.Tensor) -> bool:
+        """True where the layer has a faster path of its own for this input (4-bit: the fused GEMV)."""
+        return False
+
+    def matmul_operand(self, x: torch.Tensor) -> tuple[object, torch.dtype] | None:
+        """For the fused LoRA kernel: the packed weight and the dtype this layer would compute ``x`` in, or
+        None where its own forward is better (small-batch inference on a kernel of its own)."""
+        if not torch.is_grad_enabled() and self._small_batch_kernel(x):
+            return None
+        return self.packed(), self._compute_dtype(x)
+
+    def _matmul(self, xin: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The inference matmul (no gradient needed): dequantize, then one GEMM."""
+        return F.linear(xin, self.dequantize(xin.dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._compute_dtype(x)
+        xin = x if x.dtype == dtype else x.to(dtype)
+        bias = None if self.bias is None else (self.bias if self.bias.dtype == dtype else self.bias.to(dtype))
+        needs_grad = torch.is_grad_enabled() and (xin.requires_grad or (bias is not None and bias.requires_grad))
+        y = MatmulPacked.apply(xin, self.packed(), bias) if needs_grad else self._matmul(xin, bias)
+        return y if y.dtype == x.dtype or not x.dtype.is_floating_point else y.to(x.dtype)
+
+    def _merge_error(self, requantized: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
+        diff = requantized - exact
+        norm = float(torch.linalg.vector_norm(exact))
+        return {"mean_abs": float(diff.abs().mean()), "max_abs": float(diff.abs().max()),
+                "rel_fro": float(torch.linalg.vector_norm(diff)) / norm if norm else 0.0}
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``/``.half()`` must not round the quant state: state buffers only change device."""
+        held = {n: self._buffers[n] for n in self._STATE_BUFFERS if self._buffers.get(n) is not None}
+        for n in held:
+            self._buffers[n] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, t in held.items():
+                moved = fn(t)
+                self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        return self
+
+    def _device(self, incoming: torch.Tensor) -> torch.device:
+        """Where loaded state goes: this layer's device, or the incoming tensor's while the layer is on meta."""
+        return incoming.device if self.weight.device.type == "meta" else self.weight.device
+
+    @classmethod
+    def _build_from(cls, linear: nn.Module, device, where: str, **settings):
+        """A layer of this class holding ``linear``'s weight quantized (``_load_float_weight``) and its bias."""
+        weight = linear.weight
+        if weight.dim() != 2:
+            raise QuantError(f"{where}: expected a 2-D weight, found shape {tuple(weight.shape)}")
+        device = weight.device if device is None else torch.device(device)
+        out_f, in_f = weight.shape
+        bias = getattr(linear, "bias", None)
+        layer = cls(in_f, out_f, bias=bias is not None, weight_dtype=weight.dtype, device="meta", **settings)
+        layer._load_float_weight(weight.detach().to(device), where)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(device).clone(), requires_grad=False)
+        return layer
+
+    def _load_float_weight(self, weight: torch.Tensor, where: str) -> None:
+        raise NotImplementedError
+
+    def _load_bias(self, state_dict: dict, key: str, missing_keys: list) -> None:
+        if self.bias is None:
+            return
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        b = state_dict[key]
+        if tuple(b.shape) != (self.out_features,):
+            raise QuantError(f"{key}: expected shape {(self.out_features,)}, found {tuple(b.shape)}")
+        with torch.no_grad():
+            self.bias.copy_(b)
+
+
+class Linear4bit(FrozenPackedLinear):
     """``x @ W.T + b`` with W (out_features, in_features) stored in 4 bits.
 
     Args:
@@ -91,6 +207,8 @@ class Linear4bit(nn.Module):
 
     A layer built this way holds zeros; fill it with ``from_linear``, ``set_quantized`` or ``load_state_dict``.
     """
+
+    _STATE_BUFFERS = _STATE_BUFFERS
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, blocksize: int = 64,
                  quant_type: str = "nf4", double_quant: bool = True, compute_dtype: torch.dtype | None = None,
@@ -127,20 +245,8 @@ class Linear4bit(nn.Module):
                     device: torch.device | str | None = None, where: str = "linear") -> Linear4bit:
         """Quantize an nn.Linear (or any module with a 2-D ``weight`` and optional ``bias``) on ``device``
         (default: where its weight is). The source module is not modified."""
-        weight = linear.weight
-        if weight.dim() != 2:
-            raise QuantError(f"{where}: expected a 2-D weight, found shape {tuple(weight.shape)}")
-        device = weight.device if device is None else torch.device(device)
-        out_f, in_f = weight.shape
-        bias = getattr(linear, "bias", None)
-        layer = cls(in_f, out_f, bias=bias is not None, blocksize=blocksize, quant_type=quant_type,
-                    double_quant=double_quant, compute_dtype=compute_dtype, weight_dtype=weight.dtype,
-                    device="meta")
-        packed, state = quantize_4bit(weight.detach().to(device), blocksize, quant_type, double_quant, where)
-        layer.set_quantized(packed, state, where)
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().to(device).clone(), requires_grad=False)
-        return layer
+        return cls._build_from(linear, device, where, blocksize=blocksize, quant_type=quant_type,
+                               double_quant=double_quant, compute_dtype=compute_dtype)
 
     def set_quantized(self, packed: torch.Tensor, state: QuantState, where: str = "weight") -> None:
         """Install packed codes and their state (moved to the codes' device); they must fit this layer's shape."""
@@ -176,46 +282,19 @@ class Linear4bit(nn.Module):
         """The (out_features, in_features) weight in ``dtype`` (default: the original weight's dtype)."""
         return dispatch.dequantize(self.weight, self.quant_state, dtype)
 
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A plain nn.Linear holding the dequantized weight (and the bias), frozen like this layer."""
-        dtype = self.weight_dtype if dtype is None else dtype
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
-                           dtype=dtype)
-        linear.weight = nn.Parameter(self.dequantize(dtype), requires_grad=False)
-        if self.bias is not None:
-            linear.bias = nn.Parameter(self.bias.detach().to(dtype).clone(), requires_grad=self.bias.requires_grad)
-        return linear
+    def packed(self) -> Packed4bit:
+        return Packed4bit(self.weight, self.quant_state)
 
-    # ------------------------------------------------------------------ forward
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        if self.compute_dtype is not None:
-            return self.compute_dtype
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return x.dtype if x.dtype.is_floating_point else self.weight_dtype
+    def state_tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.quant_state.tensors())
 
-    def _use_gemv(self, x: torch.Tensor) -> bool:
+    def _small_batch_kernel(self, x: torch.Tensor) -> bool:
         return self.use_gemv and x.is_cuda and x.numel() <= GEMV_MAX_ROWS * self.in_features
 
-    def matmul_operand(self, x: torch.Tensor) -> tuple[Packed4bit, torch.dtype] | None:
-        """For the fused LoRA kernel: the packed weight and the dtype this layer would compute ``x`` in, or
-        None where its own forward is better (small-batch inference takes the fused GEMV)."""
-        if not torch.is_grad_enabled() and self._use_gemv(x):
-            return None
-        return Packed4bit(self.weight, self.quant_state), self._compute_dtype(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self._compute_dtype(x)
-        xin = x if x.dtype == dtype else x.to(dtype)
-        bias = None if self.bias is None else (self.bias if self.bias.dtype == dtype else self.bias.to(dtype))
-        needs_grad = torch.is_grad_enabled() and (xin.requires_grad or (bias is not None and bias.requires_grad))
-        if needs_grad:
-            y = _Matmul4bit.apply(xin, Packed4bit(self.weight, self.quant_state), bias)
-        elif self._use_gemv(xin):
-            y = dispatch.gemv_4bit(xin, self.weight, self.quant_state, bias)
-        else:
-            y = F.linear(xin, self.dequantize(dtype), bias)
-        return y if y.dtype == x.dtype or not x.dtype.is_floating_point else y.to(x.dtype)
+    def _matmul(self, xin: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._small_batch_kernel(xin):
+            return dispatch.gemv_4bit(xin, self.weight, self.quant_state, bias)
+        return F.linear(xin, self.dequantize(xin.dtype), bias)
 
     # ------------------------------------------------------------------ merge hooks (layers.base.WeightStore)
     def add_to_weight_(self, delta: torch.Tensor) -> None:
@@ -225,13 +304,7 @@ class Linear4bit(nn.Module):
             exact = dequantize_4bit(self.weight, self.quant_state, torch.float32)
             exact += delta.to(device=exact.device, dtype=torch.float32)
             packed, state = quantize_4bit(exact, self.blocksize, self.quant_type, self.double_quant, "merged weight")
-            diff = dequantize_4bit(packed, state, torch.float32) - exact
-            norm = float(torch.linalg.vector_norm(exact))
-            self.merge_error = {
-                "mean_abs": float(diff.abs().mean()),
-                "max_abs": float(diff.abs().max()),
-                "rel_fro": float(torch.linalg.vector_norm(diff)) / norm if norm else 0.0,
-            }
+            self.merge_error = self._merge_error(dequantize_4bit(packed, state, torch.float32), exact)
             self.set_quantized(packed, QuantState(state.shape, self.weight_dtype, state.blocksize,
                                                   state.quant_type, state.absmax, state.code, state.nested))
 
@@ -245,20 +318,7 @@ class Linear4bit(nn.Module):
             setattr(self, name, tensor)
         self.blocksize, self.quant_type, self.double_quant = snapshot["meta"]
 
-    # ------------------------------------------------------------------ dtype casts and state dicts
-    def _apply(self, fn, recurse=True):
-        """``.to(dtype)``/``.half()`` must not round the fp32 quant state: state buffers only change device."""
-        held = {n: self._buffers[n] for n in _STATE_BUFFERS if self._buffers.get(n) is not None}
-        for n in held:
-            self._buffers[n] = None
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for n, t in held.items():
-                moved = fn(t)
-                self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
-        return self
-
+    # ------------------------------------------------------------------ state dicts
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
         for key, tensor in self.quant_state.as_bnb_dict().items():
@@ -280,21 +340,9 @@ class Linear4bit(nn.Module):
         else:
             self._load_float_weight(state_dict[wkey], wkey)
         bkey = prefix + "bias"
-        if self.bias is not None:
-            if bkey not in state_dict:
-                missing_keys.append(bkey)
-            else:
-                b = state_dict[bkey]
-                if tuple(b.shape) != (self.out_features,):
-                    raise QuantError(f"{bkey}: expected shape {(self.out_features,)}, found {tuple(b.shape)}")
-                with torch.no_grad():
-                    self.bias.copy_(b)
+        self._load_bias(state_dict, bkey, missing_keys)
         if strict:
             unexpected_keys.extend(k for k in ours if k not in (wkey, bkey) and not k.startswith(wkey + "."))
-
-    def _device(self, incoming: torch.Tensor) -> torch.device:
-        """Where loaded state goes: this layer's device, or the incoming tensor's while the layer is on meta."""
-        return incoming.device if self.weight.device.type == "meta" else self.weight.device
 
     def _load_float_weight(self, weight: torch.Tensor, where: str) -> None:
         """A 16/32-bit weight loaded into a 4-bit layer is quantized with the layer's settings."""

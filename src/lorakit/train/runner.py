@@ -187,14 +187,12 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
 
 
 def _count_params(model) -> int:
-    """Parameters of the model, each shared tensor once; a 4-bit Linear counts its out x in weight values
-    (they are packed into a uint8 buffer, not a parameter)."""
-    try:
-        from ..layers import Linear4bit
-    except ImportError:
-        Linear4bit = ()  # an install without the 4-bit layer
+    """Parameters of the model, each shared tensor once; a 4/8-bit Linear counts its out x in weight values
+    (they are stored in a buffer, not a parameter)."""
+    from ..layers import FrozenPackedLinear
+
     unique = {id(p): p.numel() for p in model.parameters()}
-    packed = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    packed = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, FrozenPackedLinear))
     return sum(unique.values()) + packed
 
 
