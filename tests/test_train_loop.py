@@ -261,12 +261,15 @@ def test_synthetic_data_for_presets(tmp_path):
     not qlora_available(),
     reason="lorakit.qlora (quantize_model, prepare_for_kbit_training) is not in this install",
 )
-def test_qlora_trains_an_adapter(llama, tmp_path):
-    summary = run(config(llama, tmp_path, max_steps=6, method="qlora"), log=quiet)
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_qlora_trains_an_adapter(llama, tmp_path, quant_type):
+    summary = run(config(llama, tmp_path, max_steps=6, method="qlora", quant_type=quant_type), log=quiet)
     train = [r["loss"] for r in losses(tmp_path) if "loss" in r]
     assert math.isfinite(train[-1]) and train[-1] < train[0]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert summary["trainable_params"] < summary["total_params"]
+    # the fp32 model would hold 4 bytes per parameter; its Linear weights now take 0.5 (nf4) or 1 (int8)
+    assert summary["model_bytes"] < 0.55 * 4 * summary["total_params"]
 
 
 def test_the_callers_config_is_not_changed(llama, tmp_path):

@@ -161,7 +161,7 @@ def add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
     from .train.modeling import PRESETS
 
     choices = {"method": tc.METHODS, "task": tc.TASKS, "dtype": tc.DTYPES, "autocast": tc.AUTOCAST,
-               "chat_loss": tc.CHAT_LOSS, "quant_type": ("nf4", "fp4"), "model_config": tuple(PRESETS)}
+               "chat_loss": tc.CHAT_LOSS, "quant_type": tc.QUANT_TYPES, "model_config": tuple(PRESETS)}
     docs = tc.field_docs(tc.TrainConfig)
     parser.add_argument("--config", default=None, metavar="TOML",
                         help="read settings from a TOML file (flat key = value, names as below); flags override it")

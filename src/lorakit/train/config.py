@@ -24,6 +24,7 @@ from ..errors import ConfigError
 METHODS = ("lora", "qlora", "full", "peft-lora", "prefix")
 TASKS = ("auto", "causal-lm", "classification")
 DTYPES = ("fp32", "bf16", "fp16")
+QUANT_TYPES = ("nf4", "fp4", "int8")
 AUTOCAST = ("auto", "none", "bf16", "fp16")
 CHAT_LOSS = ("assistant", "all")
 
@@ -95,7 +96,8 @@ class TrainConfig:
     prefix_projection: bool = False
     """prefix only: train the prefix through a two-layer MLP (reparametrization), folded away when saved."""
     quant_type: str = "nf4"
-    """qlora only: 4-bit data type of the frozen base weights (nf4 or fp4), through lorakit.quantize_model."""
+    """qlora only: how the frozen base weights are stored: nf4 or fp4 (4 bits, QLoRA) or int8 (8 bits, one
+    scale per row, bitsandbytes' LLM.int8 weight format), through lorakit.quantize_model."""
     double_quant: bool = True
     """qlora only: quantize the per-block scales too (saves ~0.4 bit per weight)."""
 
@@ -168,7 +170,7 @@ class TrainConfig:
         _choice("dtype", self.dtype, DTYPES)
         _choice("autocast", self.autocast, AUTOCAST)
         _choice("chat_loss", self.chat_loss, CHAT_LOSS)
-        _choice("quant_type", self.quant_type, ("nf4", "fp4"))
+        _choice("quant_type", self.quant_type, QUANT_TYPES)
         if not re.fullmatch(r"kaiming|gaussian|pissa|pissa_niter_[1-9][0-9]*", self.init):
             raise ConfigError(f"init must be kaiming, gaussian, pissa or pissa_niter_<N>, got {self.init!r}")
         if not (math.isfinite(self.loraplus_ratio) and self.loraplus_ratio >= 0):

@@ -155,7 +155,7 @@ def load_model(cfg, task: str, tokenizer=None, num_labels: int | None = None,
         with torch.device(device or "cpu"):
             model = auto.from_config(config, dtype=dtype)
         notes.append(f"random weights: preset {cfg.model_config}")
-    elif cfg.method == "qlora" and task == "causal-lm":
+    elif cfg.method == "qlora" and task == "causal-lm" and cfg.quant_type != "int8":
         # stream the checkpoint into 4 bits: the full-precision model never exists, on the CPU or the GPU
         compute = torch.float32 if cfg.dtype == "fp32" else dtype
         try:
@@ -178,6 +178,7 @@ def load_model(cfg, task: str, tokenizer=None, num_labels: int | None = None,
             first = str(err).splitlines()[0]
             raise ConfigError(f"cannot load a {task} model from {cfg.model!r}: {first}") from None
         if device is not None and cfg.method != "qlora":  # qlora: quantize_model moves it layer by layer
+            # (int8 bases load in cfg.dtype on the CPU first: the GPU only ever holds the 8-bit model)
             model.to(device)
     return _finish(model, tokenizer, task, notes)
 
@@ -220,7 +221,9 @@ def apply_method(loaded: Loaded, cfg, device: torch.device):
     if cfg.method == "qlora":
         qlora = import_quant()
         compute = torch.float32 if cfg.dtype == "fp32" else torch_dtype(cfg.dtype)
-        if not loaded.quantized:
+        if not loaded.quantized and cfg.quant_type == "int8":
+            qlora.quantize_model(model, bits=8, compute_dtype=compute, device=device)
+        elif not loaded.quantized:
             qlora.quantize_model(model, bits=4, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                                  compute_dtype=compute, device=device)
         # gradient checkpointing stays the user's choice (--gradient-checkpointing), as for lora and full,
