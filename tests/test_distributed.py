@@ -176,22 +176,25 @@ def test_checkpoints_are_single_process_files(runs):
         assert st["exp_avg"].shape == opt_fsdp["state"][i]["exp_avg"].shape
 
 
-def test_fsdp_shards_the_4bit_base():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fsdp_shards_the_4bit_base(bits):
     """prepare_4bit_for_fsdp turns the packed buffer into a frozen parameter holding the same tensor."""
     if not qlora_available():
         pytest.skip("lorakit.qlora is not available in this install")
-    from lorakit.layers.quantized import Linear4bit
+    from lorakit.layers import Linear4bit, Linear8bit
 
-    layer = Linear4bit.from_linear(torch.nn.Linear(64, 32), compute_dtype=torch.float32)
+    cls = Linear4bit if bits == 4 else Linear8bit
+    layer = cls.from_linear(torch.nn.Linear(64, 32), compute_dtype=torch.float32)
     packed = layer.weight
     x = torch.randn(3, 64)
     before = layer(x)
     (found,) = distributed.prepare_4bit_for_fsdp(torch.nn.Sequential(layer))
     assert found is layer and "weight" not in layer._buffers
     assert isinstance(layer.weight, torch.nn.Parameter) and not layer.weight.requires_grad
-    assert layer.weight.data_ptr() == packed.data_ptr() and layer.weight.dtype == torch.uint8
+    assert layer.weight.data_ptr() == packed.data_ptr()
+    assert layer.weight.dtype == (torch.uint8 if bits == 4 else torch.int8)
     assert torch.equal(layer(x), before)
-    assert "weight.absmax" in layer.state_dict()
+    assert ("weight.absmax" if bits == 4 else "SCB") in layer.state_dict()
 
 
 def test_short_last_batch_gives_an_idle_rank_an_ignored_row():

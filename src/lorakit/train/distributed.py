@@ -14,7 +14,7 @@ trainer to them, so that a run on N processes follows the *same trajectory* as a
   decoder layer is one FSDP group, the root holds the rest. ``--autocast bf16`` gives FSDP a mixed-precision
   policy (bf16 compute, fp32 gradient reduction); ``--gradient-checkpointing`` is HF's non-reentrant
   activation checkpointing inside each layer.
-* QLoRA under FSDP2: FSDP shards parameters, not buffers. ``Linear4bit`` keeps its packed codes in a uint8
+* QLoRA under FSDP2: FSDP shards parameters, not buffers. ``Linear4bit`` (and ``Linear8bit``) keep their codes in a
   buffer, so ``prepare_4bit_for_fsdp`` re-registers that buffer as a frozen ``nn.Parameter`` (the same
   tensor, ``requires_grad=False``) and each 4-bit layer becomes its own FSDP group with no dtype cast, so
   the codes are sharded as bytes and never rounded. The small quant state (absmax, code books) stays
@@ -253,11 +253,12 @@ def shard_fsdp(model: nn.Module, policy) -> nn.Module:
 
 
 def prepare_4bit_for_fsdp(model: nn.Module) -> list[nn.Module]:
-    """Re-register each Linear4bit's packed uint8 ``weight`` buffer as a frozen nn.Parameter (same tensor)
-    so that fully_shard shards it; returns those layers. The layer reads ``self.weight`` either way."""
-    from ..layers.quantized import Linear4bit
+    """Re-register each 4/8-bit Linear's packed ``weight`` buffer (uint8 or int8 codes) as a frozen
+    nn.Parameter (same tensor) so that fully_shard shards it; returns those layers. The layer reads
+    ``self.weight`` either way."""
+    from ..layers.quantized import FrozenPackedLinear
 
-    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    layers = [m for m in model.modules() if isinstance(m, FrozenPackedLinear)]
     for layer in layers:
         packed = layer._buffers.pop("weight", None)
         if packed is not None:
