@@ -15,8 +15,8 @@ trainer to them, so that a run on N processes follows the *same trajectory* as a
   policy (bf16 compute, fp32 gradient reduction); ``--gradient-checkpointing`` is HF's non-reentrant
   activation checkpointing inside each layer.
 * QLoRA under FSDP2: FSDP shards parameters, not buffers. ``Linear4bit`` (and ``Linear8bit``) keep their
-  codes in a buffer, so ``prepare_4bit_for_fsdp`` re-registers that buffer as a frozen ``nn.Parameter`` (the same
-  tensor, ``requires_grad=False``) and each 4-bit layer becomes its own FSDP group with no dtype cast, so
+  codes in a buffer, so ``prepare_4bit_for_fsdp`` re-registers that buffer as a frozen ``nn.Parameter`` (the
+  same tensor, ``requires_grad=False``) and each 4-bit layer becomes its own FSDP group with no dtype cast, so
   the codes are sharded as bytes and never rounded. The small quant state (absmax, code books) stays
   replicated (about 1/64 of the packed bytes with double quantization).
 * Checkpoints and the saved adapter are the single-process files: under FSDP the trainable parameters and
