@@ -177,3 +177,37 @@ def test_merge_into_8bit_base_dense_and_requantized():
     assert not any(isinstance(m, Linear8bit) for m in model.modules())
     with torch.no_grad():
         assert torch.allclose(model(input_ids=x).logits, want, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- load_quantized
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama8")
+    tiny_llama(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def test_load_quantized_8bit_equals_quantize_model_and_reads_its_own_files(checkpoint, tmp_path):
+    from safetensors.torch import save_file
+
+    direct = lk.load_quantized(checkpoint, bits=8)
+    assert sum(isinstance(m, Linear8bit) for m in direct.modules()) == 14
+    reference = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    lk.quantize_model(reference, bits=8)
+    x = ids()
+    with torch.no_grad():
+        want = reference(x).logits
+        assert torch.equal(direct(x).logits, want)
+    # an 8-bit checkpoint (bitsandbytes' Linear8bitLt keys: weight int8, SCB, weight_format) loads unchanged
+    (tmp_path / "q8").mkdir()
+    (tmp_path / "q8" / "config.json").write_text((checkpoint / "config.json").read_text())
+    state = {k: v.contiguous() for k, v in reference.state_dict().items() if k != "lm_head.weight"}
+    state["lm_head.weight"] = reference.lm_head.weight.detach().clone()
+    save_file(state, str(tmp_path / "q8" / "model.safetensors"))
+    again = lk.load_quantized(tmp_path / "q8", bits=8)
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, want)
+    with pytest.raises(QuantError, match="bits=8"):
+        lk.load_quantized(tmp_path / "q8")  # int8 codes into a 4-bit model: a clear error
+    with pytest.raises(QuantError, match="bits must be 4 or 8"):
+        lk.load_quantized(checkpoint, bits=2)

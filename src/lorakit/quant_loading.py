@@ -1,4 +1,4 @@
-"""Load a Hugging Face checkpoint straight into 4 bits, one tensor at a time.
+"""Load a Hugging Face checkpoint straight into 4 (or 8) bits, one tensor at a time.
 
 The model is built from its config with every parameter on the meta device (no memory, no random init;
 buffers such as rotary frequencies are computed for real), its Linear layers are swapped for empty
@@ -7,7 +7,8 @@ and quantized (or cast, for embeddings and norms) before the next one is read. P
 plus one 16-bit tensor; the full 16-bit model never exists.
 
 Checkpoints that bitsandbytes already quantized (``weight.absmax``, ``weight.quant_state.bitsandbytes__nf4``
-... next to the packed ``weight``) load as they are, with no re-quantization.
+... next to the packed ``weight``; for 8 bits, ``SCB`` and ``weight_format`` next to int8 codes) load as they
+are, with no re-quantization.
 
 Only transformers' config and model classes are used (imported here, lazily); safetensors files only, never
 pickle.
@@ -24,13 +25,14 @@ import torch
 from torch import nn
 
 from .errors import QuantError
-from .layers import Linear4bit
+from .layers import Linear4bit, Linear8bit
 from .model import _replace
 from .qlora import quantize_targets
 from .quant.nf4 import QuantState, _check_blocksize, _check_quant_type, check_weight
 
 _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
                  "quant_state.bitsandbytes__fp4")
+_INT8_SIBLINGS = ("SCB", "weight_format")  # next to an int8 ``weight``: read with it
 
 
 @contextlib.contextmanager
@@ -87,14 +89,16 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[attr] = tensor
 
 
-def load_quantized(path: str | Path, *, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
+def load_quantized(path: str | Path, *, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
+                   blocksize: int = 64,
                    dtype: torch.dtype = torch.bfloat16, compute_dtype: torch.dtype | None = None,
                    device: torch.device | str = "cpu", skip: Sequence[str] | None = None,
                    quantize_head: bool = False, model_class=None) -> nn.Module:
-    """Build a Hugging Face model from a local folder with its Linear layers in 4 bits.
+    """Build a Hugging Face model from a local folder with its Linear layers in 4 bits (or 8).
 
     Args:
         path: folder with config.json and safetensors weights (single file or sharded with an index).
+        bits: 4 (Linear4bit) or 8 (Linear8bit: row-wise int8).
         quant_type, double_quant, blocksize: the 4-bit format (see quantize_model).
         dtype: dtype of everything kept in 16 bits (embeddings, norms, head) and of the dequantized weights.
         compute_dtype: matmul dtype of the 4-bit layers (None: the input's).
@@ -109,6 +113,8 @@ def load_quantized(path: str | Path, *, quant_type: str = "nf4", double_quant: b
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if bits not in (4, 8):
+        raise QuantError(f"load_quantized: bits must be 4 or 8, got bits={bits!r}")
     _check_quant_type(quant_type, "load_quantized")
     _check_blocksize(blocksize, "load_quantized")
     path = Path(path)
@@ -123,9 +129,10 @@ def load_quantized(path: str | Path, *, quant_type: str = "nf4", double_quant: b
     targets, _ = quantize_targets(model, skip, quantize_head)
     for target in targets:
         linear = model.get_submodule(target)
-        _replace(model, target, Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                           blocksize=blocksize, quant_type=quant_type, double_quant=double_quant,
-                                           compute_dtype=compute_dtype, weight_dtype=dtype, device="meta"))
+        shape = dict(in_features=linear.in_features, out_features=linear.out_features,
+                     bias=linear.bias is not None, compute_dtype=compute_dtype, weight_dtype=dtype, device="meta")
+        _replace(model, target, Linear8bit(**shape) if bits == 8 else
+                 Linear4bit(**shape, blocksize=blocksize, quant_type=quant_type, double_quant=double_quant))
     quantized = {f"{t}.weight": model.get_submodule(t) for t in targets}
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     names |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
@@ -137,16 +144,21 @@ def load_quantized(path: str | Path, *, quant_type: str = "nf4", double_quant: b
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             keys = list(f.keys())
+            key_set = set(keys)
             bnb_states = {k.rsplit(".", 1)[0] for k in keys if ".quant_state.bitsandbytes__" in k}
             for key in keys:
                 if any(key.endswith("." + s) for s in _BNB_SUFFIXES) and not key.endswith(".weight"):
                     continue  # part of a pre-quantized state, read with its weight
+                if key.rpartition(".")[2] in _INT8_SIBLINGS and key.rpartition(".")[0] + ".weight" in key_set:
+                    continue  # an int8 weight's row scales / format flag: read with the weight
                 name = _resolve(key, names, prefix)
                 if name is None:
                     unexpected.append(key)
                     continue
                 if key.endswith(".weight") and any(s.startswith(key + ".quant_state") for s in bnb_states):
                     _load_prequantized(f, keys, key, name, quantized, device)
+                elif key.endswith(".weight") and key.removesuffix("weight") + "SCB" in key_set:
+                    _load_prequantized_int8(f, key, name, quantized, device)
                 else:  # in a function of its own: the 16-bit tensor dies before the next one is read
                     _load_one(f, key, name, model, quantized, expected_shapes, dtype, device)
                 loaded.add(name)
@@ -177,6 +189,18 @@ def _load_one(f, key: str, name: str, model: nn.Module, quantized: dict, expecte
     if tensor.dtype.is_floating_point:
         tensor = tensor.to(dtype)
     _set_tensor(model, name, tensor.to(device))
+
+
+def _load_prequantized_int8(f, key: str, name: str, quantized: dict, device) -> None:
+    """An int8 weight with its ``SCB`` (bitsandbytes' Linear8bitLt or lorakit's Linear8bit): used as is."""
+    layer = quantized.get(name)
+    if not isinstance(layer, Linear8bit):
+        raise QuantError(f"load_quantized: {key!r} is int8 in the checkpoint; load it with bits=8 (and the "
+                         "same skip/quantize_head settings)")
+    stem = key.removesuffix("weight")
+    if stem + "weight_format" in f.keys() and int(f.get_tensor(stem + "weight_format")) != 0:
+        raise QuantError(f"load_quantized: {stem}weight_format is not bitsandbytes' row-major format (0)")
+    layer.set_quantized(f.get_tensor(key).to(device), f.get_tensor(stem + "SCB").to(device), key)
 
 
 def _load_prequantized(f, keys: list[str], key: str, name: str, quantized: dict, device) -> None:

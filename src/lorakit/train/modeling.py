@@ -155,15 +155,16 @@ def load_model(cfg, task: str, tokenizer=None, num_labels: int | None = None,
         with torch.device(device or "cpu"):
             model = auto.from_config(config, dtype=dtype)
         notes.append(f"random weights: preset {cfg.model_config}")
-    elif cfg.method == "qlora" and task == "causal-lm" and cfg.quant_type != "int8":
-        # stream the checkpoint into 4 bits: the full-precision model never exists, on the CPU or the GPU
+    elif cfg.method == "qlora" and task == "causal-lm":
+        # stream the checkpoint into 4 (8) bits: the full-precision model never exists, on the CPU or the GPU
         compute = torch.float32 if cfg.dtype == "fp32" else dtype
+        bits = 8 if cfg.quant_type == "int8" else 4
+        quant = {} if bits == 8 else {"quant_type": cfg.quant_type, "double_quant": cfg.double_quant}
         try:
-            model = import_quant().load_quantized(
-                cfg.model, quant_type=cfg.quant_type, double_quant=cfg.double_quant, dtype=dtype,
-                compute_dtype=compute, device=device or "cpu")
+            model = import_quant().load_quantized(cfg.model, bits=bits, **quant, dtype=dtype, compute_dtype=compute,
+                                                  device=device or "cpu")
         except LoraError as err:
-            raise ConfigError(f"cannot load {cfg.model!r} in 4 bits: {err}") from None
+            raise ConfigError(f"cannot load {cfg.model!r} in {bits} bits: {err}") from None
         return _finish(model, tokenizer, task, notes, quantized=True)
     else:
         kwargs: dict[str, Any] = {"dtype": dtype}
@@ -178,7 +179,6 @@ def load_model(cfg, task: str, tokenizer=None, num_labels: int | None = None,
             first = str(err).splitlines()[0]
             raise ConfigError(f"cannot load a {task} model from {cfg.model!r}: {first}") from None
         if device is not None and cfg.method != "qlora":  # qlora: quantize_model moves it layer by layer
-            # (int8 bases load in cfg.dtype on the CPU first: the GPU only ever holds the 8-bit model)
             model.to(device)
     return _finish(model, tokenizer, task, notes)
 
