@@ -98,27 +98,37 @@ def measure(model, batch, steps, warmup, device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ setups
-def bnb_quantize(model, device):
-    """What transformers' BitsAndBytesConfig(load_in_4bit, nf4, double quant, bf16 compute) builds."""
+def bnb_quantize(model, device, bits: int = 4):
+    """What transformers' BitsAndBytesConfig builds: load_in_4bit (nf4, double quant, bf16 compute), or
+    load_in_8bit (Linear8bitLt, int8 weights, no outlier threshold as PEFT's docs use for training)."""
     import bitsandbytes as bnb
 
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear and child_name != "lm_head":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                      device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True, blocksize=64).to(device)
+                if bits == 8:
+                    q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                            has_fp16_weights=False, threshold=0.0, device="meta")
+                    q.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False,
+                                                 has_fp16_weights=False).to(device)
+                else:
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.bfloat16, compress_statistics=True,
+                                          quant_type="nf4", device="meta")
+                    q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True, blocksize=64).to(device)
                 setattr(module, child_name, q)
-    model.is_loaded_in_4bit = True
+    if bits == 8:
+        model.is_loaded_in_8bit = True
+    else:
+        model.is_loaded_in_4bit = True
     return model
 
 
-def setup_peft(model, device, recipe: bool):
+def setup_peft(model, device, recipe: bool, bits: int = 4):
     import peft
 
-    bnb_quantize(model, device)
+    bnb_quantize(model, device, bits)
     if recipe:  # PEFT's documented QLoRA recipe: upcasts all non-4-bit params to fp32, fp32 adapters
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -145,10 +155,10 @@ def setup_peft_liger(model, device):
     return setup_peft(model, device, recipe=False)
 
 
-def setup_lorakit(model, device, adapter_dtype, fast: bool):
+def setup_lorakit(model, device, adapter_dtype, fast: bool, bits: int = 4):
     import lorakit as lk
 
-    lk.quantize_model(model, compute_dtype=torch.bfloat16)
+    lk.quantize_model(model, bits=bits, compute_dtype=torch.bfloat16)
     lk.prepare_for_kbit_training(model)
     if fast:
         import lorakit.fast
@@ -299,7 +309,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", default="", help="comma list: probe,kernels,peft_recipe,peft_bf16,lorakit,"
-                        "lorakit_fp32,lorakit_fast,peft_liger")
+                        "lorakit_fp32,lorakit_fast,peft_liger,peft_int8,lorakit_int8")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "qlora_bench.json"))
     args = parser.parse_args()
     device, shape = args.device, "tiny" if args.tiny else "llama3-8b"
@@ -342,6 +352,10 @@ def main() -> None:
         ("lorakit_fast", "lorakit QLoRA, bf16 adapters + lorakit.fast (liger)",
          lambda m: setup_lorakit(m, device, torch.bfloat16, True)),
         ("peft_liger", "PEFT + bnb, bf16 adapters + the same liger kernels", lambda m: setup_peft_liger(m, device)),
+        ("peft_int8", "PEFT + bnb 8-bit base (Linear8bitLt), bf16 adapters",
+         lambda m: setup_peft(m, device, recipe=False, bits=8)),
+        ("lorakit_int8", "lorakit 8-bit base (Linear8bit), bf16 adapters",
+         lambda m: setup_lorakit(m, device, torch.bfloat16, False, bits=8)),
     ]
     train: dict = {}
     batch = None
@@ -373,7 +387,8 @@ def main() -> None:
           f"{transformers.__version__}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}; "
           f"{results['date']}")
     ok = {k: v for k, v in train.items() if "tok_s" in v}
-    best_peft = max((v["tok_s"] for k, v in ok.items() if k.startswith("PEFT") and "liger" not in k), default=None)
+    best_peft = max((v["tok_s"] for k, v in ok.items() if k.startswith("PEFT") and "liger" not in k
+                     and "8-bit" not in k), default=None)
     print(f"| {'setup':<58} | {'tokens/s':>8} | {'peak GiB':>8} | {'/ PEFT+bnb':>11} | {'loss first -> last':>18} |")
     print(f"|{'-' * 60}|{'-' * 10}|{'-' * 10}|{'-' * 13}|{'-' * 20}|")
     for label, r in train.items():
