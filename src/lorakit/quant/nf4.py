@@ -353,8 +353,12 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
         raise QuantError(f"packed codes hold {packed.numel() * 2} values but the state's shape {state.shape} "
                          f"has {n}")
     with torch.no_grad():
-        values = state.code[unpack_nibbles(packed, n).long()]
-        out = _blocks(values, state.blocksize) * block_absmax(state).unsqueeze(1)
+        # one lookup per byte in a 256 x 2 table of (high, low) code values: half the index work of unpacking
+        # the nibbles first, and the same fp32 products as code[q] * absmax (bit for bit)
+        code = state.code.to(torch.float32)
+        table = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1)
+        values = torch.index_select(table, 0, packed.reshape(-1).to(torch.int32)).reshape(-1)
+        out = _blocks(values, state.blocksize).mul_(block_absmax(state).unsqueeze(1))
         return out.reshape(-1)[:n].to(dtype).reshape(state.shape)
 
 
