@@ -12,14 +12,16 @@ Forward, with X: (N, in), W: (out, in) frozen, A: (r, in), B: (out, r), s the sc
 
     XA  = Xd @ A.T                            (N, r)    saved for backward
     Y   = b + s * XA @ B.T ;  Y += X @ W.T     the rank-r product first: the big GEMM adds it in its epilogue
+                                              (without a bias, s is that GEMM's beta)
 
 Backward, with G = dL/dY:
 
-    GA     = s * (G @ B)                      (N, r)    scale applied on the small tensor
-    dB     = s * (G.T @ XA)                   (out, r)
-    dA     = GA.T @ Xd                        (r, in)
-    dX     = (GA @ A when Xd is X) + G @ W    again the rank-r product first, added in the big GEMM's epilogue
-    dXd    = GA @ A                           only with dropout (autograd then applies the mask)
+    GA     = G @ B                            (N, r)
+    dB     = s * (G.T @ XA)                   (out, r)  s as the GEMM's alpha
+    dA     = s * (GA.T @ Xd)                  (r, in)   s as the GEMM's alpha
+    dX     = s * (GA @ A) + G @ W             the rank-r product first, scaled and added in the big GEMM's
+                                              epilogue (beta = s); without dropout only
+    dXd    = s * (GA @ A)                     only with dropout (autograd then applies the mask)
 
 Saved for backward: Xd (for dA) and XA, never the (out, in) update B @ A. W is frozen, so X itself is not
 needed by the base matmul's backward.
@@ -66,11 +68,13 @@ class LoraLinearFunction(torch.autograd.Function):
         xa = xd2 @ A.t()
         # the rank-r product (and the bias) first, then the big GEMM adds it in its epilogue: cheaper than
         # y.addmm_(xa, B.T) after it, which reads and writes all of y once more (bench/lora_gemm.py)
+        # (the scale rides in a GEMM's alpha or beta: no separate multiply launched)
         if bias is not None:
             y = torch.addmm(bias, xa, B.t(), alpha=args.scale)
+            y.addmm_(x2, w_t)
         else:
-            y = xa @ (B.t() * args.scale)  # scale on the (r, out) factor, not on y
-        y.addmm_(x2, w_t)
+            y = xa @ B.t()
+            y.addmm_(x2, w_t, beta=args.scale)
         if packed:  # keep the codes, not the dequantized copy
             ctx.save_for_backward(xd2, xa, A, B)
             ctx.packed = weight
@@ -92,9 +96,11 @@ class LoraLinearFunction(torch.autograd.Function):
             weight = None
         args = ctx.args
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        ga = (g @ B).mul_(args.scale)  # (N, r)
-        grad_A = ga.t() @ xd2 if ctx.needs_input_grad[4] else None
-        grad_B = (g.t() @ xa).mul_(args.scale) if ctx.needs_input_grad[5] else None
+        s = args.scale
+        ga = g @ B  # (N, r), unscaled: s is applied in the alpha/beta of the GEMMs that use it
+        # addmm with beta=0 ignores its input (A, B: only a shape donor) and scales the product by alpha
+        grad_A = torch.addmm(A, ga.t(), xd2, beta=0, alpha=s) if ctx.needs_input_grad[4] else None
+        grad_B = torch.addmm(B, g.t(), xa, beta=0, alpha=s) if ctx.needs_input_grad[5] else None
         grad_x = grad_xd = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             if weight is None:
@@ -102,9 +108,9 @@ class LoraLinearFunction(torch.autograd.Function):
             w = weight.t() if args.transposed else weight
             if ctx.has_drop:
                 grad_x = g @ w  # (N, in)
-                grad_xd = (ga @ A).view(ctx.x_shape)
-            else:  # rank-r term first, the big GEMM adds it in its epilogue (as in forward)
-                grad_x = (ga @ A).addmm_(g, w)
+                grad_xd = torch.addmm(xd2, ga, A, beta=0, alpha=s).view(ctx.x_shape)
+            else:  # rank-r term first, the big GEMM adds it in its epilogue (as in forward), scaled by beta
+                grad_x = (ga @ A).addmm_(g, w, beta=s)
             grad_x = grad_x.view(ctx.x_shape)
         grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None
