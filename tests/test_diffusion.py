@@ -23,14 +23,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny UNet is dozens of tiny convolutions: one thread is faster, and far faster on a busy machine
-    (measured here: 0.5 s per forward with 2 threads under load, 0.02 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet():

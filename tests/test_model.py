@@ -471,15 +471,6 @@ def test_inject_failure_leaves_the_model_unchanged():
 
 
 # ---------------------------------------------------------------------------------- training
-@pytest.fixture
-def one_thread():
-    """Tiny models train several times faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _digits():
     from sklearn.datasets import load_digits
 
@@ -507,7 +498,7 @@ def _eval_loss(model, x, y):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
-def test_training_reduces_loss_on_real_digits(kind, one_thread):
+def test_training_reduces_loss_on_real_digits(kind, one_thread_test):
     torch.manual_seed(0)
     x, y = _digits()
     if kind == "linear":
@@ -543,7 +534,7 @@ class BagOfTokens(nn.Module):
         return self.out(self.embed(tokens).mean(dim=1))
 
 
-def test_training_reduces_loss_with_an_embedding_target(one_thread):
+def test_training_reduces_loss_with_an_embedding_target(one_thread_test):
     torch.manual_seed(0)
     model = BagOfTokens()
     g = torch.Generator().manual_seed(0)

@@ -24,7 +24,6 @@ from serve_helpers import (
     offline_generate,
     save_random_adapter,
     save_tiny_model,
-    single_thread,
     tiny_tokenizer,
 )
 
@@ -39,10 +38,7 @@ MAX_TOKENS = 8
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

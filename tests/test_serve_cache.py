@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from serve_helpers import load_model, save_random_adapter, save_tiny_model, single_thread
+from serve_helpers import load_model, save_random_adapter, save_tiny_model
 
 from lorakit.errors import AdapterLoadError
 from lorakit.serve import cache as cache_mod
@@ -20,11 +20,7 @@ from lorakit.serve.cache import (
 )
 from lorakit.serve.decoder import Decoder
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ Hugging Face model. Tolerance 1e-4 on logits of order 1 (fp32, different matmul 
 
 import pytest
 import torch
-from serve_helpers import load_model, save_random_adapter, save_tiny_model, single_thread
+from serve_helpers import load_model, save_random_adapter, save_tiny_model
 
 import lorakit
 from lorakit.errors import ConfigError
@@ -17,10 +17,7 @@ from lorakit.serve.decoder import Decoder
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

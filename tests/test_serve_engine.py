@@ -14,7 +14,6 @@ from serve_helpers import (
     offline_generate,
     save_random_adapter,
     save_tiny_model,
-    single_thread,
     tiny_tokenizer,
 )
 
@@ -36,10 +35,7 @@ PROMPTS = ["hello world", "the quick brown fox", "a pirate sails the", "what is 
 GREEDY = SamplingParams(max_tokens=10, temperature=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

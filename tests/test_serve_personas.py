@@ -3,15 +3,11 @@ folders, served together in one mixed batch, and each row shows its own persona'
 
 import pytest
 import torch
-from serve_helpers import save_tiny_model, single_thread
+from serve_helpers import save_tiny_model
 
 from lorakit.demos import personas
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_personas_are_learned_and_served_per_row(tmp_path):

@@ -20,14 +20,7 @@ from lorakit.train import TrainConfig, report, run
 from lorakit.train.loop import lr_at
 from lorakit.train.modeling import qlora_available
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the suite shares 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
