@@ -28,7 +28,7 @@ import torch
 import lorakit
 
 from .assets import KJV, SMOLLM2, DemoAssetError, asset_file, read_kjv, require_assets, require_module
-from .text import _quiet_transformers, warmup_cosine
+from .text import _quiet_transformers, optimizer_step, warmup_cosine
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct-q4_1-fp32"
@@ -117,15 +117,7 @@ def train_lm(model, rows: torch.Tensor, steps: int, batch_size: int, lr: float, 
         t0 = time.perf_counter()
         x = rows[torch.randint(0, len(rows), (batch_size,), generator=gen)]
         loss = model(input_ids=x, labels=x).loss
-        if not torch.isfinite(loss):
-            raise lorakit.LoraError(f"causal demo: the loss became {loss.item()} at step {step + 1}; "
-                                    f"lower the learning rate (now {lr:g})")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(optimizer_step(loss, params, opt, sched, "causal", step + 1, lr))
         times.append(time.perf_counter() - t0)
     return losses, times
 

@@ -211,6 +211,19 @@ def warmup_cosine(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def optimizer_step(loss: torch.Tensor, params: list, opt, sched, demo: str, step: int, lr: float) -> float:
+    """One step of the demos' recipe: stop on a non-finite loss, backward, clip at 1, AdamW, schedule."""
+    if not torch.isfinite(loss):
+        raise lorakit.LoraError(f"{demo} demo: the loss became {loss.item()} at step {step}; "
+                                f"lower the learning rate (now {lr:g})")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def train(model: nn.Module, tokenizer, examples: list[Example], steps: int, batch_size: int, lr: float,
           max_length: int, seed: int, device: torch.device) -> tuple[list[float], float, float | None]:
     """AdamW on the parameters that require grad, warm-up + cosine schedule, gradient clipping at 1.
@@ -231,15 +244,7 @@ def train(model: nn.Module, tokenizer, examples: list[Example], steps: int, batc
             t0 = time.perf_counter()
             batch, labels = encode(tokenizer, [examples[i] for i in idx], max_length, device)
             loss = F.cross_entropy(model(**batch).logits.float(), labels)
-            if not torch.isfinite(loss):
-                raise lorakit.LoraError(f"text demo: the loss became {loss.item()} at step {len(losses) + 1}; "
-                                        f"lower the learning rate (now {lr:g})")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(optimizer_step(loss, params, opt, sched, "text", len(losses) + 1, lr))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
