@@ -22,17 +22,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import timed
 
 warnings.filterwarnings("ignore")
-
-
-def timed(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def folder_bytes(path: Path) -> int:

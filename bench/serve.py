@@ -33,6 +33,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import build_llama
 
 warnings.filterwarnings("ignore")
 
@@ -46,19 +47,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def build(shape: str, device: str, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa",
-                      eos_token_id=2, bos_token_id=1, pad_token_id=0)
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    return build_llama(SHAPES[shape], device, dtype, eos_token_id=2, bos_token_id=1, pad_token_id=0).eval()
 
 
 def sync(device: str) -> None:

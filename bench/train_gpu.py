@@ -19,6 +19,7 @@ import time
 import warnings
 
 import torch
+from common import build_llama
 
 warnings.filterwarnings("ignore")
 
@@ -34,18 +35,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def build(shape: str, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    return model
+    return build_llama(SHAPES[shape], device)
 
 
 def sync(device: str) -> None:

@@ -17,17 +17,9 @@ import time
 import warnings
 
 import torch
+from common import timed
 
 warnings.filterwarnings("ignore")
-
-
-def timed(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def dora_rows(args) -> list[tuple[str, float]]:
