@@ -33,6 +33,7 @@ from ..quant.nf4 import (
     code_book,
     dequantize_4bit,
     dynamic_map,
+    error_stats,
     quantize_4bit,
 )
 
@@ -138,12 +139,6 @@ class FrozenPackedLinear(nn.Module):
         needs_grad = torch.is_grad_enabled() and (xin.requires_grad or (bias is not None and bias.requires_grad))
         y = MatmulPacked.apply(xin, self.packed(), bias) if needs_grad else self._matmul(xin, bias)
         return y if y.dtype == x.dtype or not x.dtype.is_floating_point else y.to(x.dtype)
-
-    def _merge_error(self, requantized: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
-        diff = requantized - exact
-        norm = float(torch.linalg.vector_norm(exact))
-        return {"mean_abs": float(diff.abs().mean()), "max_abs": float(diff.abs().max()),
-                "rel_fro": float(torch.linalg.vector_norm(diff)) / norm if norm else 0.0}
 
     def _apply(self, fn, recurse=True):
         """``.to(dtype)``/``.half()`` must not round the quant state: state buffers only change device."""
@@ -294,7 +289,7 @@ class Linear4bit(FrozenPackedLinear):
     def _matmul(self, xin: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self._small_batch_kernel(xin):
             return dispatch.gemv_4bit(xin, self.weight, self.quant_state, bias)
-        return F.linear(xin, self.dequantize(xin.dtype), bias)
+        return super()._matmul(xin, bias)
 
     # ------------------------------------------------------------------ merge hooks (layers.base.WeightStore)
     def add_to_weight_(self, delta: torch.Tensor) -> None:
@@ -304,7 +299,7 @@ class Linear4bit(FrozenPackedLinear):
             exact = dequantize_4bit(self.weight, self.quant_state, torch.float32)
             exact += delta.to(device=exact.device, dtype=torch.float32)
             packed, state = quantize_4bit(exact, self.blocksize, self.quant_type, self.double_quant, "merged weight")
-            self.merge_error = self._merge_error(dequantize_4bit(packed, state, torch.float32), exact)
+            self.merge_error = error_stats(dequantize_4bit(packed, state, torch.float32), exact)
             self.set_quantized(packed, QuantState(state.shape, self.weight_dtype, state.blocksize,
                                                   state.quant_type, state.absmax, state.code, state.nested))
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import QuantError
 from ..quant.int8 import dequantize_8bit, quantize_8bit
+from ..quant.nf4 import error_stats
 from .quantized import FrozenPackedLinear
 
 
@@ -95,7 +96,7 @@ class Linear8bit(FrozenPackedLinear):
             exact = dequantize_8bit(self.weight, self.SCB)
             exact += delta.to(device=exact.device, dtype=torch.float32)
             codes, scb = quantize_8bit(exact, "merged weight")
-            self.merge_error = self._merge_error(dequantize_8bit(codes, scb), exact)
+            self.merge_error = error_stats(dequantize_8bit(codes, scb), exact)
             self.set_quantized(codes, scb)
 
     def weight_snapshot(self) -> dict:

@@ -362,13 +362,17 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
         return out.reshape(-1)[:n].to(dtype).reshape(state.shape)
 
 
-def quantization_error(weight: torch.Tensor, packed: torch.Tensor, state: QuantState) -> dict[str, float]:
-    """Mean and max absolute error and relative Frobenius error of the 4-bit copy (computed in fp32)."""
-    w = weight.detach().to(torch.float32)
-    diff = dequantize_4bit(packed, state, torch.float32) - w
-    norm = float(torch.linalg.vector_norm(w))
+def error_stats(approx: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
+    """Mean and max absolute error and relative Frobenius error of ``approx`` against ``exact`` (fp32)."""
+    diff = approx - exact
+    norm = float(torch.linalg.vector_norm(exact))
     return {
         "mean_abs": float(diff.abs().mean()),
         "max_abs": float(diff.abs().max()),
         "rel_fro": float(torch.linalg.vector_norm(diff)) / norm if norm else 0.0,
     }
+
+
+def quantization_error(weight: torch.Tensor, packed: torch.Tensor, state: QuantState) -> dict[str, float]:
+    """Mean and max absolute error and relative Frobenius error of the 4-bit copy (computed in fp32)."""
+    return error_stats(dequantize_4bit(packed, state, torch.float32), weight.detach().to(torch.float32))
