@@ -64,6 +64,18 @@ def quantize_targets(model: nn.Module, skip: Sequence[str] | None = None,
     return targets, kept
 
 
+def check_quant_settings(bits: int, quant_type: str, double_quant: bool, blocksize: int, where: str) -> None:
+    """QuantError for a width other than 4 or 8, a bad 4-bit format, or 4-bit settings given with bits=8
+    (defaults only: int8 stores one code per value with one fp32 scale per row)."""
+    if bits not in (4, 8):
+        raise QuantError(f"{where}: bits must be 4 or 8, got bits={bits!r}")
+    if bits == 8 and (quant_type, double_quant, blocksize) != ("nf4", True, 64):
+        raise QuantError(f"{where}: quant_type, double_quant and blocksize are 4-bit settings; bits=8 "
+                         "stores one int8 code per value with one fp32 scale per row")
+    _check_quant_type(quant_type, where)
+    _check_blocksize(blocksize, where)
+
+
 def quantize_model(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
                    compute_dtype: torch.dtype | None = None, skip: Sequence[str] | None = None,
                    blocksize: int = 64, quantize_head: bool = False,
@@ -87,13 +99,7 @@ def quantize_model(model: nn.Module, bits: int = 4, quant_type: str = "nf4", dou
         quantize_head: also quantize the output head.
         device: where the quantized layers (and the rest of the model, at the end) go.
     """
-    if bits not in (4, 8):
-        raise QuantError(f"quantize_model: bits must be 4 or 8, got bits={bits!r}")
-    if bits == 8 and (quant_type, double_quant, blocksize) != ("nf4", True, 64):
-        raise QuantError("quantize_model: quant_type, double_quant and blocksize are 4-bit settings; bits=8 "
-                         "stores one int8 code per value with one fp32 scale per row")
-    _check_quant_type(quant_type, "quantize_model")
-    _check_blocksize(blocksize, "quantize_model")
+    check_quant_settings(bits, quant_type, double_quant, blocksize, "quantize_model")
     targets, kept = quantize_targets(model, skip, quantize_head)
     modules = dict(model.named_modules())
     for path in targets:
@@ -282,5 +288,5 @@ def merge_requantized(model: nn.Module, adapters: Sequence[str] | None = None) -
             if path in done and isinstance(layer.base_layer, FrozenPackedLinear)}
 
 
-__all__ = ["MemoryReport", "QuantizeReport", "memory_report", "merge_requantized", "merge_to_dense",
-           "prepare_for_kbit_training", "quantize_model", "quantize_targets"]
+__all__ = ["MemoryReport", "QuantizeReport", "check_quant_settings", "memory_report", "merge_requantized",
+           "merge_to_dense", "prepare_for_kbit_training", "quantize_model", "quantize_targets"]

@@ -27,8 +27,8 @@ from torch import nn
 from .errors import QuantError
 from .layers import Linear4bit, Linear8bit
 from .model import _replace
-from .qlora import quantize_targets
-from .quant.nf4 import QuantState, _check_blocksize, _check_quant_type, check_weight
+from .qlora import check_quant_settings, quantize_targets
+from .quant.nf4 import QuantState, check_weight
 
 _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
                  "quant_state.bitsandbytes__fp4")
@@ -113,10 +113,7 @@ def load_quantized(path: str | Path, *, bits: int = 4, quant_type: str = "nf4", 
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if bits not in (4, 8):
-        raise QuantError(f"load_quantized: bits must be 4 or 8, got bits={bits!r}")
-    _check_quant_type(quant_type, "load_quantized")
-    _check_blocksize(blocksize, "load_quantized")
+    check_quant_settings(bits, quant_type, double_quant, blocksize, "load_quantized")
     path = Path(path)
     if not (path / "config.json").is_file():
         raise QuantError(f"load_quantized: {str(path)!r} has no config.json (expected a local Hugging Face "
@@ -158,7 +155,7 @@ def load_quantized(path: str | Path, *, bits: int = 4, quant_type: str = "nf4", 
                 if key.endswith(".weight") and any(s.startswith(key + ".quant_state") for s in bnb_states):
                     _load_prequantized(f, keys, key, name, quantized, device)
                 elif key.endswith(".weight") and key.removesuffix("weight") + "SCB" in key_set:
-                    _load_prequantized_int8(f, key, name, quantized, device)
+                    _load_prequantized_int8(f, key_set, key, name, quantized, device)
                 else:  # in a function of its own: the 16-bit tensor dies before the next one is read
                     _load_one(f, key, name, model, quantized, expected_shapes, dtype, device)
                 loaded.add(name)
@@ -191,14 +188,14 @@ def _load_one(f, key: str, name: str, model: nn.Module, quantized: dict, expecte
     _set_tensor(model, name, tensor.to(device))
 
 
-def _load_prequantized_int8(f, key: str, name: str, quantized: dict, device) -> None:
+def _load_prequantized_int8(f, keys: set[str], key: str, name: str, quantized: dict, device) -> None:
     """An int8 weight with its ``SCB`` (bitsandbytes' Linear8bitLt or lorakit's Linear8bit): used as is."""
     layer = quantized.get(name)
     if not isinstance(layer, Linear8bit):
         raise QuantError(f"load_quantized: {key!r} is int8 in the checkpoint; load it with bits=8 (and the "
                          "same skip/quantize_head settings)")
     stem = key.removesuffix("weight")
-    if stem + "weight_format" in f.keys() and int(f.get_tensor(stem + "weight_format")) != 0:
+    if stem + "weight_format" in keys and int(f.get_tensor(stem + "weight_format")) != 0:
         raise QuantError(f"load_quantized: {stem}weight_format is not bitsandbytes' row-major format (0)")
     layer.set_quantized(f.get_tensor(key).to(device), f.get_tensor(stem + "SCB").to(device), key)
 

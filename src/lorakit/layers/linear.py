@@ -36,11 +36,11 @@ class Linear(LoraLayer):
         scale = self.specs[name].scale * self.active[name]
         bias = base.bias
         if bias is not None and bias.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-            bias = bias.to(dtype)  # a 4-bit base keeps its bias in the original dtype and casts it the same way
+            bias = bias.to(dtype)  # a packed base keeps its bias in the original dtype and casts it the same way
         y = lora_linear_fused(x, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
                               scale, drop, self.fan_in_fan_out)
         if not isinstance(weight, torch.Tensor) and y.dtype != x.dtype:
-            y = y.to(x.dtype)  # a 4-bit base returns its input's dtype, under autocast too (as bitsandbytes')
+            y = y.to(x.dtype)  # a packed base returns its input's dtype, under autocast too (as bitsandbytes')
         return y
 
     def _fused_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
@@ -57,9 +57,9 @@ class Linear(LoraLayer):
 
     def _base_operand(self, x: torch.Tensor, name: str):
         """(weight, compute dtype) for the fused kernel, or None when the dtypes would make it differ from the
-        reference path. A base storing its weight packed (Linear4bit) hands over the packed weight."""
+        reference path. A base storing its weight packed (4/8-bit) hands over the packed weight."""
         base = self.base_layer
-        if hasattr(base, "matmul_operand"):  # the packed-weight protocol of layers.quantized.Linear4bit
+        if hasattr(base, "matmul_operand"):  # the packed-weight protocol of layers.quantized.FrozenPackedLinear
             operand = base.matmul_operand(x)
             if operand is None:
                 return None
