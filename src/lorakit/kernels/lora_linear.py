@@ -40,7 +40,7 @@ import torch
 
 
 class PackedWeight(Protocol):
-    """A frozen weight stored in another format (4-bit codes): the fused op materializes it on demand."""
+    """A frozen weight stored in another format (4- or 8-bit codes): the fused op materializes it on demand."""
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor: ...
 
