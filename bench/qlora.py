@@ -56,9 +56,9 @@ def free(device):
         torch.cuda.empty_cache()
 
 
-def measure(model, batch, steps, warmup, device) -> dict:
+def measure(model, batch, steps, warmup, device, graphed: bool = False) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda", capturable=graphed)
     losses = []
 
     def step():
@@ -67,6 +67,13 @@ def measure(model, batch, steps, warmup, device) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
+
+    if graphed:  # the whole step as one CUDA graph after warm-up (lorakit.train.graphed_step)
+        from lorakit.train.graphed_step import GraphedTrainStep
+
+        graphed_step = GraphedTrainStep(lambda b: model(input_ids=b["ids"], labels=b["ids"]).loss, opt,
+                                        warmup=max(1, warmup - 1))
+        step = lambda: losses.append(graphed_step({"ids": batch}).clone())
 
     free(device)
     if device == "cuda":
@@ -299,7 +306,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", default="", help="comma list: probe,kernels,peft_recipe,peft_bf16,lorakit,"
-                        "lorakit_fp32,lorakit_fast,peft_liger,peft_int8,lorakit_int8")
+                        "lorakit_fp32,lorakit_fast,peft_liger,peft_bf16_graph,lorakit_graph,peft_int8,lorakit_int8")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "qlora_bench.json"))
     args = parser.parse_args()
     device, shape = args.device, "tiny" if args.tiny else "llama3-8b"
@@ -342,6 +349,9 @@ def main() -> None:
         ("lorakit_fast", "lorakit QLoRA, bf16 adapters + lorakit.fast (liger)",
          lambda m: setup_lorakit(m, device, torch.bfloat16, True)),
         ("peft_liger", "PEFT + bnb, bf16 adapters + the same liger kernels", lambda m: setup_peft_liger(m, device)),
+        ("peft_bf16_graph", "PEFT + bnb, bf16 adapters, CUDA graph", lambda m: setup_peft(m, device, recipe=False)),
+        ("lorakit_graph", "lorakit QLoRA, bf16 adapters, CUDA graph",
+         lambda m: setup_lorakit(m, device, torch.bfloat16, False)),
         ("peft_int8", "PEFT + bnb 8-bit base (Linear8bitLt), bf16 adapters",
          lambda m: setup_peft(m, device, recipe=False, bits=8)),
         ("lorakit_int8", "lorakit 8-bit base (Linear8bit), bf16 adapters",
@@ -350,7 +360,7 @@ def main() -> None:
     train: dict = {}
     batch = None
     for key, label, setup in setups:
-        if not want(key) or (key in ("lorakit_fast", "peft_liger") and device != "cuda"):
+        if not want(key) or (key in ("lorakit_fast", "peft_liger") or key.endswith("_graph")) and device != "cuda":
             continue
         try:
             model = build(shape, device)
@@ -358,7 +368,7 @@ def main() -> None:
                 g = torch.Generator().manual_seed(1)
                 batch = torch.randint(0, model.config.vocab_size, (args.batch, seq), generator=g).to(device)
             model = setup(model)
-            train[label] = measure(model, batch, args.steps, args.warmup, device)
+            train[label] = measure(model, batch, args.steps, args.warmup, device, graphed=key.endswith("_graph"))
             if key.startswith("lorakit"):
                 train[label]["memory_report_mib"] = {
                     k: v / 2**20 for k, v in vars(lorakit.memory_report(model)).items() if isinstance(v, int)}
@@ -378,7 +388,7 @@ def main() -> None:
           f"{results['date']}")
     ok = {k: v for k, v in train.items() if "tok_s" in v}
     best_peft = max((v["tok_s"] for k, v in ok.items() if k.startswith("PEFT") and "liger" not in k
-                     and "8-bit" not in k), default=None)
+                     and "8-bit" not in k and "graph" not in k), default=None)
     print(f"| {'setup':<58} | {'tokens/s':>8} | {'peak GiB':>8} | {'/ PEFT+bnb':>11} | {'loss first -> last':>18} |")
     print(f"|{'-' * 60}|{'-' * 10}|{'-' * 10}|{'-' * 13}|{'-' * 20}|")
     for label, r in train.items():

@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="50-step loss curves: fused vs reference path")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--liger", action="store_true", help="also lower the floor with lorakit.fast (liger-kernel)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also time the floor, PEFT bf16 and lorakit as whole-step CUDA graphs (GraphedTrainStep)")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to smoke-test this script)")
     args = parser.parse_args()
 
@@ -92,8 +94,17 @@ def main() -> None:
     vocab = model.config.vocab_size
     batch = torch.randint(0, vocab, (args.batch, args.seq), device=device, generator=None)
 
-    def train_step_factory(m, params, autocast: bool):
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda") if params else None
+    def train_step_factory(m, params, autocast: bool, graphed: bool = False):
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda", capturable=graphed) if params else None
+        if graphed:  # lorakit.train.graphed_step: warm-up steps eagerly, then one CUDA graph replayed per step
+            from lorakit.train.graphed_step import GraphedTrainStep
+
+            def loss_fn(b):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                    return m(input_ids=b["input_ids"], labels=b["input_ids"]).loss
+
+            graphed_step = GraphedTrainStep(loss_fn, opt, warmup=2)
+            return lambda: graphed_step({"input_ids": batch})
 
         def step():
             with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
@@ -109,26 +120,34 @@ def main() -> None:
     profiles: dict[str, dict[str, tuple[float, int]]] = {}
     only = set(filter(None, args.only.split(",")))
 
+    def guarded(label, run):
+        """A failing row (e.g. a step that cannot be captured as a CUDA graph) is reported, not fatal."""
+        try:
+            results[label] = run()
+        except Exception as exc:  # noqa: BLE001
+            print(f"{label} failed: {exc!r}"[:400], flush=True)
+            gc.collect()
+
     def want(name):
         return not only or name in only
 
-    def floor(label):
+    def floor(label, graphed=False):
         """The floor: frozen base, forward + backward to the inputs, no optimizer."""
         model.requires_grad_(False)
         handle = model.get_input_embeddings().register_forward_hook(lambda mod, i, o: o.requires_grad_(True))
-        step = train_step_factory(model, [], False)
-        results[label] = measure(model, step, batch, args.steps, args.warmup, device)
+        step = train_step_factory(model, [], False, graphed)
+        guarded(label, lambda: measure(model, step, batch, args.steps, args.warmup, device))
         if args.profile and label == "frozen base fwd+bwd (floor)":
             profiles["floor"] = profile(step, "the floor")
         handle.remove()
 
-    def lorakit_row(label, dtype=None, autocast=False, fused=True):
+    def lorakit_row(label, dtype=None, autocast=False, fused=True, graphed=False):
         lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS, dtype=dtype))
         for _, layer in lk.lora_layers(model):
             layer.use_fused_kernel = fused
         params = [p for p in model.parameters() if p.requires_grad]
-        step = train_step_factory(model, params, autocast)
-        results[label] = measure(model, step, batch, args.steps, args.warmup, device)
+        step = train_step_factory(model, params, autocast, graphed)
+        guarded(label, lambda: measure(model, step, batch, args.steps, args.warmup, device))
         if args.profile and label == "lorakit bf16 adapters":
             profiles["lorakit"] = profile(step, "one lorakit step")
         lk.unload(model, merge_adapters=False)
@@ -136,19 +155,25 @@ def main() -> None:
 
     if want("floor"):
         floor("frozen base fwd+bwd (floor)")
+        if args.graphs:
+            floor("floor, CUDA graph", graphed=True)
 
     # --- PEFT, three settings
-    for label, autocast, kwargs in [
-        ("PEFT default (fp32 adapters)", False, {}),
-        ("PEFT under autocast(bf16)", True, {}),
-        ("PEFT bf16 adapters", False, {"autocast_adapter_dtype": False}),
-    ]:
+    peft_rows = [
+        ("PEFT default (fp32 adapters)", False, {}, False),
+        ("PEFT under autocast(bf16)", True, {}, False),
+        ("PEFT bf16 adapters", False, {"autocast_adapter_dtype": False}, False),
+    ]
+    if args.graphs:
+        peft_rows.append(("PEFT bf16 adapters, CUDA graph", False, {"autocast_adapter_dtype": False}, True))
+    for label, autocast, kwargs, graphed in peft_rows:
         if only and "peft" not in only:
             continue
         cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
         pm = peft.get_peft_model(model, cfg, **kwargs)
         params = [p for p in pm.parameters() if p.requires_grad]
-        results[label] = measure(pm, train_step_factory(pm, params, autocast), batch, args.steps, args.warmup, device)
+        step = train_step_factory(pm, params, autocast, graphed)
+        guarded(label, lambda pm=pm, step=step: measure(pm, step, batch, args.steps, args.warmup, device))
         model = pm.unload()
         del pm, params
         gc.collect()
@@ -158,6 +183,8 @@ def main() -> None:
         lorakit_row("lorakit bf16 adapters")
         lorakit_row("lorakit fp32 adapters + autocast", dtype=torch.float32, autocast=True)
         lorakit_row("lorakit reference path (no fused kernel)", fused=False)
+        if args.graphs:
+            lorakit_row("lorakit bf16 adapters, CUDA graph", graphed=True)
     if args.liger:  # last: liger patches transformers' Llama module globally
         lk.fast.speed_up_base(model)
         floor("floor + liger kernels (new floor)")
@@ -165,13 +192,15 @@ def main() -> None:
 
     floor_tok = results.get("frozen base fwd+bwd (floor)", {}).get("tok_s")
     new_floor = results.get("floor + liger kernels (new floor)", {}).get("tok_s")
-    peft_best = max((v["tok_s"] for k, v in results.items() if k.startswith("PEFT")), default=None)
+    graphed_floor = results.get("floor, CUDA graph", {}).get("tok_s")
+    peft_best = max((v["tok_s"] for k, v in results.items() if k.startswith("PEFT") and "graph" not in k),
+                    default=None)
     peft_default = results.get("PEFT default (fp32 adapters)", {}).get("tok_s")
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"\n{args.shape} shape, bf16, SDPA, batch {args.batch} x {args.seq}, grad ckpt {args.grad_ckpt}, "
           f"r=16 on 7 projections, fused AdamW; {gpu}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}, peft {peft.__version__}; {time.strftime('%Y-%m-%d')}")
-    refs = [("/ floor", floor_tok), ("/ new floor", new_floor), ("/ PEFT best", peft_best),
+    refs = [("/ floor", floor_tok), ("/ floor graphed", graphed_floor), ("/ new floor", new_floor), ("/ PEFT best", peft_best),
             ("/ PEFT default", peft_default)]
     refs = [(k, v) for k, v in refs if v]
     print(f"| {'setup':<42} | {'tokens/s':>9} | {'peak GiB':>8} | " + " | ".join(f"{k:>14}" for k, _ in refs) + " |")
