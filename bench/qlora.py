@@ -68,8 +68,8 @@ def measure(model, batch, steps, warmup, device, graphed: bool = False) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
 
-    if graphed:  # the whole step as one CUDA graph after warm-up (lorakit.train.graphed_step)
-        from lorakit.train.graphed_step import GraphedTrainStep
+    if graphed:  # the whole step as one CUDA graph after warm-up (bench/graphed_step.py)
+        from graphed_step import GraphedTrainStep
 
         graphed_step = GraphedTrainStep(lambda b: model(input_ids=b["ids"], labels=b["ids"]).loss, opt,
                                         warmup=max(1, warmup - 1))

@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--liger", action="store_true", help="also lower the floor with lorakit.fast (liger-kernel)")
     parser.add_argument("--graphs", action="store_true",
                         help="also time the floor, PEFT bf16 and lorakit as whole-step CUDA graphs (GraphedTrainStep)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the floor, PEFT bf16 and lorakit under torch.compile (inductor, whole model)")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to smoke-test this script)")
     args = parser.parse_args()
 
@@ -94,10 +96,13 @@ def main() -> None:
     vocab = model.config.vocab_size
     batch = torch.randint(0, vocab, (args.batch, args.seq), device=device, generator=None)
 
-    def train_step_factory(m, params, autocast: bool, graphed: bool = False):
+    def train_step_factory(m, params, autocast: bool, graphed: bool = False, compiled: bool = False):
         opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda", capturable=graphed) if params else None
-        if graphed:  # lorakit.train.graphed_step: warm-up steps eagerly, then one CUDA graph replayed per step
-            from lorakit.train.graphed_step import GraphedTrainStep
+        if compiled:  # inductor on the whole model (fresh caches per row); the optimizer stays eager
+            torch._dynamo.reset()
+            m = torch.compile(m)
+        if graphed:  # graphed_step.py: warm-up steps eagerly, then one CUDA graph replayed per step
+            from graphed_step import GraphedTrainStep
 
             def loss_fn(b):
                 with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
@@ -131,22 +136,22 @@ def main() -> None:
     def want(name):
         return not only or name in only
 
-    def floor(label, graphed=False):
+    def floor(label, graphed=False, compiled=False):
         """The floor: frozen base, forward + backward to the inputs, no optimizer."""
         model.requires_grad_(False)
         handle = model.get_input_embeddings().register_forward_hook(lambda mod, i, o: o.requires_grad_(True))
-        step = train_step_factory(model, [], False, graphed)
+        step = train_step_factory(model, [], False, graphed, compiled)
         guarded(label, lambda: measure(model, step, batch, args.steps, args.warmup, device))
         if args.profile and label == "frozen base fwd+bwd (floor)":
             profiles["floor"] = profile(step, "the floor")
         handle.remove()
 
-    def lorakit_row(label, dtype=None, autocast=False, fused=True, graphed=False):
+    def lorakit_row(label, dtype=None, autocast=False, fused=True, graphed=False, compiled=False):
         lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS, dtype=dtype))
         for _, layer in lk.lora_layers(model):
             layer.use_fused_kernel = fused
         params = [p for p in model.parameters() if p.requires_grad]
-        step = train_step_factory(model, params, autocast, graphed)
+        step = train_step_factory(model, params, autocast, graphed, compiled)
         guarded(label, lambda: measure(model, step, batch, args.steps, args.warmup, device))
         if args.profile and label == "lorakit bf16 adapters":
             profiles["lorakit"] = profile(step, "one lorakit step")
@@ -157,6 +162,8 @@ def main() -> None:
         floor("frozen base fwd+bwd (floor)")
         if args.graphs:
             floor("floor, CUDA graph", graphed=True)
+        if args.compile:
+            floor("floor, torch.compile", compiled=True)
 
     # --- PEFT, three settings
     peft_rows = [
@@ -166,13 +173,15 @@ def main() -> None:
     ]
     if args.graphs:
         peft_rows.append(("PEFT bf16 adapters, CUDA graph", False, {"autocast_adapter_dtype": False}, True))
+    if args.compile:
+        peft_rows.append(("PEFT bf16 adapters, torch.compile", False, {"autocast_adapter_dtype": False}, "compile"))
     for label, autocast, kwargs, graphed in peft_rows:
         if only and "peft" not in only:
             continue
         cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
         pm = peft.get_peft_model(model, cfg, **kwargs)
         params = [p for p in pm.parameters() if p.requires_grad]
-        step = train_step_factory(pm, params, autocast, graphed)
+        step = train_step_factory(pm, params, autocast, graphed is True, graphed == "compile")
         guarded(label, lambda pm=pm, step=step: measure(pm, step, batch, args.steps, args.warmup, device))
         model = pm.unload()
         del pm, params
@@ -185,6 +194,8 @@ def main() -> None:
         lorakit_row("lorakit reference path (no fused kernel)", fused=False)
         if args.graphs:
             lorakit_row("lorakit bf16 adapters, CUDA graph", graphed=True)
+        if args.compile:
+            lorakit_row("lorakit bf16 adapters, torch.compile", compiled=True)
     if args.liger:  # last: liger patches transformers' Llama module globally
         lk.fast.speed_up_base(model)
         floor("floor + liger kernels (new floor)")
@@ -193,14 +204,17 @@ def main() -> None:
     floor_tok = results.get("frozen base fwd+bwd (floor)", {}).get("tok_s")
     new_floor = results.get("floor + liger kernels (new floor)", {}).get("tok_s")
     graphed_floor = results.get("floor, CUDA graph", {}).get("tok_s")
-    peft_best = max((v["tok_s"] for k, v in results.items() if k.startswith("PEFT") and "graph" not in k),
+    compiled_floor = results.get("floor, torch.compile", {}).get("tok_s")
+    peft_best = max((v["tok_s"] for k, v in results.items()
+                     if k.startswith("PEFT") and "graph" not in k and "compile" not in k),
                     default=None)
     peft_default = results.get("PEFT default (fp32 adapters)", {}).get("tok_s")
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"\n{args.shape} shape, bf16, SDPA, batch {args.batch} x {args.seq}, grad ckpt {args.grad_ckpt}, "
           f"r=16 on 7 projections, fused AdamW; {gpu}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}, peft {peft.__version__}; {time.strftime('%Y-%m-%d')}")
-    refs = [("/ floor", floor_tok), ("/ floor graphed", graphed_floor), ("/ new floor", new_floor), ("/ PEFT best", peft_best),
+    refs = [("/ floor", floor_tok), ("/ floor graphed", graphed_floor),
+            ("/ floor compiled", compiled_floor), ("/ new floor", new_floor), ("/ PEFT best", peft_best),
             ("/ PEFT default", peft_default)]
     refs = [(k, v) for k, v in refs if v]
     print(f"| {'setup':<42} | {'tokens/s':>9} | {'peak GiB':>8} | " + " | ".join(f"{k:>14}" for k, _ in refs) + " |")

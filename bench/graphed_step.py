@@ -1,8 +1,13 @@
 """A whole training step (forward, backward, optimizer step) captured once as a CUDA graph, then replayed.
 
-Why: a LoRA step launches many small kernels (the rank-r GEMMs, the optimizer over hundreds of small
-tensors) and Python dispatch between them; when the GPU waits on the CPU, a replayed graph removes that
-wait. It needs what every whole-step CUDA graph needs:
+An experiment, kept in bench/ because it lost. The idea: a LoRA step launches many small kernels (the
+rank-r GEMMs, the optimizer over hundreds of small tensors) with Python dispatch between them; if the GPU
+waited on the CPU, a replayed graph would remove the wait. Measured on an H100 (2026-11-23,
+bench/results/2026-11-23_h100_s3_train_1b_graphs.txt, qlora_graphs.txt): every graphed step was slower than
+the same step run eagerly - Llama-1B 4x2048 floor 58.0k -> 52.2k tokens/s, lorakit 50.7k -> 46.8k, PEFT
+45.9k -> 42.7k; Llama-3-8B QLoRA lorakit 8.00k -> 7.69k - so at these sizes the steps are not
+launch-bound, and captured GEMMs ran slower. Losses of graphed and eager steps agreed (GPU check, same
+run). It needs what every whole-step CUDA graph needs:
 
 - fixed shapes: every batch has the shape of the first one (packed or padded to one length);
 - no host synchronisation inside the step (``.item()``, data-dependent shapes);
