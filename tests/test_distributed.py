@@ -180,23 +180,31 @@ def test_checkpoints_are_single_process_files(runs):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_fsdp_shards_the_4bit_base(bits):
-    """prepare_4bit_for_fsdp turns the packed buffer into a frozen parameter holding the same tensor."""
+    """prepare_4bit_for_fsdp stores the packed codes as a frozen 1-D bf16 parameter of the same bytes (FSDP2
+    before torch 2.13 shards only floating-point parameters); outputs, state dict, memory report unchanged."""
     if not qlora_available():
         pytest.skip("lorakit.qlora is not available in this install")
+    import lorakit as lk
     from lorakit.layers import Linear4bit, Linear8bit
 
     cls = Linear4bit if bits == 4 else Linear8bit
-    layer = cls.from_linear(torch.nn.Linear(64, 32), compute_dtype=torch.float32)
-    packed = layer.weight
-    x = torch.randn(3, 64)
-    before = layer(x)
+    layer = cls.from_linear(torch.nn.Linear(63, 31), compute_dtype=torch.float32)  # 4-bit: an odd byte count
+    codes = layer.weight.clone()
+    x = torch.randn(3, 63)
+    before, state_before = layer(x), {k: v.clone() for k, v in layer.state_dict().items()}
+    report_before = lk.memory_report(torch.nn.Sequential(layer))
     (found,) = distributed.prepare_4bit_for_fsdp(torch.nn.Sequential(layer))
     assert found is layer and "weight" not in layer._buffers
     assert isinstance(layer.weight, torch.nn.Parameter) and not layer.weight.requires_grad
-    assert layer.weight.data_ptr() == packed.data_ptr()
-    assert layer.weight.dtype == (torch.uint8 if bits == 4 else torch.int8)
+    assert layer.weight.dtype == torch.bfloat16 and layer.weight.dim() == 1
+    assert layer.codes.dtype == codes.dtype and torch.equal(layer.codes, codes)
     assert torch.equal(layer(x), before)
-    assert ("weight.absmax" if bits == 4 else "SCB") in layer.state_dict()
+    state = layer.state_dict()
+    assert state.keys() == state_before.keys() and all(torch.equal(state[k], state_before[k]) for k in state)
+    assert lk.memory_report(torch.nn.Sequential(layer)) == report_before
+    layer.to(torch.float32)  # a dtype cast moves the code bytes, never converts them
+    assert layer.weight.dtype == torch.bfloat16 and torch.equal(layer.codes, codes)
+    assert torch.equal(layer(x), before)
 
 
 def test_short_last_batch_gives_an_idle_rank_an_ignored_row():

@@ -237,7 +237,8 @@ def memory_report(model: nn.Module) -> MemoryReport:
 
     for module in model.modules():
         if isinstance(module, FrozenPackedLinear):
-            report.quantized_weights += add(module.weight)
+            report.quantized_weights += add(module.codes)
+            add(module.weight)  # the same bytes, when FSDP prep stores them as a float Parameter: not "rest"
             report.quant_state += sum(add(t) for t in module.state_tensors())
             report.quantized_params += module.in_features * module.out_features
         elif isinstance(module, LoraLayer):

@@ -90,6 +90,30 @@ class FrozenPackedLinear(nn.Module):
     compute_dtype: torch.dtype | None
     weight_dtype: torch.dtype
 
+    _code_view: tuple[int, torch.Size, torch.dtype] | None = None
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The packed codes (uint8 4-bit pairs or int8), whatever dtype ``weight`` is stored in: for FSDP,
+        ``store_codes_as_float`` keeps them as a flat float tensor of the same bytes."""
+        if self._code_view is None:
+            return self.weight
+        n_bytes, shape, dtype = self._code_view
+        return self.weight.view(dtype)[:n_bytes].view(shape)
+
+    def store_codes_as_float(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Keep the codes' bytes in a frozen 1-D ``dtype`` Parameter (padded to whole elements), as
+        bitsandbytes' ``quant_storage`` does: FSDP2 before torch 2.13 shards only floating-point parameters."""
+        codes = self.codes.detach()
+        flat = codes.reshape(-1)
+        step = torch.empty((), dtype=dtype).element_size()
+        padded = torch.zeros(-(-flat.numel() // step) * step, dtype=codes.dtype, device=codes.device)
+        padded[: flat.numel()] = flat
+        self._buffers.pop("weight", None)
+        self._parameters.pop("weight", None)
+        self._parameters["weight"] = nn.Parameter(padded.view(dtype), requires_grad=False)
+        self._code_view = (flat.numel(), codes.shape, codes.dtype)
+
     def packed(self):
         raise NotImplementedError
 
@@ -145,12 +169,20 @@ class FrozenPackedLinear(nn.Module):
         held = {n: self._buffers[n] for n in self._STATE_BUFFERS if self._buffers.get(n) is not None}
         for n in held:
             self._buffers[n] = None
+        # codes kept as float bytes for FSDP (store_codes_as_float) are a Parameter: they only move too
+        stored = self._parameters.get("weight") if self._code_view is not None else None
+        if stored is not None:
+            self._parameters["weight"] = None
         try:
             super()._apply(fn, recurse)
         finally:
             for n, t in held.items():
                 moved = fn(t)
                 self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
+            if stored is not None:
+                moved = fn(stored.data)
+                moved = moved if moved.dtype == stored.dtype else stored.data.to(moved.device)
+                self._parameters["weight"] = nn.Parameter(moved, requires_grad=False)
         return self
 
     def _device(self, incoming: torch.Tensor) -> torch.device:
@@ -275,10 +307,10 @@ class Linear4bit(FrozenPackedLinear):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out_features, in_features) weight in ``dtype`` (default: the original weight's dtype)."""
-        return dispatch.dequantize(self.weight, self.quant_state, dtype)
+        return dispatch.dequantize(self.codes, self.quant_state, dtype)
 
     def packed(self) -> Packed4bit:
-        return Packed4bit(self.weight, self.quant_state)
+        return Packed4bit(self.codes, self.quant_state)
 
     def state_tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(self.quant_state.tensors())
@@ -288,7 +320,7 @@ class Linear4bit(FrozenPackedLinear):
 
     def _matmul(self, xin: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self._small_batch_kernel(xin):
-            return dispatch.gemv_4bit(xin, self.weight, self.quant_state, bias)
+            return dispatch.gemv_4bit(xin, self.codes, self.quant_state, bias)
         return super()._matmul(xin, bias)
 
     # ------------------------------------------------------------------ merge hooks (layers.base.WeightStore)
@@ -296,7 +328,7 @@ class Linear4bit(FrozenPackedLinear):
         """W <- Q(D(W) + delta): add in fp32, re-quantize with the same settings; records ``merge_error``
         (mean/max absolute and relative Frobenius error of the re-quantized weight against the exact sum)."""
         with torch.no_grad():
-            exact = dequantize_4bit(self.weight, self.quant_state, torch.float32)
+            exact = dequantize_4bit(self.codes, self.quant_state, torch.float32)
             exact += delta.to(device=exact.device, dtype=torch.float32)
             packed, state = quantize_4bit(exact, self.blocksize, self.quant_type, self.double_quant, "merged weight")
             self.merge_error = error_stats(dequantize_4bit(packed, state, torch.float32), exact)
@@ -315,7 +347,7 @@ class Linear4bit(FrozenPackedLinear):
 
     # ------------------------------------------------------------------ state dicts
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+        destination[prefix + "weight"] = self.codes if keep_vars else self.codes.detach()
         for key, tensor in self.quant_state.as_bnb_dict().items():
             destination[f"{prefix}weight.{key}"] = tensor if keep_vars else tensor.detach()
         if self.bias is not None:
@@ -350,7 +382,7 @@ class Linear4bit(FrozenPackedLinear):
         self.set_quantized(packed, state, where)
 
     def extra_repr(self) -> str:
-        bits = 8 * (self.weight.numel() + self.quant_state.nbytes) / max(1, self.in_features * self.out_features)
+        bits = 8 * (self.codes.numel() + self.quant_state.nbytes) / max(1, self.in_features * self.out_features)
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
                 f"compute_dtype={self.compute_dtype}, bits_per_param={bits:.3f}")
@@ -358,4 +390,4 @@ class Linear4bit(FrozenPackedLinear):
 
 def bits_per_param(layer: Linear4bit) -> float:
     """Storage of the weight (codes + state) per weight value, in bits."""
-    return 8 * (layer.weight.numel() + layer.quant_state.nbytes) / math.prod((layer.out_features, layer.in_features))
+    return 8 * (layer.codes.numel() + layer.quant_state.nbytes) / math.prod((layer.out_features, layer.in_features))

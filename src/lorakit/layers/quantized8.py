@@ -81,10 +81,10 @@ class Linear8bit(FrozenPackedLinear):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out_features, in_features) weight in ``dtype`` (default: the original weight's dtype)."""
-        return dequantize_8bit(self.weight, self.SCB, self.weight_dtype if dtype is None else dtype)
+        return dequantize_8bit(self.codes, self.SCB, self.weight_dtype if dtype is None else dtype)
 
     def packed(self) -> Packed8bit:
-        return Packed8bit(self.weight, self.SCB)
+        return Packed8bit(self.codes, self.SCB)
 
     def state_tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.SCB,)
@@ -93,7 +93,7 @@ class Linear8bit(FrozenPackedLinear):
     def add_to_weight_(self, delta: torch.Tensor) -> None:
         """W <- Q(D(W) + delta) in fp32, re-quantized row-wise; records ``merge_error`` against the exact sum."""
         with torch.no_grad():
-            exact = dequantize_8bit(self.weight, self.SCB)
+            exact = dequantize_8bit(self.codes, self.SCB)
             exact += delta.to(device=exact.device, dtype=torch.float32)
             codes, scb = quantize_8bit(exact, "merged weight")
             self.merge_error = error_stats(dequantize_8bit(codes, scb), exact)
@@ -101,14 +101,14 @@ class Linear8bit(FrozenPackedLinear):
 
     def weight_snapshot(self) -> dict:
         """A copy of the codes and scales (what ``restore_weight`` puts back bit for bit)."""
-        return {"weight": self.weight.clone(), "SCB": self.SCB.clone()}
+        return {"weight": self.codes.clone(), "SCB": self.SCB.clone()}
 
     def restore_weight(self, snapshot: dict) -> None:
         self.weight, self.SCB = snapshot["weight"], snapshot["SCB"]
 
     # ------------------------------------------------------------------ state dicts (bitsandbytes' keys)
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+        destination[prefix + "weight"] = self.codes if keep_vars else self.codes.detach()
         destination[prefix + "SCB"] = self.SCB if keep_vars else self.SCB.detach()
         destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)  # "row", as bitsandbytes
         if self.bias is not None:

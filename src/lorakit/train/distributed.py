@@ -238,31 +238,37 @@ def _layer_classes(model: nn.Module) -> tuple[str, ...]:
 
 
 def shard_fsdp(model: nn.Module, policy) -> nn.Module:
-    """fully_shard every 4-bit layer (no cast), every decoder layer, then the root; returns ``model``."""
+    """fully_shard every 4-bit layer (no cast), every decoder layer, then the root; returns ``model``.
+
+    The mesh is built on the model's device type: fully_shard's default mesh is CUDA whenever a GPU is
+    visible, which would put a CPU (gloo) run on a GPU box onto cuda:RANK (and fail for ranks beyond the GPUs).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     four_bit = prepare_4bit_for_fsdp(model)
     for layer in four_bit:
-        fully_shard(layer, mp_policy=MixedPrecisionPolicy())
+        fully_shard(layer, mesh=mesh, mp_policy=MixedPrecisionPolicy())
     classes = _layer_classes(model)
     for module in model.modules():
         if module is not model and type(module).__name__ in classes:
-            fully_shard(module, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
 def prepare_4bit_for_fsdp(model: nn.Module) -> list[nn.Module]:
-    """Re-register each 4/8-bit Linear's packed ``weight`` buffer (uint8 or int8 codes) as a frozen
-    nn.Parameter (same tensor) so that fully_shard shards it; returns those layers. The layer reads
-    ``self.weight`` either way."""
+    """Re-register each 4/8-bit Linear's packed codes (a uint8 or int8 buffer) as a frozen 1-D bf16
+    nn.Parameter holding the same bytes, so that fully_shard shards it (FSDP2 before torch 2.13 refuses
+    integer parameters); returns those layers. The layers read their codes through ``layer.codes``."""
     from ..layers.quantized import FrozenPackedLinear
 
     layers = [m for m in model.modules() if isinstance(m, FrozenPackedLinear)]
     for layer in layers:
-        packed = layer._buffers.pop("weight", None)
-        if packed is not None:
-            layer._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
+        if layer._code_view is None:
+            layer.store_codes_as_float(torch.bfloat16)
     return layers
 
 
