@@ -288,3 +288,22 @@ def test_dora_trains_saves_and_merges(llama, tmp_path):
     lorakit.load_adapter(reference, tmp_path / "adapter")
     with torch.no_grad():
         assert (merged(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max() < 1e-5
+
+
+def test_rng_state_round_trip_and_no_cuda_start():
+    """The checkpoint's RNG state restores torch, Python and NumPy streams; a run that never used CUDA records
+    no CUDA state (saving it must not start CUDA on a GPU machine)."""
+    import random
+
+    import numpy as np
+
+    from lorakit.train import checkpoint
+
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    state = checkpoint.rng_state()
+    first = (torch.rand(3), random.random(), np.random.rand())
+    checkpoint.set_rng_state(state)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+    if not torch.cuda.is_initialized():
+        assert state["cuda"] == [] and not torch.cuda.is_initialized()
