@@ -11,3 +11,4 @@ X=""; python3 -c "import xdist" 2>/dev/null && X="-n 8"
 timeout 300 python3 -m pytest -q -p no:cacheprovider $X tests 2>&1 | grep -v '^\.\+' | tail -30 | tee "$OUT/gpu_suite.txt"
 (cd bench && timeout 240 python3 train_gpu.py --shape llama-1b --only floor,lorakit --steps 8 2>&1 \
     | grep -v Warn | tail -8 | tee "$OUT/train_1b.txt")
+(cd bench && timeout 200 python3 serve.py --only lorakit,nf4 2>&1 | tail -9 | tee "$OUT/serve_nf4.txt")

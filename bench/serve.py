@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--peft-mixed-tokens", type=int, default=16)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--only", default="", help="comma list: hf,peft,lorakit (default: all)")
+    parser.add_argument("--only", default="", help="comma list: hf,peft,lorakit,nf4 (default: all)")
     args = parser.parse_args()
 
     import peft
@@ -173,6 +173,22 @@ def main() -> None:
                                                                           device)
             finally:
                 bgmv._use_triton = original
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    if not only or "nf4" in only:  # QLoRA serving: the same adapters over the base in NF4 + double quant
+        config = EngineConfig(max_batch=args.requests, max_model_len=args.prompt + args.gen,
+                              max_prefill_tokens=args.requests * args.prompt, max_adapters_gpu=args.adapters,
+                              max_adapters_cpu=args.adapters, max_lora_rank=args.rank)
+        packed = copy.deepcopy(base)
+        lorakit.quantize_model(packed, compute_dtype=dtype)  # in place (returns a report)
+        with Engine(packed, None, tmp / "adapters", config, base_name="base") as engine:
+            results["lorakit serve, NF4 base"] = engine_run(engine, prompt_lists, args.gen, [None] * args.requests,
+                                                            device)
+            results[f"lorakit serve, NF4 base, {args.adapters} adapters mixed"] = engine_run(
+                engine, prompt_lists, args.gen, rows, device)
+        del packed
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -433,3 +433,13 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert cli.main(["--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "does not exist" in err
+
+
+def test_command_line_quantize_flag(tmp_path, capsys):
+    from lorakit.serve import cli
+
+    assert cli.main(["--model", str(tmp_path / "missing"), "--quantize", "nf4"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--model", str(tmp_path), "--quantize", "nf3"])
+    assert "invalid choice: 'nf3'" in capsys.readouterr().err

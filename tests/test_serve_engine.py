@@ -201,3 +201,20 @@ def test_shutdown_drains_running_requests_and_refuses_new_ones(setup):
     stopper.join(30)
     assert not stopper.is_alive()
     assert all(o.completion_tokens == 40 and o.finish_reason == "length" for o in outs)
+
+
+def test_from_pretrained_with_a_4bit_base_equals_offline_generate_on_it(setup):
+    """`lorakit serve --quantize nf4`: the checkpoint is streamed into NF4 projections; greedy tokens equal Hugging
+    Face generate on the same load_quantized model with the adapter loaded through lorakit."""
+    model_dir, adapters, _, prompts, _ = setup
+    config = EngineConfig(max_batch=4, max_adapters_gpu=2, max_model_len=128)
+    with Engine.from_pretrained(model_dir, adapters, config, device="cpu", quantize="nf4").start() as engine:
+        assert engine.decoder.layers[0].qkv.weight is None  # packed, not fused into a 16-bit weight
+        for name in (None, "a1"):
+            model = lorakit.load_quantized(model_dir, dtype=engine.decoder.dtype, compute_dtype=engine.decoder.dtype)
+            if name is not None:
+                lorakit.load_adapter(model, adapters / name)
+            want = offline_generate(model_dir, None, prompts[0], 10, model=model.eval())
+            assert engine.submit(prompts[0], GREEDY, name).result().token_ids == want, name
+    with pytest.raises(ConfigError, match="quantize must be one of"):
+        Engine.from_pretrained(model_dir, adapters, config, device="cpu", quantize="nf3")

@@ -41,6 +41,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto")
+    p.add_argument("--quantize", default="none", choices=["none", "nf4", "fp4", "int8"],
+                   help="store the base projections packed: 4-bit NF4/FP4 with double quantization (serve QLoRA "
+                        "adapters over the weights they were trained on) or row-wise int8; streamed from the "
+                        "checkpoint, the base never exists in 16 bits")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds to finish in-flight requests on shutdown (SIGINT/SIGTERM)")
@@ -74,11 +78,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_adapters_gpu=args.max_adapters_gpu, max_adapters_cpu=args.max_adapters_cpu,
                           max_lora_rank=args.max_lora_rank, cuda_graphs=not args.no_cuda_graphs)
     engine = Engine.from_pretrained(args.model, args.adapters, config, dtype=args.dtype, device=args.device,
-                                    base_name=args.served_model_name)
+                                    base_name=args.served_model_name, quantize=args.quantize)
     limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens)
     app = create_app(engine, api_key=api_key, limits=limits, drain_timeout=args.drain_timeout)
     d = engine.decoder
-    print(f"lorakit serve: {engine.base_name} on {d.device} ({d.dtype}), adapters {engine.adapters.names()}, "
+    packed = "" if args.quantize == "none" else f", {args.quantize} base"
+    print(f"lorakit serve: {engine.base_name} on {d.device} ({d.dtype}{packed}), adapters {engine.adapters.names()}, "
           f"KV cache {d.kv_cache_bytes() / 2**20:.0f} MiB, {args.max_adapters_gpu} adapter slots x "
           f"{d.adapter_slot_bytes() / 2**20:.1f} MiB; http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,

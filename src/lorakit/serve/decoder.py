@@ -9,7 +9,10 @@ position:
     decode(tokens, positions, adapters) one token for rows 0..B-1 (row = cache slot), returns logits
 
 Base projections are fused (q|k|v and gate|up, one matmul each; the Hugging Face modules keep views into
-the fused weights, so no memory is doubled). Each fused group has one LoRA stack (see bgmv.py) and every row
+the fused weights, so no memory is doubled). A base whose projections are packed 4/8-bit layers
+(``lorakit.load_quantized``: QLoRA adapters served over the very weights they were trained on) keeps them
+packed: each group runs its modules one by one (dequantize + GEMM, or the 4-bit GEMV for a few rows) and
+concatenates the outputs. Each fused group has one LoRA stack (see bgmv.py) and every row
 adds its own adapter through the gathered low-rank matmul. Rows that are not running write their K/V to a
 scratch position past ``max_len`` that attention never reads. On CUDA, decode steps replay CUDA graphs
 captured per (batch bucket, length bucket, adapters on/off).
@@ -61,17 +64,29 @@ class LoraStack:
 
 
 @dataclass
+class _Projection:
+    """One projection group of a layer: a dense (fused) weight and bias run as one GEMM, or packed 4/8-bit
+    modules run one by one, their outputs concatenated (each dequantizes to the input's dtype itself)."""
+
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    packed: tuple[nn.Module, ...] = ()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
+        outs = [m(x) for m in self.packed]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+@dataclass
 class _Layer:
     in_norm: nn.Module
     post_norm: nn.Module
-    qkv_w: torch.Tensor
-    qkv_b: torch.Tensor | None
-    o_w: torch.Tensor
-    o_b: torch.Tensor | None
-    gu_w: torch.Tensor
-    gu_b: torch.Tensor | None
-    down_w: torch.Tensor
-    down_b: torch.Tensor | None
+    qkv: _Projection
+    o: _Projection
+    gate_up: _Projection
+    down: _Projection
     q_norm: nn.Module | None
     k_norm: nn.Module | None
 
@@ -90,6 +105,20 @@ def _bucket(n: int, top: int, smallest: int = 1) -> int:
     while b < n:
         b *= 2
     return min(b, top)
+
+
+def _projection(modules: list[nn.Module]) -> _Projection:
+    """Dense modules fused into one weight; packed (4/8-bit) ones kept as they are."""
+    from ..layers.quantized import FrozenPackedLinear
+
+    packed = [isinstance(m, FrozenPackedLinear) for m in modules]
+    if any(packed):
+        if not all(packed):
+            raise ConfigError(f"a projection group mixes packed and dense layers ({[type(m).__name__ for m in modules]}): "
+                              "quantize all of q/k/v (and gate/up) or none")
+        return _Projection(packed=tuple(modules))
+    weight, bias = _fuse(modules)
+    return _Projection(weight, bias)
 
 
 def _fuse(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -140,7 +169,7 @@ class Decoder:
         self.config = config
         backbone = model.model
         first = backbone.layers[0]
-        param = next(model.parameters())
+        param = backbone.embed_tokens.weight  # (a packed base's projections hold integer codes, not this dtype)
         self.device, self.dtype = param.device, param.dtype
         self.max_batch, self.max_len, self.max_rank = max_batch, max_len, max_rank
         self.n_slots = adapter_slots + 1
@@ -163,11 +192,10 @@ class Decoder:
         with torch.no_grad():
             for i, layer in enumerate(backbone.layers):
                 attn, mlp = layer.self_attn, layer.mlp
-                qkv_w, qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-                gu_w, gu_b = _fuse([mlp.gate_proj, mlp.up_proj])
                 self.layers.append(_Layer(
-                    layer.input_layernorm, layer.post_attention_layernorm, qkv_w, qkv_b, attn.o_proj.weight,
-                    attn.o_proj.bias, gu_w, gu_b, mlp.down_proj.weight, mlp.down_proj.bias,
+                    layer.input_layernorm, layer.post_attention_layernorm,
+                    _projection([attn.q_proj, attn.k_proj, attn.v_proj]), _projection([attn.o_proj]),
+                    _projection([mlp.gate_proj, mlp.up_proj]), _projection([mlp.down_proj]),
                     getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)))
                 stacks = {}
                 for group, suffixes in GROUPS:
@@ -246,7 +274,7 @@ class Decoder:
         w = self.layers[i]
         B, T = x.shape[:2]
         h = w.in_norm(x)
-        qkv = F.linear(h, w.qkv_w, w.qkv_b)
+        qkv = w.qkv(h)
         if idx is not None:
             self._lora(i, "qkv", h, qkv, idx)
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)
@@ -259,17 +287,17 @@ class Decoder:
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         o = attend(i, q, k, v)  # (B, heads, T, head_dim)
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        out = F.linear(o, w.o_w, w.o_b)
+        out = w.o(o)
         if idx is not None:
             self._lora(i, "o", o, out, idx)
         x = x + out
         h = w.post_norm(x)
-        gu = F.linear(h, w.gu_w, w.gu_b)
+        gu = w.gate_up(h)
         if idx is not None:
             self._lora(i, "gate_up", h, gu, idx)
         gate, up = gu.split(self.intermediate, dim=-1)
         a = self.act(gate) * up
-        down = F.linear(a, w.down_w, w.down_b)
+        down = w.down(a)
         if idx is not None:
             self._lora(i, "down", a, down, idx)
         return x + down
@@ -397,7 +425,10 @@ def check_model(model: nn.Module) -> None:
         raise ConfigError(f"lorakit serve runs decoders of type {', '.join(SUPPORTED_TYPES)}; got {found!r}")
     if not hasattr(model, "lm_head") or not hasattr(getattr(model, "model", None), "layers"):
         raise ConfigError(f"{type(model).__name__} has no .model.layers / .lm_head: not a supported causal LM")
-    if any(True for m in model.modules() if type(m).__module__.startswith("lorakit.")):
+    from ..layers.quantized import FrozenPackedLinear
+
+    if any(type(m).__module__.startswith("lorakit.") and not isinstance(m, FrozenPackedLinear)
+           for m in model.modules()):
         raise ConfigError("the served base model must have no lorakit adapters injected: adapters are served "
                           "from their folders")
 

@@ -34,6 +34,9 @@ from .decoder import Decoder, check_model
 from .sampling import SamplingParams, sample_next
 from .text import TextStream
 
+QUANTIZE_CHOICES = ("none", "nf4", "fp4", "int8")
+"""How Engine.from_pretrained stores the base projections: 16 bits, 4-bit NF4/FP4 (+ double quant), int8."""
+
 log = logging.getLogger("lorakit.serve")
 
 
@@ -259,8 +262,12 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, adapters_dir: str | Path | None = None,
                         config: EngineConfig | None = None, dtype: str = "auto", device: str = "auto",
-                        base_name: str | None = None) -> Engine:
-        """Load a Hugging Face model folder (safetensors) and its tokenizer, then build the engine."""
+                        base_name: str | None = None, quantize: str = "none") -> Engine:
+        """Load a Hugging Face model folder (safetensors) and its tokenizer, then build the engine.
+
+        ``quantize``: "nf4" or "fp4" (4-bit blocks of 64 with double quantization, as QLoRA trains on) or
+        "int8" (row-wise) streams the checkpoint into packed projections (``lorakit.load_quantized``): the
+        base never exists in 16 bits; embeddings, norms and the head stay in ``dtype``."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model_dir = Path(model_dir)
@@ -272,9 +279,18 @@ class Engine:
                   "bf16": torch.bfloat16, "fp16": torch.float16}
         if dtype not in dtypes:
             raise ConfigError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+        if quantize not in QUANTIZE_CHOICES:
+            raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtypes[dtype], use_safetensors=True)
+            if quantize == "none":
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtypes[dtype], use_safetensors=True)
+            else:
+                from ..quant_loading import load_quantized
+
+                bits, quant_type = (8, "nf4") if quantize == "int8" else (4, quantize)
+                model = load_quantized(model_dir, bits=bits, quant_type=quant_type, dtype=dtypes[dtype],
+                                       compute_dtype=dtypes[dtype], device=device)
         except (OSError, ValueError, KeyError) as err:
             raise ConfigError(f"cannot load a causal LM from {str(model_dir)!r}: {str(err).splitlines()[0]}") \
                 from None
