@@ -277,6 +277,48 @@ def test_generate_switches_adapters_in_place(files, capsys, monkeypatch):
     assert len({r["completion"] for r in rows if r["prompt"] == prompts[1]}) > 1  # the adapters do differ
 
 
+@pytest.mark.skipif(not qlora_available(), reason="lorakit.qlora is not available in this install")
+def test_generate_with_a_qlora_adapter_uses_the_4bit_base_it_was_trained_on(files, tmp_path, capsys):
+    """lorakit_train.json records the quant type; `generate --quantize auto` (the default) then streams the
+    base into NF4 as training did, and its text equals HF generate on load_quantized + the adapter;
+    `--quantize none` equals the 16-bit base + the adapter."""
+    from transformers import AutoTokenizer
+
+    import lorakit
+
+    out = tmp_path / "run_q"
+    run(TrainConfig(model=str(files / "llama"), data=str(files / "text.jsonl"), output_dir=str(out), seq_len=32,
+                    max_steps=6, lr=2e-2, progress=False, plot=False, save_every=0, method="qlora"),
+        log=lambda _line: None)
+    adapter = out / "adapter"
+    assert json.loads((adapter / "lorakit_train.json").read_text())["quantization"] == "nf4"
+    tok = AutoTokenizer.from_pretrained(files / "llama")
+    prompt = "a b c"  # a prompt whose greedy text differs between the 4-bit and the 16-bit base
+
+    def reference(quantized: bool) -> str:
+        if quantized:
+            model = lorakit.load_quantized(files / "llama", dtype=torch.float32, compute_dtype=torch.float32)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(files / "llama")
+        lorakit.load_adapter(model.eval(), adapter)
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            ids_out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)
+        return tok.decode(ids_out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    texts = {}
+    for flag, quantized in (("auto", True), ("none", False)):
+        rc, stdout, err = call(capsys, "generate", "--model", files / "llama", "--adapter", adapter, "--prompt",
+                               prompt, "--json", "--max-new-tokens", 6, "--quantize", flag)
+        assert rc == 0, err
+        texts[flag] = json.loads(stdout)["completion"]
+        assert texts[flag] == reference(quantized), flag
+    assert texts["auto"] != texts["none"]  # so "auto" really ran on the 4-bit base
+
+
 # ------------------------------------------------------------------------------------------ merge
 def _logits_with_adapter(model, adapter, ids):
     import lorakit

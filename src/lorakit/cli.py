@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    gen.add_argument("--quantize", default="auto", choices=["auto", "none", "nf4", "fp4", "int8"],
+                     help="store the base in 4 bits (nf4, fp4) or int8 while generating; auto: as the adapter "
+                          "was trained (a lorakit train --method qlora adapter gets its quant type), else none")
     gen.add_argument("--json", action="store_true", help="print one JSON object per generation")
     gen.set_defaults(func=cmd_generate)
 

@@ -286,11 +286,9 @@ class Engine:
             if quantize == "none":
                 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtypes[dtype], use_safetensors=True)
             else:
-                from ..quant_loading import load_quantized
+                from ..quant_loading import load_quantized_named
 
-                bits, quant_type = (8, "nf4") if quantize == "int8" else (4, quantize)
-                model = load_quantized(model_dir, bits=bits, quant_type=quant_type, dtype=dtypes[dtype],
-                                       compute_dtype=dtypes[dtype], device=device)
+                model = load_quantized_named(model_dir, quantize, dtypes[dtype], device)
         except (OSError, ValueError, KeyError) as err:
             raise ConfigError(f"cannot load a causal LM from {str(model_dir)!r}: {str(err).splitlines()[0]}") \
                 from None

@@ -221,6 +221,8 @@ def save_outputs(loaded, cfg: TrainConfig, task: str, labels: list[str] | None, 
         "base_model": cfg.model or None,
         "model_config": cfg.model_config or None,
         "method": cfg.method,
+        # how the base was stored while training (generate --quantize auto restores it)
+        "quantization": cfg.quant_type if cfg.method == "qlora" else None,
     }
     if cfg.method == "full":
         target = out / "model"
