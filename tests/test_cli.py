@@ -277,8 +277,21 @@ def test_generate_switches_adapters_in_place(files, capsys, monkeypatch):
     assert len({r["completion"] for r in rows if r["prompt"] == prompts[1]}) > 1  # the adapters do differ
 
 
-@pytest.mark.skipif(not qlora_available(), reason="lorakit.qlora is not available in this install")
-def test_generate_with_a_qlora_adapter_uses_the_4bit_base_it_was_trained_on(files, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def qlora_adapter(files, tmp_path_factory):
+    """A QLoRA adapter trained by lorakit train on the tiny Llama (NF4 + double quant base)."""
+    if not qlora_available():
+        pytest.skip("lorakit.qlora is not available in this install")
+    out = tmp_path_factory.mktemp("cli_q") / "run_q"
+    run(TrainConfig(model=str(files / "llama"), data=str(files / "text.jsonl"), output_dir=str(out), seq_len=32,
+                    max_steps=6, lr=2e-2, progress=False, plot=False, save_every=0, method="qlora"),
+        log=lambda _line: None)
+    info = json.loads((out / "adapter" / "lorakit_train.json").read_text())
+    assert (info["quantization"], info["double_quant"]) == ("nf4", True)
+    return out / "adapter"
+
+
+def test_generate_with_a_qlora_adapter_uses_the_4bit_base_it_was_trained_on(files, qlora_adapter, capsys):
     """lorakit_train.json records the quant type; `generate --quantize auto` (the default) then streams the
     base into NF4 as training did, and its text equals HF generate on load_quantized + the adapter;
     `--quantize none` equals the 16-bit base + the adapter."""
@@ -286,12 +299,7 @@ def test_generate_with_a_qlora_adapter_uses_the_4bit_base_it_was_trained_on(file
 
     import lorakit
 
-    out = tmp_path / "run_q"
-    run(TrainConfig(model=str(files / "llama"), data=str(files / "text.jsonl"), output_dir=str(out), seq_len=32,
-                    max_steps=6, lr=2e-2, progress=False, plot=False, save_every=0, method="qlora"),
-        log=lambda _line: None)
-    adapter = out / "adapter"
-    assert json.loads((adapter / "lorakit_train.json").read_text())["quantization"] == "nf4"
+    adapter = qlora_adapter
     tok = AutoTokenizer.from_pretrained(files / "llama")
     prompt = "a b c"  # a prompt whose greedy text differs between the 4-bit and the 16-bit base
 
@@ -317,6 +325,31 @@ def test_generate_with_a_qlora_adapter_uses_the_4bit_base_it_was_trained_on(file
         texts[flag] = json.loads(stdout)["completion"]
         assert texts[flag] == reference(quantized), flag
     assert texts["auto"] != texts["none"]  # so "auto" really ran on the 4-bit base
+
+
+def test_merge_a_qlora_adapter_folds_it_into_the_dequantized_base(files, qlora_adapter, tmp_path, capsys):
+    """`merge --quantize auto` writes D(Q(W0)) + s·B·A: the 16-bit model computes what the QLoRA model computed
+    in training (within 1e-5); `--quantize none` writes W0 + s·B·A, which differs from it."""
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+
+    ids = torch.randint(9, 60, (3, 20), generator=torch.Generator().manual_seed(0))
+    qlora = lorakit.load_quantized(files / "llama", dtype=torch.float32, compute_dtype=torch.float32)
+    want = _logits_with_adapter(qlora.eval(), qlora_adapter, ids)
+    got = {}
+    for flag in ("auto", "none"):
+        out = tmp_path / flag
+        rc, stdout, err = call(capsys, "merge", "--model", files / "llama", "--adapter", qlora_adapter, "--out", out,
+                               "--quantize", flag)
+        assert rc == 0, err
+        assert ("nf4 weights, dequantized" in stdout) == (flag == "auto")
+        with torch.no_grad():
+            got[flag] = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+    assert (got["auto"] - want).abs().max() < 1e-5
+    dense = _logits_with_adapter(AutoModelForCausalLM.from_pretrained(files / "llama").eval(), qlora_adapter, ids)
+    assert (got["none"] - dense).abs().max() < 1e-5
+    assert (got["none"] - want).abs().max() > 1e-3  # the two merges really differ
 
 
 # ------------------------------------------------------------------------------------------ merge

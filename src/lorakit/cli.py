@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     merge.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="saved weight dtype")
     merge.add_argument("--force", action="store_true", help="replace --out if it exists")
+    merge.add_argument("--quantize", default="auto", choices=["auto", "none", "nf4", "fp4", "int8"],
+                       help="fold the adapter into the dequantized 4/8-bit base (D(Q(W)) + BA: what a QLoRA "
+                            "adapter was trained on); auto: as lorakit train trained it, else none (W + BA)")
     merge.set_defaults(func=cmd_merge)
 
     comp = sub.add_parser(

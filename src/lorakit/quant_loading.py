@@ -94,13 +94,15 @@ STORAGE_NAMES = ("nf4", "fp4", "int8")
 
 
 def load_quantized_named(path: str | Path, storage: str, dtype: torch.dtype,
-                         device: torch.device | str = "cpu") -> nn.Module:
-    """``load_quantized`` with the base format given by name (nf4, fp4: 4-bit + double quant; int8), computing
-    in ``dtype``: what ``lorakit generate`` and ``lorakit serve`` call for ``--quantize``."""
+                         device: torch.device | str = "cpu", double_quant: bool = True) -> nn.Module:
+    """``load_quantized`` with the base format given by name (nf4, fp4: 4-bit blocks of 64; int8), computing
+    in ``dtype``: what ``lorakit generate``, ``merge`` and ``serve`` call for ``--quantize``."""
     if storage not in STORAGE_NAMES:
         raise QuantError(f"unknown base storage {storage!r}; expected one of {', '.join(STORAGE_NAMES)}")
-    bits, quant_type = (8, "nf4") if storage == "int8" else (4, storage)
-    return load_quantized(path, bits=bits, quant_type=quant_type, dtype=dtype, compute_dtype=dtype, device=device)
+    if storage == "int8":
+        return load_quantized(path, bits=8, dtype=dtype, compute_dtype=dtype, device=device)
+    return load_quantized(path, bits=4, quant_type=storage, double_quant=double_quant, dtype=dtype,
+                          compute_dtype=dtype, device=device)
 
 
 def load_quantized(path: str | Path, *, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .export import adapter_task, check_adapter_dir, read_train_info
+from .export import adapter_task, base_quantization, check_adapter_dir
 from .modeling import DTYPES, infer_task, load_tokenizer, read_model_config, resolve_device
 
 
@@ -81,24 +81,6 @@ def generate_one(model, tokenizer, prompt: str, args) -> tuple[str, int, float]:
     return tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.numel()), seconds
 
 
-QUANTIZE_CHOICES = ("auto", "none", "nf4", "fp4", "int8")
-
-
-def base_quantization(choice: str, adapters: list[tuple[str, Path]]) -> str:
-    """none, nf4, fp4 or int8. "auto": what the first adapter's base was stored in while ``lorakit train``
-    trained it (lorakit_train.json: qlora -> its quant type), else none."""
-    if choice not in QUANTIZE_CHOICES:
-        raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {choice!r}")
-    if choice != "auto":
-        return choice
-    if not adapters:
-        return "none"
-    info = read_train_info(adapters[0][1])
-    if info.get("method") != "qlora":
-        return "none"
-    return info.get("quantization") or "nf4"
-
-
 def generate_command(args) -> int:
     from transformers import AutoModelForCausalLM
 
@@ -116,7 +98,8 @@ def generate_command(args) -> int:
         raise ConfigError(f"generate needs a causal language model; {args.model!r} is a {task} model")
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model)
-    quantize = base_quantization(getattr(args, "quantize", "none"), adapters)
+    quantize, double_quant = base_quantization(getattr(args, "quantize", "none"),
+                                               adapters[0][1] if adapters else None)
     dtype = DTYPES[args.dtype]
     try:
         if quantize == "none":
@@ -124,7 +107,7 @@ def generate_command(args) -> int:
         else:  # the base streamed into 4/8 bits, as QLoRA trained on it
             from ..quant_loading import load_quantized_named
 
-            model = load_quantized_named(args.model, quantize, dtype, device)
+            model = load_quantized_named(args.model, quantize, dtype, device, double_quant)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(
             f"cannot load a causal LM from {args.model!r}: {str(err).splitlines()[0]}"

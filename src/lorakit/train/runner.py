@@ -223,6 +223,7 @@ def save_outputs(loaded, cfg: TrainConfig, task: str, labels: list[str] | None, 
         "method": cfg.method,
         # how the base was stored while training (generate --quantize auto restores it)
         "quantization": cfg.quant_type if cfg.method == "qlora" else None,
+        "double_quant": cfg.double_quant if cfg.method == "qlora" else None,
     }
     if cfg.method == "full":
         target = out / "model"
