@@ -406,6 +406,9 @@ def test_merge_classifier_keeps_the_trained_head(files, tmp_path, capsys):
         ids,
     )
     assert (got - want).abs().max() < 1e-5
+    rc, _, err = call(capsys, "merge", "--model", files / "bert", "--adapter", files / "run_cls/adapter", "--out",
+                      tmp_path / "q", "--quantize", "nf4")
+    assert rc == 2 and "--quantize nf4 merges causal LMs" in err and not (tmp_path / "q").exists()
 
 
 # ------------------------------------------------------------------------------------------ compare
