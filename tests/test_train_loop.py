@@ -6,6 +6,7 @@ losses of an uninterrupted run, dropout included (RNG state is part of the check
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -307,3 +308,50 @@ def test_rng_state_round_trip_and_no_cuda_start():
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
     if not torch.cuda.is_initialized():
         assert state["cuda"] == [] and not torch.cuda.is_initialized()
+
+
+def test_fast_needs_a_gpu_and_says_so_before_any_work(llama, tmp_path):
+    out = tmp_path / "fast"
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        run(config(llama, out, fast=True, device="cpu"), log=quiet)
+    assert not out.exists()
+
+
+def test_fast_takes_the_loss_from_the_model_with_the_same_numbers(llama, tmp_path, monkeypatch):
+    """--fast's loop path (loss summed by the model: labels in, num_items_in_batch=1) gives the losses of the
+    default path (logits out, lorakit's own sum), grad accumulation included. liger-kernel itself needs a GPU:
+    here its installation is skipped, the loop path is what is checked."""
+    from lorakit.train import runner
+
+    monkeypatch.setattr(runner, "check_fast", lambda task, device: None)
+    monkeypatch.setattr(runner, "fast_base", lambda model: "llama")
+    kw = {"max_steps": 4, "batch_size": 2, "grad_accum": 2, "device": "cpu"}
+    run(config(llama, tmp_path / "plain", **kw), log=quiet)
+    run(config(llama, tmp_path / "fast", fast=True, **kw), log=quiet)
+    plain = [r["loss"] for r in losses(tmp_path / "plain") if "loss" in r]
+    fast = [r["loss"] for r in losses(tmp_path / "fast") if "loss" in r]
+    assert len(plain) == 4 and fast == pytest.approx(plain, abs=1e-6)
+    assert plain[-1] < plain[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+                    reason="--fast runs liger-kernel's Triton kernels on a GPU")
+def test_fast_on_a_gpu_follows_the_default_loss_curve(llama, tmp_path):
+    """On a GPU with liger-kernel: --fast (fused RMSNorm/RoPE/SwiGLU, linear + cross-entropy) trains the same
+    curve as the default path, within bf16 autocast noise. In subprocesses: liger patches transformers'
+    Llama module for the whole process, which must not leak into the other tests."""
+    import subprocess
+    import sys
+
+    model, data = llama
+    for name, extra in (("plain", []), ("fast", ["--fast"])):
+        cmd = [sys.executable, "-m", "lorakit", "train", "--model", str(model), "--data", str(data), "--output-dir",
+               str(tmp_path / name), "--seq-len", "32", "--max-steps", "6", "--batch-size", "2", "--grad-accum",
+               "2", "--lr", "5e-3", "--device", "cuda", "--dtype", "bf16", "--no-progress", "--no-plot",
+               "--save-every", "0", *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    plain = [r["loss"] for r in losses(tmp_path / "plain") if "loss" in r]
+    fast = [r["loss"] for r in losses(tmp_path / "fast") if "loss" in r]
+    assert len(fast) == 6 and fast == pytest.approx(plain, abs=5e-2)
+    assert fast[-1] < fast[0]

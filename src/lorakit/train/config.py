@@ -132,6 +132,10 @@ class TrainConfig:
     """Mixed precision: bf16, fp16, none, or auto (bf16 on GPUs that support it, none on CPU)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more time."""
+    fast: bool = False
+    """Fused kernels for the frozen base where liger-kernel knows the architecture (Llama, Mistral, Qwen2/3,
+    Gemma, ...; needs a CUDA GPU and pip install liger-kernel): RMSNorm, RoPE, SwiGLU, and the output layer
+    fused with the cross-entropy so the (tokens x vocab) logits are never stored. LoRA layers are untouched."""
     distributed: str = "auto"
     """Under torchrun (several processes): ddp (replicated model, only adapter gradients all-reduced), fsdp
     (FSDP2: every weight sharded, the 4-bit base too), none, or auto (ddp). batch_size is the global

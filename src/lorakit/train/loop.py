@@ -190,6 +190,8 @@ def train_loop(
 
         dist = Session()
     optimizer = optimizer_for(model, cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
+    # --fast: the loss comes from the model, whose fused linear + cross-entropy never stores the logits
+    model_loss = bool(getattr(cfg, "fast", False)) and task == "causal-lm"
     sampler = EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
     total = cfg.max_steps or cfg.epochs * -(-sampler.batches_per_epoch() // cfg.grad_accum)
     ctx, amp = autocast_context(cfg.autocast, device)
@@ -233,10 +235,15 @@ def train_loop(
                 dist.grad_sync(model, batch is micro[-1])
                 batch = {k: v.to(device, non_blocking=True) for k, v in dist.shard(batch).items()}
                 with ctx:
-                    logits = model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits
-                loss, _ = loss_sum(logits, batch["labels"], task)
+                    if model_loss:  # the model sums the shifted token losses itself (num_items_in_batch=1)
+                        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     labels=batch["labels"], num_items_in_batch=1).loss.float()
+                    else:
+                        logits = model(
+                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                        ).logits
+                if not model_loss:
+                    loss, _ = loss_sum(logits, batch["labels"], task)
                 scaled = loss * dist.grad_scale / max(targets, 1)
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 step_loss += loss.detach()

@@ -100,6 +100,27 @@ def prepare_data(cfg: TrainConfig, tokenizer, task: str, hf_config, raw: dict | 
     return build_data(cfg, tokenizer, task, _model_label2id(raw))
 
 
+def check_fast(task: str, device: torch.device) -> None:
+    """--fast's preconditions, checked before any work: a causal LM, a CUDA device, liger-kernel installed."""
+    import importlib.util
+
+    if task != "causal-lm":
+        raise ConfigError(f"--fast fuses a causal LM's output layer with its loss; this is a {task} run")
+    if device.type != "cuda":
+        raise ConfigError(f"--fast runs liger-kernel's Triton kernels: it needs a CUDA GPU (this run is on {device})")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("--fast needs liger-kernel: pip install liger-kernel")
+
+
+def fast_base(model) -> str:
+    """--fast: liger-kernel's fused kernels on the (unwrapped) base model; returns its model_type. The training
+    loop then takes the loss from the model (labels passed in), where the fused linear + cross-entropy lives."""
+    from ..fast import speed_up_base
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model (peft-lora)
+    return speed_up_base(base)
+
+
 def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train as ``cfg`` says and write everything into cfg.output_dir; returns summary.json's content.
 
@@ -110,6 +131,8 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
     log = session.log(log)
     device = session.device(resolve_device(cfg.device))
     task, hf_config, raw = resolve_task(cfg)
+    if cfg.fast:
+        check_fast(task, device)
     if cfg.method == "qlora":
         from .modeling import import_quant
 
@@ -138,6 +161,8 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
     )
     base_params = _count_params(loaded.model)
     info = apply_method(loaded, cfg, device)
+    if cfg.fast:
+        log(f"fast: liger-kernel's fused kernels on the {fast_base(loaded.model)} base")
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
     total_params = base_params if cfg.method == "full" else base_params + info.trainable
