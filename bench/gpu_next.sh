@@ -12,3 +12,8 @@ timeout 300 python3 -m pytest -q -p no:cacheprovider $X tests 2>&1 | grep -v '^\
 (cd bench && timeout 240 python3 train_gpu.py --shape llama-1b --only floor,lorakit --steps 8 2>&1 \
     | grep -v Warn | tail -8 | tee "$OUT/train_1b.txt")
 (cd bench && timeout 200 python3 serve.py --only lorakit,nf4 2>&1 | tail -9 | tee "$OUT/serve_nf4.txt")
+# lorakit train --fast from the CLI (1B, lora and qlora, fused base kernels) next to the README's compare table
+PYTHONPATH=/tmp/site:$PWD/src timeout 240 python3 -m lorakit compare --model-config llama-1b --device cuda --dtype bf16 \
+    --batch-size 4 --seq-len 2048 --steps 10 --r 16 --alpha 32 \
+    --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --methods lora,qlora --fast \
+    --output-dir /tmp/cmp_fast 2>&1 | tail -8 | tee "$OUT/compare_fast.txt"
