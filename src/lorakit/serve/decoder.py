@@ -114,8 +114,9 @@ def _projection(modules: list[nn.Module]) -> _Projection:
     packed = [isinstance(m, FrozenPackedLinear) for m in modules]
     if any(packed):
         if not all(packed):
-            raise ConfigError(f"a projection group mixes packed and dense layers ({[type(m).__name__ for m in modules]}): "
-                              "quantize all of q/k/v (and gate/up) or none")
+            kinds = [type(m).__name__ for m in modules]
+            raise ConfigError(f"a projection group mixes packed and dense layers ({kinds}): quantize all of "
+                              "q/k/v (and gate/up) or none")
         return _Projection(packed=tuple(modules))
     weight, bias = _fuse(modules)
     return _Projection(weight, bias)
