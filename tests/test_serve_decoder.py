@@ -173,3 +173,11 @@ def test_packed_base_matches_the_same_packed_model_per_row(llama, bits):
     out = dec.decode(torch.tensor([20, 21, 22]), torch.tensor([len(p) for p in prompts]), torch.tensor(slots))
     for row, (p, s) in enumerate(zip(prompts, slots)):
         assert torch.allclose(out[row], hf_logits(refs[s], p + [20 + row])[-1], atol=ATOL)
+
+
+def test_a_group_with_packed_and_dense_layers_is_refused(llama):
+    model_dir, _ = llama
+    model = load_model(model_dir)
+    lorakit.quantize_model(model, skip=["q_proj"])  # k/v packed, q dense: no one fused q|k|v matmul
+    with pytest.raises(ConfigError, match="mixes packed and dense layers"):
+        Decoder(model, max_batch=1, max_len=16, adapter_slots=1, max_rank=4)
