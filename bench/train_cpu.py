@@ -28,7 +28,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--malloc", choices=["default", "tuned"], default="tuned",
+                        help="tuned: what lorakit train does on the CPU (lorakit/_malloc.py); default: glibc's")
     args = parser.parse_args()
+    tuned = False
+    if args.malloc == "tuned":
+        from lorakit._malloc import tune_for_training
+
+        tuned = tune_for_training()
 
     import peft
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -80,7 +87,8 @@ def main() -> None:
     floor_t, peft_t = med["frozen base fwd+bwd (floor)"], med["PEFT"]
     print(f"GPT-2-124M shape ({args.layers} layers), fp32, batch {args.batch} x {args.seq}, r=16 on {targets}, "
           f"AdamW; torch {torch.__version__} ({torch.get_num_threads()} threads), peft {peft.__version__}; "
-          f"{os.cpu_count()} cores {platform.machine()}; {time.strftime('%Y-%m-%d')}; median of {args.steps}")
+          f"{os.cpu_count()} cores {platform.machine()}; {time.strftime('%Y-%m-%d')}; median of {args.steps}; "
+          f"malloc {'tuned' if tuned else 'default'}")
     print(f"| {'setup':<30} | {'s/step':>7} | {'tokens/s':>8} | {'/ floor':>7} | {'/ PEFT':>6} |")
     print(f"|{'-' * 32}|{'-' * 9}|{'-' * 10}|{'-' * 9}|{'-' * 8}|")
     for k, t in med.items():

@@ -311,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command != "demo":
         _quiet_libraries()
+    if args.command in ("train", "compare", "demo"):
+        from ._malloc import tune_for_training
+
+        tune_for_training()  # large CPU tensors reused between steps instead of page-faulted in again
     try:
         return args.func(args)
     except TrainingError as err:
