@@ -2,9 +2,9 @@
 
 Why: glibc serves allocations above its mmap threshold (at most 32 MiB by its own adaptive rule) with fresh
 mmap'ed pages and returns them on free, so every step's logits, activations and gradients of that size are
-page-faulted in and zeroed by the kernel again. On the 2-core development machine that was about a quarter of
-a CPU training step (GPT-2-124M shape, 4 x 256: 4.2 -> 3.2 s, the frozen floor and LoRA alike;
-bench/train_cpu.py --malloc default|tuned). Raising the mmap and trim thresholds makes freed memory reusable
+page-faulted in and zeroed by the kernel again. On the 2-core development machine that was 16% of a LoRA
+training step and 26% of PEFT's (GPT-2-124M shape, 4 x 256: lorakit 3.93 -> 3.28 s, the frozen floor
+3.75 -> 3.15 s; bench/train_cpu.py --malloc default|tuned). Raising the mmap and trim thresholds makes freed memory reusable
 instead; the cost is that the process keeps its peak memory until it exits, which is what a training run does
 anyway. The command line applies it to its own process (``lorakit train``, ``compare``, ``demo``);
 ``LORAKIT_MALLOC=default`` keeps glibc's behaviour. Importing lorakit never changes the allocator.
