@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# What the next device session should run first (about 4 minutes on an H100): the whole test suite with a GPU
-# visible (2026-11-23 that found two real FSDP bugs and two CPU-only assumptions in tests; everything since is
-# CPU-verified only), then the 1B speed table that the README quotes. Run from the repository root through the
-# device tool, with .whl carried (liger-kernel 0.8.5 and bitsandbytes 0.50.2 wheels for py3.12):
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; bash bench/gpu_next.sh
+# What the next device session should run first, in two device calls of under 10 minutes each:
+#   part 1: the whole test suite with a GPU visible (2026-11-23 that found two real FSDP bugs; everything since,
+#           e.g. serving over a packed base, the checkpoint RNG change and the --fast GPU test, is CPU-verified
+#           only), then the 1B speed rows the README quotes;
+#   part 2: serving with an NF4 base next to the 16-bit one, and `lorakit compare --fast` (lora, qlora) on 1B.
+# Run from the repository root through the device tool, with .whl carried (liger-kernel 0.8.5 and
+# bitsandbytes 0.50.2 wheels for py3.12):
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; bash bench/gpu_next.sh 1
 set -u
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-.}
-X=""; python3 -c "import xdist" 2>/dev/null && X="-n 8"
-timeout 300 python3 -m pytest -q -p no:cacheprovider $X tests 2>&1 | grep -v '^\.\+' | tail -30 | tee "$OUT/gpu_suite.txt"
-(cd bench && timeout 240 python3 train_gpu.py --shape llama-1b --only floor,lorakit --steps 8 2>&1 \
-    | grep -v Warn | tail -8 | tee "$OUT/train_1b.txt")
-(cd bench && timeout 200 python3 serve.py --only lorakit,nf4 2>&1 | tail -9 | tee "$OUT/serve_nf4.txt")
-# lorakit train --fast from the CLI (1B, lora and qlora, fused base kernels) next to the README's compare table
-PYTHONPATH=/tmp/site:$PWD/src timeout 240 python3 -m lorakit compare --model-config llama-1b --device cuda --dtype bf16 \
-    --batch-size 4 --seq-len 2048 --steps 10 --r 16 --alpha 32 \
-    --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --methods lora,qlora --fast \
-    --output-dir /tmp/cmp_fast 2>&1 | tail -8 | tee "$OUT/compare_fast.txt"
+part=${1:-1}
+if [ "$part" = 1 ]; then
+    X=""; python3 -c "import xdist" 2>/dev/null && X="-n 8"
+    timeout 300 python3 -m pytest -q -p no:cacheprovider $X tests 2>&1 | grep -v '^\.\+' | tail -30 | tee "$OUT/gpu_suite.txt"
+    (cd bench && timeout 240 python3 train_gpu.py --shape llama-1b --only floor,lorakit --steps 8 2>&1 \
+        | grep -v Warn | tail -8 | tee "$OUT/train_1b.txt")
+else
+    (cd bench && timeout 240 python3 serve.py --only lorakit,nf4 2>&1 | tail -9 | tee "$OUT/serve_nf4.txt")
+    timeout 300 python3 -m lorakit compare --model-config llama-1b --device cuda --dtype bf16 \
+        --batch-size 4 --seq-len 2048 --steps 10 --r 16 --alpha 32 \
+        --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --methods lora,qlora --fast \
+        --output-dir /tmp/cmp_fast 2>&1 | tail -8 | tee "$OUT/compare_fast.txt"
+fi
