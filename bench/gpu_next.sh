@@ -3,7 +3,8 @@
 #   part 1: the whole test suite with a GPU visible (2026-11-23 that found two real FSDP bugs; everything since,
 #           e.g. serving over a packed base, the checkpoint RNG change and the --fast GPU test, is CPU-verified
 #           only), then the 1B speed rows the README quotes;
-#   part 2: serving with an NF4 base next to the 16-bit one, and `lorakit compare --fast` (lora, qlora) on 1B.
+#   part 2: serving with an NF4 base next to the 16-bit one, and `lorakit compare --fast` (lora, qlora) on 1B;
+#   part 3: the 8-bit base with the one-pass Triton int8 dequantization (was three torch passes) vs PEFT + bnb.
 # Run from the repository root through the device tool, with .whl carried (liger-kernel 0.8.5 and
 # bitsandbytes 0.50.2 wheels for py3.12):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; bash bench/gpu_next.sh 1
@@ -16,10 +17,13 @@ if [ "$part" = 1 ]; then
     timeout 300 python3 -m pytest -q -p no:cacheprovider $X tests 2>&1 | grep -v '^\.\+' | tail -30 | tee "$OUT/gpu_suite.txt"
     (cd bench && timeout 240 python3 train_gpu.py --shape llama-1b --only floor,lorakit --steps 8 2>&1 \
         | grep -v Warn | tail -8 | tee "$OUT/train_1b.txt")
-else
+elif [ "$part" = 2 ]; then
     (cd bench && timeout 240 python3 serve.py --only lorakit,nf4 2>&1 | tail -9 | tee "$OUT/serve_nf4.txt")
     timeout 300 python3 -m lorakit compare --model-config llama-1b --device cuda --dtype bf16 \
         --batch-size 4 --seq-len 2048 --steps 10 --r 16 --alpha 32 \
         --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --methods lora,qlora --fast \
         --output-dir /tmp/cmp_fast 2>&1 | tail -8 | tee "$OUT/compare_fast.txt"
+else
+    (cd bench && timeout 400 python3 qlora.py --only peft_int8,lorakit_int8,lorakit --steps 8 --warmup 3 2>&1 \
+        | tail -7 | tee "$OUT/qlora_int8.txt")
 fi

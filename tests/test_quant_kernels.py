@@ -94,3 +94,15 @@ def test_real_shapes_on_gpu(qt):
     y = tk.gemv_4bit_triton(x, packed, state)
     exact = x.double() @ ref.double().T
     assert float((y.double() - exact).norm() / exact.norm()) < 4e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(33, 70), (5, 7), (16, 1030)])  # odd columns; more than one column block
+def test_int8_dequantize_is_bit_identical(shape, dtype):
+    from lorakit.quant import int8
+
+    codes, scb = int8.quantize_8bit(case_weight(shape, 3))
+    ref = int8.dequantize_8bit(codes, scb, dtype)
+    out = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)  # poisoned: every element must be written
+    tk.dequantize_8bit_triton(codes, scb, dtype, out=out, block=512)
+    assert torch.equal(bits(out), bits(ref))

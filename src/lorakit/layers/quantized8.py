@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantError
+from ..quant import dispatch
 from ..quant.int8 import dequantize_8bit, quantize_8bit
 from ..quant.nf4 import error_stats
 from .quantized import FrozenPackedLinear
@@ -28,7 +29,7 @@ class Packed8bit:
     scb: torch.Tensor
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_8bit(self.codes, self.scb, dtype)
+        return dispatch.dequantize_8bit(self.codes, self.scb, dtype)
 
 
 class Linear8bit(FrozenPackedLinear):
@@ -81,7 +82,7 @@ class Linear8bit(FrozenPackedLinear):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out_features, in_features) weight in ``dtype`` (default: the original weight's dtype)."""
-        return dequantize_8bit(self.codes, self.SCB, self.weight_dtype if dtype is None else dtype)
+        return dispatch.dequantize_8bit(self.codes, self.SCB, self.weight_dtype if dtype is None else dtype)
 
     def packed(self) -> Packed8bit:
         return Packed8bit(self.codes, self.SCB)

@@ -48,3 +48,16 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
                                                                              and bias.requires_grad))):
         return ops.gemv_4bit_cuda(*args)
     return ops.gemv_4bit(*args)
+
+
+def dequantize_8bit(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Row-wise int8 codes times SCB / 127 in ``dtype``: one Triton pass on CUDA (eager), the torch reference
+    elsewhere and under torch.compile (whose fusion of it is its own business). Same bits either way."""
+    from .int8 import dequantize_8bit as reference
+
+    triton = _triton_module()
+    if triton is not None and _direct(codes) and codes.dtype == torch.int8 and codes.dim() == 2 \
+            and scb.shape == (codes.shape[0],):
+        return triton.dequantize_8bit_triton(codes, scb, dtype)
+    return reference(codes, scb, dtype)
+

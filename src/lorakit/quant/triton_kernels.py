@@ -99,6 +99,34 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, dtype: torch
     return out
 
 
+# ---------------------------------------------------------------------------------------------- int8
+@triton.jit
+def _dequant_int8_kernel(codes_ptr, scb_ptr, out_ptr, n_cols, INV: tl.constexpr, BLOCK: tl.constexpr):
+    # one program = BLOCK columns of one row: (code * SCB[row]) * INV in fp32, two roundings, never an FMA
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    codes = tl.load(codes_ptr + row * n_cols + cols, mask=mask, other=0).to(tl.float32)
+    scale = tl.load(scb_ptr + row).to(tl.float32)
+    values = (codes * scale) * INV
+    tl.store(out_ptr + row * n_cols + cols, _to_dtype(values, out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_8bit_triton(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype,
+                           out: torch.Tensor | None = None, block: int = 1024, num_warps: int = 4) -> torch.Tensor:
+    """Triton twin of ``int8.dequantize_8bit`` (bit-identical) in one pass: int8 in, ``dtype`` out. The torch
+    reference makes three full-size passes (two fp32 multiplies, then the cast)."""
+    from .int8 import INV_127
+
+    codes, scb = codes.contiguous(), scb.contiguous()
+    rows, cols = codes.shape
+    if out is None:
+        out = torch.empty((rows, cols), dtype=dtype, device=codes.device)
+    grid = (rows, triton.cdiv(cols, block))
+    _dequant_int8_kernel[grid](codes, scb, out, cols, INV=INV_127, BLOCK=block, num_warps=num_warps, **_LAUNCH)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- GEMV
 @triton.jit
 def _round_to(x, dtype: tl.constexpr, NATIVE: tl.constexpr):
