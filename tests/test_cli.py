@@ -573,3 +573,11 @@ def test_train_other_methods_end_to_end(files, tmp_path, capsys, extra):
         assert rc == 2 and "cannot be merged" in err and "Traceback" not in err
     else:
         assert rc == 0, err
+
+
+def test_quantize_names_agree_with_the_loader():
+    """The command line's --quantize names (torch-free train.config) are exactly what load_quantized_named takes."""
+    from lorakit.quant_loading import STORAGE_NAMES
+    from lorakit.train.config import QUANT_TYPES
+
+    assert QUANT_TYPES == STORAGE_NAMES

@@ -187,6 +187,8 @@ def add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train.config import QUANT_TYPES
+
     parser = _Parser(
         prog="lorakit",
         description="LoRA and QLoRA for PyTorch models: train, generate, merge, "
@@ -232,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    gen.add_argument("--quantize", default="auto", choices=["auto", "none", "nf4", "fp4", "int8"],
+    gen.add_argument("--quantize", default="auto", choices=("auto", "none", *QUANT_TYPES),
                      help="store the base in 4 bits (nf4, fp4) or int8 while generating; auto: as the adapter "
                           "was trained (a lorakit train --method qlora adapter gets its quant type), else none")
     gen.add_argument("--json", action="store_true", help="print one JSON object per generation")
@@ -249,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     merge.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="saved weight dtype")
     merge.add_argument("--force", action="store_true", help="replace --out if it exists")
-    merge.add_argument("--quantize", default="auto", choices=["auto", "none", "nf4", "fp4", "int8"],
+    merge.add_argument("--quantize", default="auto", choices=("auto", "none", *QUANT_TYPES),
                        help="fold the adapter into the dequantized 4/8-bit base (D(Q(W)) + BA: what a QLoRA "
                             "adapter was trained on); auto: as lorakit train trained it, else none (W + BA)")
     merge.set_defaults(func=cmd_merge)

@@ -28,7 +28,7 @@ from .errors import QuantError
 from .layers import Linear4bit, Linear8bit
 from .model import _replace
 from .qlora import check_quant_settings, quantize_targets
-from .quant.nf4 import QuantState, check_weight
+from .quant.nf4 import QUANT_TYPES, QuantState, check_weight
 
 _BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
                  "quant_state.bitsandbytes__fp4")
@@ -89,7 +89,7 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[attr] = tensor
 
 
-STORAGE_NAMES = ("nf4", "fp4", "int8")
+STORAGE_NAMES = (*QUANT_TYPES, "int8")
 """The names the command line uses for a packed base (``--quantize``): 4-bit NF4/FP4 or row-wise int8."""
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..errors import ConfigError
+from ..train.config import QUANT_TYPES
 
 DESCRIPTION = (
     "One base model in memory; every sub-folder of --adapters is an adapter, chosen per request by the "
@@ -41,7 +42,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--quantize", default="none", choices=["none", "nf4", "fp4", "int8"],
+    p.add_argument("--quantize", default="none", choices=("none", *QUANT_TYPES),
                    help="store the base projections packed: 4-bit NF4/FP4 with double quantization (serve QLoRA "
                         "adapters over the weights they were trained on) or row-wise int8; streamed from the "
                         "checkpoint, the base never exists in 16 bits")

@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, LoraError
+from ..train.config import QUANT_TYPES
 from .cache import AdapterCache, AdapterNotFoundError
 from .decoder import Decoder, check_model
 from .sampling import SamplingParams, sample_next
 from .text import TextStream
 
-QUANTIZE_CHOICES = ("none", "nf4", "fp4", "int8")
+QUANTIZE_CHOICES = ("none", *QUANT_TYPES)
 """How Engine.from_pretrained stores the base projections: 16 bits, 4-bit NF4/FP4 (+ double quant), int8."""
 
 log = logging.getLogger("lorakit.serve")

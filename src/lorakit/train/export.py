@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from .config import QUANT_TYPES
 from .modeling import DTYPES, infer_task, load_tokenizer, read_model_config
 
 TRAIN_INFO = "lorakit_train.json"
@@ -41,7 +42,7 @@ def read_train_info(adapter_dir: Path) -> dict[str, Any]:
     return {}
 
 
-QUANTIZE_CHOICES = ("auto", "none", "nf4", "fp4", "int8")
+QUANTIZE_CHOICES = ("auto", "none", *QUANT_TYPES)
 
 
 def base_quantization(choice: str, adapter_dir: Path | None) -> tuple[str, bool]:
