@@ -11,16 +11,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# imported after the flag: a lorakit module may define Triton kernels
+from lorakit._threads import one_thread as single_thread
+
 
 def _single_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine spinning OpenMP threads cost
-    5-20x; the previous thread count is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    """Tiny models gain nothing from threads (lorakit._threads.one_thread says why)."""
+    with single_thread():
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``; a single test asks for

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lorakit._threads import one_thread
 from lorakit.train import distributed
 from lorakit.train.config import TrainConfig
 from lorakit.train.modeling import qlora_available
@@ -85,12 +86,8 @@ def runs(tmp_path_factory):
         pytest.skip("the 2-process runs fork workers (Linux)")
     tmp = tmp_path_factory.mktemp("dist")
     with_qlora = qlora_available()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is faster, and fair to the 2 forked workers
-    try:
+    with one_thread():  # tiny matmuls: one thread is faster, and fair to the 2 worker processes
         _make_runs(tmp, with_qlora)
-    finally:
-        torch.set_num_threads(threads)
     return tmp, with_qlora
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize as P
 
 import lorakit as lk
+from lorakit._threads import one_thread
 from lorakit.parametrize import (
     LoraParametrization,
     mark_parametrized_trainable,
@@ -244,17 +245,13 @@ def test_training_reduces_loss_and_touches_only_the_adapter():
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         before = F.cross_entropy(model(x[1400:]), y[1400:]).item()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for _ in range(100):
             idx = torch.randint(0, 1400, (32,), generator=g)
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-    finally:
-        torch.set_num_threads(threads)
     with torch.no_grad():
         after = F.cross_entropy(model(x[1400:]), y[1400:]).item()
     assert after < 0.7 * before, (before, after)

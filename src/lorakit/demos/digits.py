@@ -14,7 +14,6 @@ scikit-learn; no download). About 2 s on 2 CPU cores.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from torch.nn import functional as F
 
 import lorakit
 
+from .._threads import one_thread
 from .assets import require_module
 
 METHODS = ("wrapper", "parametrize")
@@ -234,18 +234,6 @@ def run(steps: int = 20, worst: int = 2, rank: int = 4, lr: float = 5e-4, base_e
         raise lorakit.ConfigError(f"digits demo: steps must be >= 1, got {steps}")
     with one_thread():
         return _run(steps, worst, rank, lr, base_epochs, hidden, seed, methods, longer_steps, verbose)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Matmuls of 32 x 256 gain nothing from threads; OpenMP's start-up and spinning cost 5-20x (measured on
-    2 cores). The previous thread count is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(steps: int, worst: int, rank: int, lr: float, base_epochs: int, hidden: int, seed: int,
