@@ -157,13 +157,11 @@ def load_model(cfg, task: str, tokenizer=None, num_labels: int | None = None,
         notes.append(f"random weights: preset {cfg.model_config}")
     elif cfg.method == "qlora" and task == "causal-lm":
         # stream the checkpoint into 4 (8) bits: the full-precision model never exists, on the CPU or the GPU
-        compute = torch.float32 if cfg.dtype == "fp32" else dtype
-        bits = 8 if cfg.quant_type == "int8" else 4
-        quant = {} if bits == 8 else {"quant_type": cfg.quant_type, "double_quant": cfg.double_quant}
         try:
-            model = import_quant().load_quantized(cfg.model, bits=bits, **quant, dtype=dtype, compute_dtype=compute,
-                                                  device=device or "cpu")
+            model = import_quant().load_quantized_named(cfg.model, cfg.quant_type, dtype, device or "cpu",
+                                                        cfg.double_quant)
         except LoraError as err:
+            bits = 8 if cfg.quant_type == "int8" else 4
             raise ConfigError(f"cannot load {cfg.model!r} in {bits} bits: {err}") from None
         return _finish(model, tokenizer, task, notes, quantized=True)
     else:
@@ -270,15 +268,15 @@ def _apply_peft(loaded: Loaded, cfg):
 
 
 def import_quant() -> SimpleNamespace:
-    """lorakit's QLoRA functions (quantize_model, prepare_for_kbit_training, load_quantized), or a
+    """lorakit's QLoRA functions (quantize_model, prepare_for_kbit_training, load_quantized_named), or a
     ConfigError saying QLoRA is unavailable in this install."""
     try:
         from ..qlora import prepare_for_kbit_training, quantize_model
-        from ..quant_loading import load_quantized
+        from ..quant_loading import load_quantized_named
     except ImportError as err:
         raise ConfigError(f"--method qlora needs lorakit.qlora, which is not available here ({err})") from None
     return SimpleNamespace(quantize_model=quantize_model, prepare_for_kbit_training=prepare_for_kbit_training,
-                           load_quantized=load_quantized)
+                           load_quantized_named=load_quantized_named)
 
 
 def qlora_available() -> bool:
