@@ -14,6 +14,7 @@ Weights are random (built from a config, no download).
 
     python bench/multi_gpu.py                   # both, on 1 and 2 GPUs (needs 2 GPUs)
     python bench/multi_gpu.py --gpus 4 --only ddp
+    python bench/multi_gpu.py --only fsdp-qlora,fsdp-qlora-global
     python bench/multi_gpu.py --shape-scale tiny --device cpu --gpus 2   # smoke test of the script on CPU
 """
 
@@ -48,6 +49,9 @@ SHAPES = {
 JOBS = {  # name -> shape, per-GPU batch, seq, qlora, strategy on N > 1, gradient checkpointing
     "ddp": {"shape": "llama-1b", "batch": 4, "seq": 2048, "qlora": False, "strategy": "ddp", "ckpt": False},
     "fsdp-qlora": {"shape": "llama3-8b", "batch": 2, "seq": 2048, "qlora": True, "strategy": "fsdp", "ckpt": True},
+    # the same job with the same *global* batch (2 x 2048 split over the GPUs): one job moved onto more cards
+    "fsdp-qlora-global": {"shape": "llama3-8b", "batch": 2, "seq": 2048, "qlora": True, "strategy": "fsdp",
+                          "ckpt": True, "global": True},
 }
 
 
@@ -64,8 +68,11 @@ def worker(args: argparse.Namespace) -> None:
     shape = args.shape_scale or job["shape"]
     seq = args.seq or job["seq"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_gpu = job["batch"] // world if job.get("global") else job["batch"]
+    if per_gpu < 1:
+        sys.exit(f"{args.worker}: global batch {job['batch']} < {world} processes")
     cfg = SimpleNamespace(distributed=job["strategy"] if world > 1 else "auto", device=args.device,
-                          batch_size=job["batch"] * world, autocast="bf16")
+                          batch_size=per_gpu * world, autocast="bf16")
     session = distributed.start(cfg)
     device = session.device(torch.device(args.device))
     dtype = torch.bfloat16
@@ -73,8 +80,13 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     hf = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(4096, seq), attn_implementation="sdpa")
     build_on = "cpu" if job["qlora"] else device  # the 16-bit 8B model is quantized layer by layer
-    with torch.device(build_on):
-        model = LlamaForCausalLM(hf).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16 (half the host memory and init time of fp32 for 8B)
+    try:
+        with torch.device(build_on):
+            model = LlamaForCausalLM(hf).to(dtype)
+    finally:
+        torch.set_default_dtype(default)
     if job["qlora"]:
         from lorakit import qlora
 
@@ -93,7 +105,7 @@ def worker(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
 
     gen = torch.Generator().manual_seed(0)
-    batch = job["batch"] * world
+    batch = per_gpu * world
     ids = torch.randint(0, hf.vocab_size, (batch, seq), generator=gen)
     full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     targets = batch * (seq - 1)
@@ -116,6 +128,7 @@ def worker(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
+    resident = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     times, losses = [], []
     for _ in range(args.steps):
         session.barrier()
@@ -126,13 +139,13 @@ def worker(args: argparse.Namespace) -> None:
         session.barrier()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    peaks = torch.tensor([peak], dtype=torch.float64, device=device)
+    peaks = torch.tensor([peak, resident], dtype=torch.float64, device=device)
     if session.enabled:
         torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
     if session.is_main:
         median = statistics.median(times)
         row = {"job": args.worker, "shape": shape, "gpus": world, "strategy": session.strategy,
-               "batch_per_gpu": job["batch"], "seq": seq, "median_step_s": median,
+               "batch_per_gpu": per_gpu, "seq": seq, "resident_gib_max": float(peaks[1]), "median_step_s": median,
                "tokens_per_s": batch * seq / median, "peak_gib_per_gpu_max": float(peaks[0]),
                "last_loss": losses[-1], "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                else "cpu", "torch": torch.__version__}
@@ -154,13 +167,23 @@ def launch(job: str, gpus: int, args: argparse.Namespace, result: Path) -> int:
     return subprocess.call(cmd)
 
 
+def _same_on_one_gpu(job: str) -> str:
+    """The per-GPU-batch job that a global-batch job equals on one GPU."""
+    spec = {k: v for k, v in JOBS[job].items() if k != "global"}
+    return next((name for name, other in JOBS.items() if other == spec), job)
+
+
 def report(rows: list[dict]) -> None:
-    print(f"\n{'job':<11} {'gpus':>4} {'strategy':<8} {'tokens/s':>10} {'step s':>8} {'peak GiB/GPU':>13} device")
+    print(f"\n{'job':<17} {'gpus':>4} {'strategy':<8} {'batch/GPU':>9} {'tokens/s':>10} {'step s':>8} "
+          f"{'resident GiB':>12} {'peak GiB/GPU':>13} device")
     for r in rows:
-        print(f"{r['job']:<11} {r['gpus']:>4} {r['strategy']:<8} {r['tokens_per_s']:>10,.0f} "
-              f"{r['median_step_s']:>8.3f} {r['peak_gib_per_gpu_max']:>13.2f} {r['device']}")
-    for job in JOBS:
+        print(f"{r['job']:<17} {r['gpus']:>4} {r['strategy']:<8} {r['batch_per_gpu']:>9} {r['tokens_per_s']:>10,.0f} "
+              f"{r['median_step_s']:>8.3f} {r.get('resident_gib_max', float('nan')):>12.2f} "
+              f"{r['peak_gib_per_gpu_max']:>13.2f} {r['device']}")
+    for job, spec in JOBS.items():
         mine = {r["gpus"]: r for r in rows if r["job"] == job}
+        if 1 not in mine and spec.get("global"):
+            mine.update({r["gpus"]: r for r in rows if r["job"] == _same_on_one_gpu(job) and r["gpus"] == 1})
         if 1 not in mine:
             continue
         for n, r in sorted(mine.items()):
@@ -171,13 +194,13 @@ def report(rows: list[dict]) -> None:
                 print(f"ddp scaling 1 -> {n} GPUs: {ratio:.2f}x (goal for 2: >= 1.85x)")
             else:
                 ratio = r["peak_gib_per_gpu_max"] / mine[1]["peak_gib_per_gpu_max"]
-                print(f"fsdp-qlora peak memory per GPU {n} vs 1: {ratio:.2f}x (goal for 2: <= 0.6x)")
+                print(f"{job} peak memory per GPU {n} vs 1: {ratio:.2f}x (goal for 2: <= 0.6x)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, default=2, help="the multi-GPU size compared with 1 (default 2)")
-    parser.add_argument("--only", choices=tuple(JOBS), default=None)
+    parser.add_argument("--only", default=",".join(JOBS), help=f"comma-separated jobs of {', '.join(JOBS)}")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda")
@@ -194,8 +217,13 @@ def main() -> None:
         sys.exit(f"needs {args.gpus} GPUs, found {torch.cuda.device_count()}")
     result = Path(tempfile.mkdtemp(prefix="lorakit-multi-gpu-")) / "rows.jsonl"
     failed = []
-    for job in [args.only] if args.only else list(JOBS):
+    jobs = [j for j in args.only.split(",") if j]
+    if unknown := set(jobs) - set(JOBS):
+        sys.exit(f"unknown job(s) {sorted(unknown)}; choose from {', '.join(JOBS)}")
+    for job in jobs:
         for gpus in (1, args.gpus):
+            if gpus == 1 and JOBS[job].get("global") and _same_on_one_gpu(job) in jobs:
+                continue  # on one GPU the global-batch job is the per-GPU one: reuse its row
             if launch(job, gpus, args, result) != 0:
                 failed.append(f"{job} on {gpus}")
     rows = [json.loads(line) for line in result.read_text().splitlines()] if result.exists() else []

@@ -230,3 +230,16 @@ def test_relaunch_command_strips_the_flag():
     cmd = distributed.relaunch_command(2, stripped)
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     assert cmd[-4:] == ["lorakit", "train", "--lr", "1e-3"]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_untied_embedding_and_head_are_their_own_fsdp_units(tied):
+    """Untied: both returned (sharded on their own, gathered only around their use); tied: none (they share one
+    weight, so they must stay in one unit, the root)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied))
+    found = distributed._untied_embeddings(model)
+    assert found == ([] if tied else [model.get_input_embeddings(), model.get_output_embeddings()])
+    assert distributed._untied_embeddings(torch.nn.Linear(2, 2)) == []

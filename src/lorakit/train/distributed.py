@@ -208,6 +208,7 @@ def start(cfg) -> Session:
 def shutdown(session: Session | None = None) -> None:
     """Leave the process group this module created (torchrun workers exit cleanly)."""
     if dist.is_initialized() and (session is None or session.owns_group):
+        dist.barrier()  # no rank tears down its gloo threads while a peer still talks to it (abort at exit)
         dist.destroy_process_group()
 
 
@@ -255,8 +256,22 @@ def shard_fsdp(model: nn.Module, policy) -> nn.Module:
     for module in model.modules():
         if module is not model and type(module).__name__ in classes:
             fully_shard(module, mesh=mesh, mp_policy=policy)
+    for module in _untied_embeddings(model):
+        fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def _untied_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The input embedding and the output head when they share no parameter: each its own FSDP unit, so that
+    they are gathered only around their own use instead of for the whole step as part of the root (2 GiB at
+    a 128k vocabulary in bf16). Tied ones (one weight in two modules) stay in the root."""
+    found = [getattr(model, name)() for name in ("get_input_embeddings", "get_output_embeddings")
+             if callable(getattr(model, name, None))]
+    found = [m for m in found if isinstance(m, nn.Module)]
+    if len(found) != 2 or any(a is b for a in found[0].parameters() for b in found[1].parameters()):
+        return []
+    return found
 
 
 def prepare_4bit_for_fsdp(model: nn.Module) -> list[nn.Module]:

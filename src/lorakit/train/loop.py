@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import ConfigError, TrainingError
 from .checkpoint import find_checkpoint
 from .data import IGNORE_INDEX, DataBundle, EpochSampler, collate
+from .losses import shifted_cross_entropy_sum
 from .report import MetricsLog, current_memory_mb, peak_memory_mb, reset_peak_memory
 
 # Settings that shape the loss curve: a resume with any of them changed is refused.
@@ -72,18 +73,12 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> 
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, int]:
-    """(sum of per-target cross-entropies in fp32, number of targets). Causal LM shifts by one token."""
+    """(sum of per-target cross-entropies in fp32, number of targets). Causal LM shifts by one token and goes
+    through chunks of the logits (``losses``: no full-vocabulary fp32 copy)."""
     if task == "classification":
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
-    logits, labels = logits[:, :-1, :], labels[:, 1:]
-    count = int((labels != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, count
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return shifted_cross_entropy_sum(logits, labels, IGNORE_INDEX), count
 
 
 def autocast_context(mode: str, device: torch.device) -> tuple[contextlib.AbstractContextManager, str]:
