@@ -208,7 +208,6 @@ def start(cfg) -> Session:
 def shutdown(session: Session | None = None) -> None:
     """Leave the process group this module created (torchrun workers exit cleanly)."""
     if dist.is_initialized() and (session is None or session.owns_group):
-        dist.barrier()  # no rank tears down its gloo threads while a peer still talks to it (abort at exit)
         dist.destroy_process_group()
 
 
