@@ -12,19 +12,23 @@ def reference(logits, labels):
                            ignore_index=-100, reduction="sum")
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("chunk", [7 * 50, 1 << 26])  # 7 rows per chunk (ragged, across sequences), one chunk
-def test_value_and_gradient_match_plain_cross_entropy(dtype, chunk):
+def test_value_and_gradient_match_plain_cross_entropy(dtype, chunk, device):
     gen = torch.Generator().manual_seed(0)
-    logits = (torch.randn(3, 19, 50, generator=gen) * 4).to(dtype)
-    labels = torch.randint(0, 50, (3, 19), generator=gen)
+    logits = (torch.randn(3, 19, 50, generator=gen) * 4).to(device, dtype)
+    labels = torch.randint(0, 50, (3, 19), generator=gen).to(device)
     labels[0, :5] = -100  # a masked prompt
     labels[2, 11] = -100
     a = logits.clone().requires_grad_(True)
     b = logits.clone().requires_grad_(True)
     mine = shifted_cross_entropy_sum(a, labels, chunk_elements=chunk)
     ref = reference(b, labels)
-    scale = torch.tensor(0.37)  # a non-trivial upstream gradient, as loss * grad_scale / targets gives
+    scale = torch.tensor(0.37, device=device)  # a non-trivial upstream gradient, as loss * grad_scale / targets gives
     (mine * scale).backward()
     (ref * scale).backward()
     assert mine.dtype == torch.float32
