@@ -138,6 +138,7 @@ def generate_command(args) -> int:
                         {
                             "prompt": prompt,
                             "adapter": label,
+                            "base": quantize,
                             "completion": text,
                             "new_tokens": n_new,
                             "seconds": round(seconds, 4),
