@@ -72,9 +72,7 @@ def worker(args: argparse.Namespace) -> None:
     if per_gpu < 1:
         sys.exit(f"{args.worker}: global batch {job['batch']} < {world} processes")
     cfg = SimpleNamespace(distributed=job["strategy"] if world > 1 else "auto", device=args.device,
-                          batch_size=per_gpu * world, autocast="bf16")
-    if args.embeddings_in_root:  # the A/B for sharding the untied embedding and head as their own units
-        distributed._untied_embeddings = lambda model: []
+                          batch_size=per_gpu * world, autocast="bf16", fsdp_shard_embeddings=args.shard_embeddings)
     session = distributed.start(cfg)
     device = session.device(torch.device(args.device))
     dtype = torch.bfloat16
@@ -152,7 +150,8 @@ def worker(args: argparse.Namespace) -> None:
         torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
     if session.is_main:
         median = statistics.median(times)
-        row = {"job": args.worker, "loss": args.loss, "embeddings_in_root": args.embeddings_in_root, "shape": shape, "gpus": world, "strategy": session.strategy,
+        row = {"job": args.worker, "loss": args.loss, "shard_embeddings": args.shard_embeddings, "shape": shape,
+               "gpus": world, "strategy": session.strategy,
                "batch_per_gpu": per_gpu, "seq": seq, "resident_gib_max": float(peaks[1]), "median_step_s": median,
                "tokens_per_s": batch * seq / median, "peak_gib_per_gpu_max": float(peaks[0]),
                "last_loss": losses[-1], "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -167,8 +166,8 @@ def launch(job: str, gpus: int, args: argparse.Namespace, result: Path) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
            __file__, "--worker", job, "--result", str(result), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--device", args.device, "--loss", args.loss]
-    if args.embeddings_in_root:
-        cmd.append("--embeddings-in-root")
+    if args.shard_embeddings:
+        cmd.append("--shard-embeddings")
     if args.shape_scale:
         cmd += ["--shape-scale", args.shape_scale]
     if args.seq:
@@ -218,8 +217,8 @@ def main() -> None:
                         help="override every job's shape (tiny: a smoke test)")
     parser.add_argument("--loss", choices=("chunked", "plain"), default="chunked",
                         help="chunked: the trainer's loss (lorakit.train.losses); plain: one fp32 cross_entropy")
-    parser.add_argument("--embeddings-in-root", action="store_true",
-                        help="FSDP: leave the untied embedding and head in the root unit (the A/B)")
+    parser.add_argument("--shard-embeddings", action="store_true",
+                        help="FSDP: the untied embedding and head as units of their own (--fsdp-shard-embeddings)")
     parser.add_argument("--seq", type=int, default=0, help="override the sequence length")
     parser.add_argument("--worker", choices=tuple(JOBS), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)

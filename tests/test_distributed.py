@@ -105,6 +105,7 @@ def _make_runs(tmp: Path, with_qlora: bool) -> None:
         # gradient accumulation: 2 micro-batches of 2 rows = the reference's 4 rows; no sync on the first
         ("ddp_accum", {"distributed": "ddp", "batch_size": 2, "grad_accum": 2}, 0),
         ("fsdp_accum", {"distributed": "fsdp", "batch_size": 2, "grad_accum": 2}, 0),
+        ("fsdp_emb", {"distributed": "fsdp", "fsdp_shard_embeddings": True}, 0),  # llama-tiny is untied
     ]
     if with_qlora:
         jobs += [("ddp_q", dict(distributed="ddp", **QLORA), 0), ("fsdp_q", dict(distributed="fsdp", **QLORA), 0)]
@@ -132,7 +133,7 @@ def _check_same(tmp: Path, ref: str, other: str) -> None:
     assert cfg_a == cfg_b
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp_emb"])
 def test_two_processes_match_one_lora(runs, strategy):
     tmp, _ = runs
     _check_same(tmp, "one", strategy)

@@ -149,7 +149,8 @@ class Session:
                      else {"broadcast_buffers": False})
             self.wrapped = ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **quiet)
         else:
-            self.wrapped = shard_fsdp(model, mixed_precision(cfg, next(model.parameters()).device))
+            self.wrapped = shard_fsdp(model, mixed_precision(cfg, next(model.parameters()).device),
+                                      separate_embeddings=getattr(cfg, "fsdp_shard_embeddings", False))
         return self.wrapped
 
     # ------------------------------------------------------------------ checkpoints
@@ -237,8 +238,9 @@ def _layer_classes(model: nn.Module) -> tuple[str, ...]:
                            and type(m).__name__.endswith(("DecoderLayer", "EncoderLayer", "Block"))})
 
 
-def shard_fsdp(model: nn.Module, policy) -> nn.Module:
-    """fully_shard every 4-bit layer (no cast), every decoder layer, then the root; returns ``model``.
+def shard_fsdp(model: nn.Module, policy, separate_embeddings: bool = False) -> nn.Module:
+    """fully_shard every 4-bit layer (no cast), every decoder layer, with ``separate_embeddings`` an untied
+    input embedding and output head, then the root; returns ``model``.
 
     The mesh is built on the model's device type: fully_shard's default mesh is CUDA whenever a GPU is
     visible, which would put a CPU (gloo) run on a GPU box onto cuda:RANK (and fail for ranks beyond the GPUs).
@@ -255,7 +257,7 @@ def shard_fsdp(model: nn.Module, policy) -> nn.Module:
     for module in model.modules():
         if module is not model and type(module).__name__ in classes:
             fully_shard(module, mesh=mesh, mp_policy=policy)
-    for module in _untied_embeddings(model):
+    for module in _untied_embeddings(model) if separate_embeddings else ():
         fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
@@ -264,7 +266,8 @@ def shard_fsdp(model: nn.Module, policy) -> nn.Module:
 def _untied_embeddings(model: nn.Module) -> list[nn.Module]:
     """The input embedding and the output head when they share no parameter: each its own FSDP unit, so that
     they are gathered only around their own use instead of for the whole step as part of the root (2 GiB at
-    a 128k vocabulary in bf16). Tied ones (one weight in two modules) stay in the root."""
+    a 128k vocabulary in bf16), at the price of gathering the head twice. Tied ones (one weight in two
+    modules) stay in the root."""
     found = [getattr(model, name)() for name in ("get_input_embeddings", "get_output_embeddings")
              if callable(getattr(model, name, None))]
     found = [m for m in found if isinstance(m, nn.Module)]
