@@ -244,3 +244,20 @@ def test_untied_embedding_and_head_are_their_own_fsdp_units(tied):
     found = distributed._untied_embeddings(model)
     assert found == ([] if tied else [model.get_input_embeddings(), model.get_output_embeddings()])
     assert distributed._untied_embeddings(torch.nn.Linear(2, 2)) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_codes_are_stored_in_the_fsdp_compute_dtype(dtype):
+    """FSDP casts gathered parameters to the policy's param_dtype: the codes must already have it (a cast of
+    reinterpreted code bytes would destroy them). Re-storing from one float dtype to another keeps the bytes."""
+    if not qlora_available():
+        pytest.skip("lorakit.qlora is not available in this install")
+    from lorakit.layers import Linear4bit
+
+    layer = Linear4bit.from_linear(torch.nn.Linear(63, 31), compute_dtype=torch.float32)
+    codes, x = layer.weight.clone(), torch.randn(3, 63)
+    before = layer(x)
+    distributed.prepare_4bit_for_fsdp(torch.nn.Sequential(layer))  # bf16 first, as an earlier call may have
+    distributed.prepare_4bit_for_fsdp(torch.nn.Sequential(layer), dtype)
+    assert layer.weight.dtype == dtype and torch.equal(layer.codes, codes)
+    assert torch.equal(layer(x), before)
