@@ -8,6 +8,8 @@ Two measurements (issue 7), each run on 1 GPU and on N GPUs, every run in fresh 
               batch 2 x 2048 per GPU; peak allocated memory per GPU over the training steps (the model
               resident included). On 1 GPU the model is not sharded (plain QLoRA); on N, FSDP2 shards the
               4-bit codes. Goal: N=2 <= 0.6x one GPU.
+* fsdp-qlora-global: the same with the same *global* batch (2 x 2048 split over the GPUs); on one GPU it is
+              fsdp-qlora, whose row it reuses.
 
 The step is the trainer's: the same Session (wrap, shard, loss scaling, gradient sync) as ``lorakit train``.
 Weights are random (built from a config, no download).
