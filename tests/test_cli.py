@@ -477,6 +477,8 @@ def _bad_cases(files, tmp):
         ("lr flag", ["train", "--model", llama, "--data", text, "--lr", "abc"], "invalid float value: 'abc'"),
         ("lr toml", ["train", "--config", bad_lr], "lr must be a number, got 'fast'"),
         ("method", ["train", "--model", llama, "--data", text, "--method", "dora"], "invalid choice: 'dora'"),
+        ("fsdp flag", ["train", "--model", llama, "--data", text, "--fsdp-shard-embeddings"],
+         "--fsdp-shard-embeddings needs --distributed fsdp, got --distributed auto"),
         (
             "resume nothing",
             ["train", "--model", llama, "--data", text, "--output-dir", tmp / "o", "--resume"],
@@ -507,6 +509,7 @@ CASES = [
     "lr flag",
     "lr toml",
     "method",
+    "fsdp flag",
     "resume nothing",
     "merge adapter",
     "generate prompt",

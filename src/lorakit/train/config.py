@@ -218,6 +218,8 @@ class TrainConfig:
             )
         if self.model and self.model_config:
             raise ConfigError("give --model or --model-config, not both")
+        if self.fsdp_shard_embeddings and self.distributed != "fsdp":
+            raise ConfigError(f"--fsdp-shard-embeddings needs --distributed fsdp, got --distributed {self.distributed}")
         return self
 
     def targets(self) -> str | list[str]:
