@@ -239,7 +239,12 @@ def main() -> None:
         for gpus in (1, args.gpus):
             if gpus == 1 and JOBS[job].get("global") and _same_on_one_gpu(job) in jobs:
                 continue  # on one GPU the global-batch job is the per-GPU one: reuse its row
-            if launch(job, gpus, args, result) != 0:
+            before = len(result.read_text().splitlines()) if result.exists() else 0
+            rc = launch(job, gpus, args, result)
+            wrote = (len(result.read_text().splitlines()) if result.exists() else 0) > before
+            if rc != 0 and wrote:  # seen in ~1 of 10 CPU/gloo runs: an abort at interpreter exit, cause unknown
+                print(f"note: {job} on {gpus} exited with {rc} after its row was written; the row is kept")
+            elif rc != 0:
                 failed.append(f"{job} on {gpus}")
     rows = [json.loads(line) for line in result.read_text().splitlines()] if result.exists() else []
     report(rows)
