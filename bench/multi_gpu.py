@@ -23,6 +23,7 @@ Weights are random (built from a config, no download).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -60,11 +61,7 @@ JOBS = {  # name -> shape, per-GPU batch, seq, qlora, strategy on N > 1, gradien
 # ------------------------------------------------------------------------------------------ worker
 def worker(args: argparse.Namespace) -> None:
     """One process of a torchrun job: build, wrap, train ``steps`` steps, rank 0 writes a JSON line."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import lorakit
     from lorakit.train import distributed
-    from lorakit.train.loop import loss_sum
 
     job = JOBS[args.worker]
     shape = args.shape_scale or job["shape"]
@@ -76,6 +73,20 @@ def worker(args: argparse.Namespace) -> None:
     cfg = SimpleNamespace(distributed=job["strategy"] if world > 1 else "auto", device=args.device,
                           batch_size=per_gpu * world, autocast="bf16", fsdp_shard_embeddings=args.shard_embeddings)
     session = distributed.start(cfg)
+    measure(args, job, session, cfg, shape, seq, world, per_gpu)
+    # the sharded model (its DTensors hold the process group) is gone before the group is left: leaving
+    # first made ~1 in 10 CPU/gloo runs abort at interpreter exit ("terminate called without an active exception")
+    gc.collect()
+    distributed.shutdown(session)
+
+
+def measure(args, job: dict, session, cfg, shape: str, seq: int, world: int, per_gpu: int) -> None:
+    """Build, wrap and train; rank 0 appends the row to ``args.result``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lorakit
+    from lorakit.train.loop import loss_sum
+
     device = session.device(torch.device(args.device))
     dtype = torch.bfloat16
 
@@ -160,7 +171,6 @@ def worker(args: argparse.Namespace) -> None:
                else "cpu", "torch": torch.__version__}
         with open(args.result, "a") as f:
             f.write(json.dumps(row) + "\n")
-    distributed.shutdown(session)
 
 
 # ------------------------------------------------------------------------------------------ driver
