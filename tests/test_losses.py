@@ -4,7 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.train.losses import shifted_cross_entropy_sum
+from lorakit.train.losses import (
+    fused_head_loss,
+    fused_head_supported,
+    shifted_cross_entropy_sum,
+    shifted_linear_cross_entropy_sum,
+)
 
 
 def reference(logits, labels):
@@ -49,3 +54,97 @@ def test_bad_shapes_and_one_token():
     loss = shifted_cross_entropy_sum(x, torch.zeros(2, 1, dtype=torch.long))
     loss.backward()
     assert loss.item() == 0 and torch.equal(x.grad, torch.zeros_like(x))
+
+
+# ------------------------------------------------------------------------------------ head + loss fused
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_matches_head_then_loss(autocast, bias):
+    """Fused == F.linear (as autocast runs it) + the chunked loss: the same loss and input gradient, with ragged
+    chunks across sequences; fp32 within 1e-5 (per-chunk GEMMs may sum in another order), bf16 within 1e-2."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 11, 16, generator=gen)
+    head = torch.nn.Linear(16, 40, bias=bias).requires_grad_(False)
+    labels = torch.randint(0, 40, (3, 11), generator=gen)
+    labels[1, :4] = -100
+    a, b = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        mine = shifted_linear_cross_entropy_sum(a, head.weight, head.bias, labels, chunk_elements=7 * 40)
+        ref = shifted_cross_entropy_sum(head(b), labels)
+    (mine * 0.37).backward()
+    (ref * 0.37).backward()
+    tol = {"rtol": 1e-2, "atol": 1e-2} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(mine, ref, **tol)
+    torch.testing.assert_close(a.grad, b.grad, **tol)
+    assert a.grad.dtype == torch.float32
+
+
+def test_linear_cross_entropy_refuses_a_trainable_head():
+    with pytest.raises(ValueError, match="frozen output layer"):
+        shifted_linear_cross_entropy_sum(torch.zeros(1, 2, 4), torch.zeros(8, 4, requires_grad=True), None,
+                                         torch.zeros(1, 2, dtype=torch.long))
+
+
+def _tiny(kind: str):
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2))
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=kind == "tied")
+    return transformers.LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("kind", ["llama", "tied", "gpt2"])
+def test_fused_head_loss_in_a_model_equals_its_logits_loss(kind):
+    """Inside fused_head_loss the model's .loss is the summed shifted CE of its own logits (no logits formed),
+    LoRA gradients agree, and afterwards the model is exactly as before (real logits, default loss)."""
+    import lorakit
+
+    model = _tiny(kind)
+    model.eval()  # no dropout: the two forward passes must see the same network
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules="all-linear", init="gaussian"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # B = 0 would make the LoRA gradients of A vanish
+    assert fused_head_supported(model)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    before = model(input_ids=ids).logits.detach()
+
+    with fused_head_loss(model):
+        mine = model(input_ids=ids, labels=labels).loss
+    mine.backward()
+    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    ref = shifted_cross_entropy_sum(model(input_ids=ids).logits, labels)
+    ref.backward()
+    torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None} and fused_grads
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(fused_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert torch.equal(model(input_ids=ids).logits, before)  # restored: real logits again
+    assert "_loss_function" not in model.__dict__ and "forward" not in model.get_output_embeddings().__dict__
+
+
+def test_fused_head_is_only_for_frozen_plain_heads_of_listed_models():
+    import transformers
+
+    import lorakit
+
+    model = _tiny("llama")
+    assert fused_head_supported(model) is False  # full fine-tuning: the head trains
+    model.requires_grad_(False)
+    assert fused_head_supported(model)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["lm_head"]))
+    assert not fused_head_supported(model)  # a LoRA-wrapped head
+    gemma2 = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8)).requires_grad_(False)
+    assert not fused_head_supported(gemma2)  # soft-caps its logits after the head
+    assert not fused_head_supported(torch.nn.Linear(2, 2))

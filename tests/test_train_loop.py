@@ -334,6 +334,26 @@ def test_fast_takes_the_loss_from_the_model_with_the_same_numbers(llama, tmp_pat
     assert plain[-1] < plain[0]
 
 
+def test_fused_head_loss_follows_the_logits_path_train_and_eval(llama, tmp_path, monkeypatch):
+    """The loop's default for a causal LM with a frozen plain head (lorakit's fused head + loss: no logits
+    tensor) trains and evaluates like the logits path, grad accumulation included."""
+    from lorakit.train import loop
+
+    kw = {"max_steps": 4, "batch_size": 2, "grad_accum": 2, "device": "cpu"}
+    calls = []
+    real = loop.fused_head_loss
+    monkeypatch.setattr(loop, "fused_head_loss", lambda *a: calls.append(1) or real(*a))
+    run(config(llama, tmp_path / "fused", **kw), log=quiet)
+    assert calls  # the fused path really ran
+    monkeypatch.setattr(loop, "fused_head_supported", lambda model: False)
+    run(config(llama, tmp_path / "logits", **kw), log=quiet)
+    fused, logits = losses(tmp_path / "fused"), losses(tmp_path / "logits")
+    assert [r["loss"] for r in fused if "loss" in r] == pytest.approx([r["loss"] for r in logits if "loss" in r],
+                                                                     abs=1e-5)
+    ev_f, ev_l = [r for r in fused if "eval_loss" in r], [r for r in logits if "eval_loss" in r]
+    assert ev_f and ev_f[-1]["eval_loss"] == pytest.approx(ev_l[-1]["eval_loss"], abs=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
                     reason="--fast runs liger-kernel's Triton kernels on a GPU")
 def test_fast_on_a_gpu_follows_the_default_loss_curve(llama, tmp_path):

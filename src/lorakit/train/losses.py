@@ -12,6 +12,8 @@ order of the loss sum differs (chunk by chunk).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -77,4 +79,128 @@ def shifted_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore
     return _ShiftedCrossEntropySum.apply(logits, labels, ignore_index, chunk_elements)
 
 
-__all__ = ["CHUNK_ELEMENTS", "shifted_cross_entropy_sum"]
+# ------------------------------------------------------------------------------------ head + loss fused
+class _ShiftedLinearCrossEntropySum(torch.autograd.Function):
+    """sum_t CE(hidden[t] @ W.T + b, labels[t + 1]) with the logits formed one row chunk at a time: the
+    (tokens x vocab) logits never exist. The input gradient is computed in the same pass, for an upstream
+    gradient of 1, and scaled in backward (no second head GEMM): autograd would round g * (p - onehot) to the
+    logits' dtype before the GEMM, here p - onehot is rounded and the GEMM's result scaled, so the two agree
+    to the dtype's rounding, not bit for bit. W (and b) must be frozen."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk_elements):
+        dev = hidden.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        targets = _shifted_targets(labels, ignore_index)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = None
+        if ctx.needs_input_grad[0]:
+            keep = targets != ignore_index
+            index = targets.clamp_min(0).unsqueeze(1)
+            minus_one = -keep.unsqueeze(1).float()  # -1 at the target, 0 on ignored rows
+            w = weight if dtype is None else weight.to(dtype)
+        for r0, r1 in _spans(flat.shape[0], weight.shape[0], chunk_elements):
+            logits = _head(flat[r0:r1], weight, bias, dtype)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            total += F.nll_loss(logp, targets[r0:r1], ignore_index=ignore_index, reduction="sum")
+            if ctx.needs_input_grad[0]:
+                chunk = logp.exp_()
+                chunk.scatter_add_(1, index[r0:r1], minus_one[r0:r1])
+                chunk.mul_(keep[r0:r1].unsqueeze(1))  # ignored rows (prompt, padding, last position): zero
+                part = chunk.to(logits.dtype) @ w
+                grad = torch.empty(flat.shape, dtype=part.dtype, device=flat.device) if grad is None else grad
+                grad[r0:r1] = part
+        ctx.save_for_backward(grad)
+        ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        scaled = (grad.float() * grad_out.float()).to(ctx.hidden_dtype)
+        return scaled.view(ctx.hidden_shape), None, None, None, None, None
+
+
+def _head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None):
+    """The output layer as autocast runs it (inputs cast to the autocast dtype), or as is without autocast."""
+    if dtype is not None:
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x, weight, bias)
+
+
+def shifted_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                     labels: torch.Tensor, ignore_index: int = -100,
+                                     chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """``shifted_cross_entropy_sum(F.linear(hidden, weight, bias), labels)`` without the logits tensor: for a
+    frozen output layer (``weight``/``bias`` get no gradient). ``hidden``: (batch, seq, features)."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("the fused head + loss is for a frozen output layer (its weight gets no gradient)")
+    if hidden.ndim != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden (batch, seq, features) and labels (batch, seq) expected, got "
+                         f"{tuple(hidden.shape)} and {tuple(labels.shape)}")
+    if hidden.shape[1] < 2:
+        return hidden.sum() * 0.0
+    return _ShiftedLinearCrossEntropySum.apply(hidden, weight, bias, labels, ignore_index, chunk_elements)
+
+
+FUSED_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2")
+"""Model types whose causal-LM forward is ``loss_function(lm_head(hidden), labels)`` with nothing in between
+(no logit soft-capping or scaling, as Gemma 2, Cohere or Granite apply): only these get the fused head."""
+
+
+def fused_head_supported(model: torch.nn.Module) -> bool:
+    """Whether ``fused_head_loss`` applies: a transformers *ForCausalLM (or GPT2LMHeadModel) of a listed type
+    whose output layer is a frozen plain nn.Linear (not LoRA-wrapped, not quantized) and whose loss_function
+    can be set (transformers >= 4.46)."""
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if config is None or getattr(config, "model_type", None) not in FUSED_HEAD_TYPES or head is None:
+        return False
+    classes = {c.__name__ for c in type(model).__mro__}  # the MRO: FSDP2 subclasses the model's class
+    if not any(n.endswith("ForCausalLM") or n == "GPT2LMHeadModel" for n in classes):
+        return False  # e.g. GPT2DoubleHeadsModel: same model type, another forward
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - the trainer needs transformers anyway
+        return False
+    if not isinstance(model, PreTrainedModel) or not hasattr(type(model), "loss_function"):
+        return False  # e.g. a PEFT wrapper: setting its loss_function would not reach the model inside
+    if type(head) is not torch.nn.Linear:  # also excludes a head FSDP2 shards on its own (class FSDPLinear)
+        return False
+    return not any(p.requires_grad for p in head.parameters())
+
+
+@contextlib.contextmanager
+def fused_head_loss(model: torch.nn.Module, ignore_index: int = -100):
+    """Inside, ``model(..., labels=labels).loss`` is the *sum* of the shifted token cross-entropies computed by
+    ``shifted_linear_cross_entropy_sum`` (the output layer passes the hidden states through and the model's
+    loss_function applies the layer chunk by chunk), and ``.logits`` holds the hidden states. Everything runs
+    inside the model's forward, so FSDP2 has the (root-held) head weight gathered. Outside, nothing changed."""
+    head = model.get_output_embeddings()
+    had_own = "_loss_function" in model.__dict__
+    old = model.__dict__.get("_loss_function")
+
+    def loss_function(logits, labels, vocab_size=None, **_):
+        return shifted_linear_cross_entropy_sum(logits, head.weight, head.bias, labels, ignore_index)
+
+    own_forward = head.__dict__.get("forward")
+    head.forward = lambda x: x
+    model.loss_function = loss_function
+    try:
+        yield model
+    finally:
+        if own_forward is None:
+            del head.forward
+        else:
+            head.forward = own_forward
+        if had_own:
+            model._loss_function = old
+        else:
+            del model._loss_function
+
+
+__all__ = ["CHUNK_ELEMENTS", "FUSED_HEAD_TYPES", "fused_head_loss", "fused_head_supported",
+           "shifted_cross_entropy_sum", "shifted_linear_cross_entropy_sum"]
