@@ -85,7 +85,9 @@ def measure(args, job: dict, session, cfg, shape: str, seq: int, world: int, per
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lorakit
+    from lorakit.train import distributed
     from lorakit.train.loop import loss_sum
+    from lorakit.train.losses import fused_head_loss, fused_head_supported
 
     device = session.device(torch.device(args.device))
     dtype = torch.bfloat16
@@ -126,14 +128,24 @@ def measure(args, job: dict, session, cfg, shape: str, seq: int, world: int, per
     local = {k: v.to(device) for k, v in session.shard(full).items()}
     autocast = torch.autocast(device.type, dtype=dtype)
 
+    inner = distributed.unwrap(trained)
+    fused = args.loss == "fused" and fused_head_supported(inner)
+    if args.loss == "fused" and not fused:
+        sys.exit("--loss fused: this model's head is not eligible (see lorakit.train.losses.fused_head_supported)")
+
     def step() -> float:
         with autocast:
-            logits = trained(input_ids=local["input_ids"], attention_mask=local["attention_mask"]).logits
+            if fused:  # the trainer's default: output layer + loss fused, no logits tensor
+                with fused_head_loss(inner):
+                    loss = trained(input_ids=local["input_ids"], attention_mask=local["attention_mask"],
+                                   labels=local["labels"]).loss
+            else:
+                logits = trained(input_ids=local["input_ids"], attention_mask=local["attention_mask"]).logits
         if args.loss == "plain":  # the one-shot fp32 formula, for the cost of the chunked one
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), local["labels"][:, 1:].reshape(-1),
                 reduction="sum")
-        else:
+        elif not fused:
             loss, _ = loss_sum(logits, local["labels"], "causal-lm")
         (loss * session.grad_scale / targets).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -227,8 +239,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shape-scale", choices=tuple(SHAPES), default=None,
                         help="override every job's shape (tiny: a smoke test)")
-    parser.add_argument("--loss", choices=("chunked", "plain"), default="chunked",
-                        help="chunked: the trainer's loss (lorakit.train.losses); plain: one fp32 cross_entropy")
+    parser.add_argument("--loss", choices=("fused", "chunked", "plain"), default="fused",
+                        help="fused: the trainer's default (output layer + loss fused); chunked: logits formed, "
+                             "loss in row chunks; plain: one fp32 cross_entropy over the logits")
     parser.add_argument("--shard-embeddings", action="store_true",
                         help="FSDP: the untied embedding and head as units of their own (--fsdp-shard-embeddings)")
     parser.add_argument("--seq", type=int, default=0, help="override the sequence length")
