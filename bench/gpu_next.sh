@@ -6,7 +6,8 @@
 #           (not run yet: the machine stopped answering);
 #   part 3: the 8-bit base with the one-pass Triton int8 dequantization vs PEFT + bnb (done 2026-11-23, H200);
 #   part 4 (nvidia-h200-x2): FSDP2 + QLoRA with the codes inside the decoder-layer units (one all-gather per
-#           block; measured before: 1.03 s/step on 2 GPUs vs 0.58 on 1), then DDP again.
+#           block; measured before: 1.03 s/step on 2 GPUs vs 0.58 on 1) and the fused head + loss (now the
+#           trainer's default), then DDP again, then the loss step alone (plain / chunked / fused) at 8B's head.
 # Run from the repository root through the device tool, with .whl carried (liger-kernel 0.8.5 and
 # bitsandbytes 0.50.2 wheels for py3.12):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; bash bench/gpu_next.sh 1
@@ -30,6 +31,8 @@ elif [ "$part" = 4 ]; then
     timeout 300 python3 bench/multi_gpu.py --only fsdp-qlora,fsdp-qlora-global --steps 6 --warmup 2 2>&1 \
         | grep -E "^(job|fsdp|ddp|rows)" | tee "$OUT/multi_fsdp.txt"
     timeout 150 python3 bench/multi_gpu.py --only ddp 2>&1 | grep -E "^(job|fsdp|ddp|rows)" | tee "$OUT/multi_ddp.txt"
+    timeout 100 python3 bench/loss_memory.py --device cuda --vocab 128256 --hidden 4096 --batch 2 --seq 2048 \
+        --dtype bf16 2>&1 | tail -6 | tee "$OUT/loss_memory.txt"
 else
     (cd bench && timeout 400 python3 qlora.py --only peft_int8,lorakit_int8,lorakit --steps 8 --warmup 3 2>&1 \
         | tail -7 | tee "$OUT/qlora_int8.txt")
