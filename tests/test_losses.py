@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.train.losses import (
+    FUSED_HEAD_TYPES,
     fused_head_loss,
     fused_head_supported,
     shifted_cross_entropy_sum,
@@ -130,6 +131,29 @@ def test_fused_head_loss_in_a_model_equals_its_logits_loss(kind):
             torch.testing.assert_close(fused_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
     assert torch.equal(model(input_ids=ids).logits, before)  # restored: real logits again
     assert "_loss_function" not in model.__dict__ and "forward" not in model.get_output_embeddings().__dict__
+
+
+@pytest.mark.parametrize("model_type", FUSED_HEAD_TYPES)
+def test_every_listed_model_type_gives_its_logits_loss(model_type):
+    """Each listed type's forward must be loss_function(lm_head(hidden)) with nothing in between, in the
+    installed transformers: the fused loss equals the loss of the model's own logits."""
+    import transformers
+
+    kw = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+          "num_attention_heads": 2, "num_key_value_heads": 1, "pad_token_id": 0, "ffn_dim": 32,
+          "word_embed_proj_dim": 16} | ({"head_dim": 8} if model_type == "gemma" else {})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **kw))
+    model.eval().requires_grad_(False)
+    with torch.no_grad():  # logits of several units, so that any scaling or capping after the head shows
+        model.get_output_embeddings().weight.normal_(0.0, 4.0)
+    assert fused_head_supported(model)
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with fused_head_loss(model):
+        mine = model(input_ids=ids, labels=ids).loss
+    logits = model(input_ids=ids).logits
+    assert logits.std() > 1.0
+    torch.testing.assert_close(mine, shifted_cross_entropy_sum(logits, ids), rtol=1e-6, atol=1e-4)
 
 
 def test_fused_head_is_only_for_frozen_plain_heads_of_listed_models():

@@ -1,13 +1,16 @@
-"""Causal-LM cross-entropy without the full-vocabulary fp32 copies.
+"""Causal-LM cross-entropy without the full-vocabulary fp32 copies, and without the logits at all.
 
 ``F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), ...)`` keeps, for a Llama-3 vocabulary (128k) at
 2 x 2048 tokens, a shifted bf16 copy (1 GiB), the fp32 upcast (2 GiB) and the fp32 log-softmax saved for
 backward (2 GiB), and its backward makes two more fp32 buffers: about 5 GiB at the step's peak, as much as the
-whole 4-bit 8B model. Here the forward pass works on row chunks of the logits (fp32 only per chunk) and saves
-nothing but the logits, which are alive anyway; the backward pass recomputes each chunk's log-softmax and
-writes that chunk of the gradient. Each gradient element is the same expression autograd evaluates,
-``grad_out * exp(log_softmax) - grad_out * onehot`` in fp32, cast to the logits' dtype once; only the
-order of the loss sum differs (chunk by chunk).
+whole 4-bit 8B model.
+
+* ``shifted_cross_entropy_sum`` (any model): row chunks of the logits, fp32 only per chunk; it saves nothing but
+  the logits, and backward recomputes each chunk's log-softmax. Each gradient element is the expression
+  autograd evaluates, ``grad_out * exp(log_softmax) - grad_out * onehot`` in fp32, cast once.
+* ``fused_head_loss`` / ``shifted_linear_cross_entropy_sum`` (a frozen plain head of the listed model types):
+  the output layer too is applied chunk by chunk, with the input gradient computed in the same pass, so the
+  (tokens x vocab) logits never exist (the trainer's default where it applies).
 """
 
 from __future__ import annotations
@@ -146,9 +149,13 @@ def shifted_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor,
     return _ShiftedLinearCrossEntropySum.apply(hidden, weight, bias, labels, ignore_index, chunk_elements)
 
 
-FUSED_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2")
-"""Model types whose causal-LM forward is ``loss_function(lm_head(hidden), labels)`` with nothing in between
-(no logit soft-capping or scaling, as Gemma 2, Cohere or Granite apply): only these get the fused head."""
+FUSED_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "olmo", "olmo2", "starcoder2",
+                    "smollm3", "stablelm", "gpt_neox", "opt", "falcon", "bloom", "gpt2", "cohere", "granite")
+"""Model types whose causal-LM forward is ``loss_function(lm_head(hidden), labels)`` with nothing nonlinear
+in between: Cohere's and Granite's constant logit scale commutes with a bias-free head
+(scaling the hidden states scales the logits), Gemma 2/3's soft-capping does not, and MoE models may add a
+router loss. Only these get the fused head; tests/test_losses.py checks each against its own logits."""
+SCALED_LOGITS = ("cohere", "granite")
 
 
 def fused_head_supported(model: torch.nn.Module) -> bool:
@@ -170,6 +177,8 @@ def fused_head_supported(model: torch.nn.Module) -> bool:
         return False  # e.g. a PEFT wrapper: setting its loss_function would not reach the model inside
     if type(head) is not torch.nn.Linear:  # also excludes a head FSDP2 shards on its own (class FSDPLinear)
         return False
+    if head.bias is not None and config.model_type in SCALED_LOGITS:
+        return False  # c * (W h + b) != W (c h) + b
     return not any(p.requires_grad for p in head.parameters())
 
 
