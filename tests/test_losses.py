@@ -60,18 +60,19 @@ def test_bad_shapes_and_one_token():
 # ------------------------------------------------------------------------------------ head + loss fused
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_cross_entropy_matches_head_then_loss(autocast, bias):
+def test_linear_cross_entropy_matches_head_then_loss(autocast, bias, device):
     """Fused == F.linear (as autocast runs it) + the chunked loss: the same loss and input gradient, with ragged
     chunks across sequences; fp32 within 1e-5 (per-chunk GEMMs may sum in another order), bf16 within 1e-2."""
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(3, 11, 16, generator=gen)
-    head = torch.nn.Linear(16, 40, bias=bias).requires_grad_(False)
-    labels = torch.randint(0, 40, (3, 11), generator=gen)
+    hidden = torch.randn(3, 11, 16, generator=gen).to(device)
+    head = torch.nn.Linear(16, 40, bias=bias).requires_grad_(False).to(device)
+    labels = torch.randint(0, 40, (3, 11), generator=gen).to(device)
     labels[1, :4] = -100
     a, b = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         mine = shifted_linear_cross_entropy_sum(a, head.weight, head.bias, labels, chunk_elements=7 * 40)
         ref = shifted_cross_entropy_sum(head(b), labels)
     (mine * 0.37).backward()
