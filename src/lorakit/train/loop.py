@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import ConfigError, TrainingError
 from .checkpoint import find_checkpoint
 from .data import IGNORE_INDEX, DataBundle, EpochSampler, collate
+from .distributed import unwrap
 from .losses import fused_head_loss, fused_head_supported, shifted_cross_entropy_sum
 from .report import MetricsLog, current_memory_mb, peak_memory_mb, reset_peak_memory
 
@@ -79,11 +80,6 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[tor
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
     count = int((labels[:, 1:] != IGNORE_INDEX).sum())
     return shifted_cross_entropy_sum(logits, labels, IGNORE_INDEX), count
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (the one whose head and loss_function the fused loss swaps)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def autocast_context(mode: str, device: torch.device) -> tuple[contextlib.AbstractContextManager, str]:
@@ -149,13 +145,13 @@ def evaluate(
     model.eval()
     ctx, _ = autocast_context(autocast_mode, device)
     total, count, correct = 0.0, 0, 0
-    head_loss = task == "causal-lm" and fused_head_supported(_inner(model))
+    head_loss = task == "causal-lm" and fused_head_supported(unwrap(model))
     for b, start in enumerate(range(0, len(examples), batch_size)):
         if max_batches and b >= max_batches:
             break
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         if head_loss:  # the summed loss straight from the fused head: no (tokens x vocab) logits
-            with ctx, fused_head_loss(_inner(model), IGNORE_INDEX):
+            with ctx, fused_head_loss(unwrap(model), IGNORE_INDEX):
                 loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              labels=batch["labels"]).loss
             total, count = total + float(loss), count + int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -200,7 +196,7 @@ def train_loop(
     # --fast: the loss comes from the model, whose fused linear + cross-entropy never stores the logits
     model_loss = bool(getattr(cfg, "fast", False)) and task == "causal-lm"
     # otherwise, for the usual causal LMs, lorakit's own fused head + loss (the logits never exist either)
-    head_loss = not model_loss and task == "causal-lm" and fused_head_supported(_inner(model))
+    head_loss = not model_loss and task == "causal-lm" and fused_head_supported(unwrap(model))
     sampler = EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
     total = cfg.max_steps or cfg.epochs * -(-sampler.batches_per_epoch() // cfg.grad_accum)
     ctx, amp = autocast_context(cfg.autocast, device)
@@ -248,7 +244,7 @@ def train_loop(
                         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      labels=batch["labels"], num_items_in_batch=1).loss.float()
                     elif head_loss:
-                        with fused_head_loss(_inner(model), IGNORE_INDEX):
+                        with fused_head_loss(unwrap(model), IGNORE_INDEX):
                             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          labels=batch["labels"]).loss
                     else:
