@@ -261,3 +261,25 @@ def test_codes_are_stored_in_the_fsdp_compute_dtype(dtype):
     distributed.prepare_4bit_for_fsdp(torch.nn.Sequential(layer), dtype)
     assert layer.weight.dtype == dtype and torch.equal(layer.codes, codes)
     assert torch.equal(layer(x), before)
+
+
+def test_cli_relaunches_through_torchrun_and_matches_one_process(tmp_path):
+    """`lorakit train --nproc-per-node 2` end to end (torchrun, gloo, FSDP2, two real processes): exit 0, the
+    same adapter as one process within the 2-vs-1 tolerance, and nothing printed by the second rank."""
+    import subprocess
+    import sys
+
+    common = ["--model-config", "llama-tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps", "3",
+              "--lr", "1e-3", "--device", "cpu", "--no-progress", "--no-plot", "--save-every", "0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    runs = {"one": [], "two": ["--distributed", "fsdp", "--nproc-per-node", "2"]}
+    for name, extra in runs.items():
+        done = subprocess.run([sys.executable, "-m", "lorakit", "train", *common, *extra,
+                               "--output-dir", str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=300, env=env, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("saved:") == 1, done.stdout  # rank 0 reports, rank 1 stays quiet
+    one, two = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert set(one) == set(two) and one
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=0, atol=ADAPTER_TOL), k

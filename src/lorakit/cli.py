@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -76,6 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = run(cfg, hooks=TRAIN_HOOKS)
     finally:
+        gc.collect()  # a sharded model left in reference cycles would outlive its process group
         distributed.shutdown()
     if "rank" not in summary:  # ranks > 0 of a distributed run print nothing
         _print_train_summary(summary, cfg)
