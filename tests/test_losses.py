@@ -173,3 +173,15 @@ def test_fused_head_is_only_for_frozen_plain_heads_of_listed_models():
         num_key_value_heads=1, head_dim=8)).requires_grad_(False)
     assert not fused_head_supported(gemma2)  # soft-caps its logits after the head
     assert not fused_head_supported(torch.nn.Linear(2, 2))
+
+
+def test_a_subclass_with_its_own_forward_is_not_trusted():
+    """model_type says llama, but a forward of the user's own may change the logits: no fused head."""
+    import transformers
+
+    class Mine(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    model = Mine(_tiny("llama").config).requires_grad_(False)
+    assert not fused_head_supported(model)

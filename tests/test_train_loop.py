@@ -345,8 +345,9 @@ def test_fused_head_loss_follows_the_logits_path_train_and_eval(llama, tmp_path,
     monkeypatch.setattr(loop, "fused_head_loss", lambda *a: calls.append(1) or real(*a))
     run(config(llama, tmp_path / "fused", **kw), log=quiet)
     assert calls  # the fused path really ran
-    monkeypatch.setattr(loop, "fused_head_supported", lambda model: False)
-    run(config(llama, tmp_path / "logits", **kw), log=quiet)
+    calls.clear()
+    run(config(llama, tmp_path / "logits", fused_loss=False, **kw), log=quiet)  # --no-fused-loss
+    assert not calls
     fused, logits = losses(tmp_path / "fused"), losses(tmp_path / "logits")
     assert [r["loss"] for r in fused if "loss" in r] == pytest.approx([r["loss"] for r in logits if "loss" in r],
                                                                      abs=1e-5)

@@ -130,6 +130,10 @@ class TrainConfig:
     """dtype of the base weights: fp32, bf16 or fp16 (adapters stay fp32 unless the base is full-trained)."""
     autocast: str = "auto"
     """Mixed precision: bf16, fp16, none, or auto (bf16 on GPUs that support it, none on CPU)."""
+    fused_loss: bool = True
+    """Causal LMs: apply the output layer and the cross-entropy together in row chunks, so the (tokens x
+    vocabulary) logits are never stored, for the model types lorakit.train.losses lists (Llama, Mistral, Qwen,
+    Gemma, Phi, GPT-2, ...; others always form the logits). --no-fused-loss forms them."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more time."""
     fast: bool = False

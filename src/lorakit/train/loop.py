@@ -139,13 +139,14 @@ def evaluate(
     pad_id: int,
     autocast_mode: str = "none",
     max_batches: int = 0,
+    fused_loss: bool = True,
 ) -> dict[str, float]:
     """Mean eval loss over targets, with perplexity (causal LM) or accuracy (classification)."""
     was_training = model.training
     model.eval()
     ctx, _ = autocast_context(autocast_mode, device)
     total, count, correct = 0.0, 0, 0
-    head_loss = task == "causal-lm" and fused_head_supported(unwrap(model))
+    head_loss = task == "causal-lm" and fused_loss and fused_head_supported(unwrap(model))
     for b, start in enumerate(range(0, len(examples), batch_size)):
         if max_batches and b >= max_batches:
             break
@@ -196,7 +197,8 @@ def train_loop(
     # --fast: the loss comes from the model, whose fused linear + cross-entropy never stores the logits
     model_loss = bool(getattr(cfg, "fast", False)) and task == "causal-lm"
     # otherwise, for the usual causal LMs, lorakit's own fused head + loss (the logits never exist either)
-    head_loss = not model_loss and task == "causal-lm" and fused_head_supported(unwrap(model))
+    head_loss = (not model_loss and task == "causal-lm" and getattr(cfg, "fused_loss", True)
+                 and fused_head_supported(unwrap(model)))
     sampler = EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
     total = cfg.max_steps or cfg.epochs * -(-sampler.batches_per_epoch() // cfg.grad_accum)
     ctx, amp = autocast_context(cfg.autocast, device)
@@ -303,7 +305,8 @@ def train_loop(
                 state.history.append(record)
             if data.eval and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):
                 last_eval = evaluate(
-                    model, data.eval, task, cfg.batch_size, device, pad_id, amp, cfg.eval_batches
+                    model, data.eval, task, cfg.batch_size, device, pad_id, amp, cfg.eval_batches,
+                    fused_loss=getattr(cfg, "fused_loss", True),
                 )
                 eval_record = {"step": state.step, **last_eval}
                 metrics.append(eval_record)

@@ -175,6 +175,8 @@ def fused_head_supported(model: torch.nn.Module) -> bool:
         return False
     if not isinstance(model, PreTrainedModel) or not hasattr(type(model), "loss_function"):
         return False  # e.g. a PEFT wrapper: setting its loss_function would not reach the model inside
+    if not getattr(type(model).forward, "__module__", "").startswith("transformers.models."):
+        return False  # a subclass with its own forward may do anything to the logits
     if type(head) is not torch.nn.Linear:  # also excludes a head FSDP2 shards on its own (class FSDPLinear)
         return False
     if head.bias is not None and config.model_type in SCALED_LOGITS:
