@@ -129,24 +129,24 @@ def measure(args, job: dict, session, cfg, shape: str, seq: int, world: int, per
     autocast = torch.autocast(device.type, dtype=dtype)
 
     inner = distributed.unwrap(trained)
-    fused = args.loss == "fused" and fused_head_supported(inner)
-    if args.loss == "fused" and not fused:
+    if args.loss == "fused" and not fused_head_supported(inner):
         sys.exit("--loss fused: this model's head is not eligible (see lorakit.train.losses.fused_head_supported)")
 
-    def step() -> float:
+    def forward_loss() -> torch.Tensor:
         with autocast:
-            if fused:  # the trainer's default: output layer + loss fused, no logits tensor
+            if args.loss == "fused":  # the trainer's default: output layer + loss fused, no logits tensor
                 with fused_head_loss(inner):
-                    loss = trained(input_ids=local["input_ids"], attention_mask=local["attention_mask"],
+                    return trained(input_ids=local["input_ids"], attention_mask=local["attention_mask"],
                                    labels=local["labels"]).loss
-            else:
-                logits = trained(input_ids=local["input_ids"], attention_mask=local["attention_mask"]).logits
+            logits = trained(input_ids=local["input_ids"], attention_mask=local["attention_mask"]).logits
         if args.loss == "plain":  # the one-shot fp32 formula, for the cost of the chunked one
-            loss = torch.nn.functional.cross_entropy(
+            return torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), local["labels"][:, 1:].reshape(-1),
                 reduction="sum")
-        elif not fused:
-            loss, _ = loss_sum(logits, local["labels"], "causal-lm")
+        return loss_sum(logits, local["labels"], "causal-lm")[0]
+
+    def step() -> float:
+        loss = forward_loss()
         (loss * session.grad_scale / targets).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

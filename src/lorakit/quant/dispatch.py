@@ -60,4 +60,3 @@ def dequantize_8bit(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype =
             and scb.shape == (codes.shape[0],):
         return triton.dequantize_8bit_triton(codes, scb, dtype)
     return reference(codes, scb, dtype)
-

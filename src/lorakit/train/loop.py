@@ -77,9 +77,8 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[tor
     """(sum of per-target cross-entropies in fp32, number of targets). Causal LM shifts by one token and goes
     through chunks of the logits (``losses``: no full-vocabulary fp32 copy)."""
     if task == "classification":
-        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
-    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return shifted_cross_entropy_sum(logits, labels, IGNORE_INDEX), count
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), _targets(labels, task)
+    return shifted_cross_entropy_sum(logits, labels, IGNORE_INDEX), _targets(labels, task)
 
 
 def autocast_context(mode: str, device: torch.device) -> tuple[contextlib.AbstractContextManager, str]:
@@ -155,7 +154,7 @@ def evaluate(
             with ctx, fused_head_loss(unwrap(model), IGNORE_INDEX):
                 loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              labels=batch["labels"]).loss
-            total, count = total + float(loss), count + int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total, count = total + float(loss), count + _targets(batch["labels"], task)
             continue
         with ctx:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

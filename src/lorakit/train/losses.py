@@ -35,6 +35,22 @@ def _spans(rows: int, vocab: int, chunk_elements: int):
         yield r0, min(r0 + step, rows)
 
 
+def _target_terms(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column index of each row's target, 1.0 for rows with a target and 0.0 for ignored ones), shaped
+    (rows, 1) for scatter_add_ and broadcasting."""
+    keep = (targets != ignore_index).unsqueeze(1)
+    return targets.clamp_min(0).unsqueeze(1), keep.float()
+
+
+def _softmax_minus_onehot_(probs: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, g: torch.Tensor | float):
+    """In place: g * probs - g at each row's target, zero on ignored rows (prompt, padding, last position).
+    ``probs`` = exp(log_softmax); the rounding is autograd's: g * p, then + (-g)."""
+    if not isinstance(g, float) or g != 1.0:
+        probs.mul_(g)
+    probs.scatter_add_(1, index, -g * keep)
+    return probs.mul_(keep)
+
+
 class _ShiftedCrossEntropySum(torch.autograd.Function):
     """No host synchronisation inside (no nonzero / boolean indexing): the GPU queue stays full."""
 
@@ -56,14 +72,10 @@ class _ShiftedCrossEntropySum(torch.autograd.Function):
         flat = logits.reshape(-1, logits.shape[-1])
         grad = torch.empty_like(flat)
         g = grad_out.float()
-        keep = targets != ctx.ignore_index
-        index = targets.clamp_min(0).unsqueeze(1)
-        minus_g = (-g * keep).unsqueeze(1).float()  # -g at targets, 0 on ignored rows
+        index, keep = _target_terms(targets, ctx.ignore_index)
         for r0, r1 in _spans(flat.shape[0], flat.shape[1], ctx.chunk_elements):
-            chunk = torch.log_softmax(flat[r0:r1].float(), dim=-1).exp_().mul_(g)
-            chunk.scatter_add_(1, index[r0:r1], minus_g[r0:r1])  # exp * g + (-g): autograd's rounding
-            chunk.mul_(keep[r0:r1].unsqueeze(1))  # ignored rows (prompt, padding, last position): zero
-            grad[r0:r1] = chunk
+            probs = torch.log_softmax(flat[r0:r1].float(), dim=-1).exp_()
+            grad[r0:r1] = _softmax_minus_onehot_(probs, index[r0:r1], keep[r0:r1], g)
         return grad.view_as(logits), None, None, None
 
 
@@ -94,26 +106,22 @@ class _ShiftedLinearCrossEntropySum(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk_elements):
         dev = hidden.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        if dtype is not None:  # cast once, as autocast would, not per chunk
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
         flat = hidden.reshape(-1, hidden.shape[-1])
         targets = _shifted_targets(labels, ignore_index)
+        index, keep = _target_terms(targets, ignore_index)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = None
         if ctx.needs_input_grad[0]:
-            keep = targets != ignore_index
-            index = targets.clamp_min(0).unsqueeze(1)
-            minus_one = -keep.unsqueeze(1).float()  # -1 at the target, 0 on ignored rows
-            w = weight if dtype is None else weight.to(dtype)
+            grad = torch.empty(flat.shape, dtype=dtype or weight.dtype, device=flat.device)
         for r0, r1 in _spans(flat.shape[0], weight.shape[0], chunk_elements):
             logits = _head(flat[r0:r1], weight, bias, dtype)
             logp = torch.log_softmax(logits.float(), dim=-1)
             total += F.nll_loss(logp, targets[r0:r1], ignore_index=ignore_index, reduction="sum")
-            if ctx.needs_input_grad[0]:
-                chunk = logp.exp_()
-                chunk.scatter_add_(1, index[r0:r1], minus_one[r0:r1])
-                chunk.mul_(keep[r0:r1].unsqueeze(1))  # ignored rows (prompt, padding, last position): zero
-                part = chunk.to(logits.dtype) @ w
-                grad = torch.empty(flat.shape, dtype=part.dtype, device=flat.device) if grad is None else grad
-                grad[r0:r1] = part
+            if grad is not None:  # for an upstream gradient of 1; backward scales it
+                probs = _softmax_minus_onehot_(logp.exp_(), index[r0:r1], keep[r0:r1], 1.0)
+                grad[r0:r1] = probs.to(logits.dtype) @ weight
         ctx.save_for_backward(grad)
         ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
         return total
@@ -126,10 +134,10 @@ class _ShiftedLinearCrossEntropySum(torch.autograd.Function):
 
 
 def _head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None):
-    """The output layer as autocast runs it (inputs cast to the autocast dtype), or as is without autocast."""
+    """The output layer as autocast runs it (the input cast to the autocast dtype; ``weight`` and ``bias``
+    already are), or as is without autocast."""
     if dtype is not None:
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        x = x.to(dtype)
     with torch.autocast(x.device.type, enabled=False):
         return F.linear(x, weight, bias)
 
