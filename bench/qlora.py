@@ -204,6 +204,30 @@ def kernel_bench(device, out_rows: list, results: dict) -> None:
         out_rows.append((f"dequant 4096x14336 nf4, {tag}", f"{t_bnb * 1e3:.1f} us", f"{t_lk * 1e3:.1f} us",
                          f"{t_bnb / t_lk:.2f}x", (f"{moved / t_lk / 1e6:.0f} GB/s; bits equal: {identical}; "
                                                   f"best tile {best} {sweep[best] * 1e3:.1f} us")))
+    # dequantization plus the rank-16 update in one pass (the merged QLoRA path) against dequantization alone
+    pl, sl = nf4.quantize_4bit(w, 64, "nf4", True)
+    A = (torch.randn(16, 14336, device=device) * 0.01).to(torch.bfloat16)
+    B = (torch.randn(4096, 16, device=device) * 0.01).to(torch.bfloat16)
+    t_plain = ms(lambda: tk.dequantize_4bit_triton(pl, sl, torch.bfloat16))
+    t_two = ms(lambda: torch.addmm(tk.dequantize_4bit_triton(pl, sl, torch.bfloat16), B, A, alpha=2.0))
+    sweep = {}
+    for bn in (16, 32, 64):
+        for tkk in (128, 256, 512):
+            for warps in (4, 8):
+                sweep[f"n{bn}_k{tkk}_w{warps}"] = ms(lambda bn=bn, tkk=tkk, warps=warps: (
+                    tk.dequantize_4bit_lowrank_triton(pl, sl, A, B, 2.0, torch.bfloat16, block_n=bn, tile_k=tkk,
+                                                      num_warps=warps)))
+    t_low = ms(lambda: tk.dequantize_4bit_lowrank_triton(pl, sl, A, B, 2.0, torch.bfloat16))
+    best = min(sweep, key=sweep.get)
+    ref = nf4.dequantize_4bit_lowrank(pl, sl, A, B, 2.0, torch.bfloat16)
+    ulps = int((tk.dequantize_4bit_lowrank_triton(pl, sl, A, B, 2.0, torch.bfloat16).view(torch.int16).int()
+                - ref.view(torch.int16).int()).abs().max())
+    results["dequant_lowrank"] = {"lorakit_ms": t_low, "dequant_only_ms": t_plain, "dequant_then_addmm_ms": t_two,
+                                  "sweep_ms": sweep, "best": best, "max_ulps_vs_reference": ulps}
+    out_rows.append(("dequant + s*B@A (r=16), 4096x14336", f"{t_two * 1e3:.1f} us", f"{t_low * 1e3:.1f} us",
+                     f"{t_two / t_low:.2f}x", (f"bnb column: lorakit dequant then addmm; dequant alone "
+                                              f"{t_plain * 1e3:.1f} us; max {ulps} ulp vs reference; best tile "
+                                              f"{best} {sweep[best] * 1e3:.1f} us")))
     # one-token GEMV: y = x @ W.T with W (4096, 14336) in 4 bits
     import bitsandbytes as bnb
 
@@ -306,7 +330,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", default="", help="comma list: probe,kernels,peft_recipe,peft_bf16,lorakit,"
-                        "lorakit_fp32,lorakit_fast,peft_liger,peft_bf16_graph,lorakit_graph,peft_int8,lorakit_int8")
+                        "lorakit_unmerged,lorakit_fp32,lorakit_fast,peft_liger,peft_bf16_graph,lorakit_graph,peft_int8,lorakit_int8")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "qlora_bench.json"))
     args = parser.parse_args()
     device, shape = args.device, "tiny" if args.tiny else "llama3-8b"
@@ -319,6 +343,7 @@ def main() -> None:
     import transformers
 
     import lorakit
+    from lorakit.kernels import lora_linear as lora_kernel
 
     results: dict = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device == "cuda"
                      else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
@@ -345,6 +370,8 @@ def main() -> None:
          lambda m: setup_peft(m, device, recipe=True)),
         ("peft_bf16", "PEFT + bnb, bf16 adapters", lambda m: setup_peft(m, device, recipe=False)),
         ("lorakit", "lorakit QLoRA, bf16 adapters", lambda m: setup_lorakit(m, device, torch.bfloat16, False)),
+        ("lorakit_unmerged", "lorakit QLoRA, bf16 adapters, update kept apart (A/B)",
+         lambda m: setup_lorakit(m, device, torch.bfloat16, False)),
         ("lorakit_fp32", "lorakit QLoRA, fp32 adapters", lambda m: setup_lorakit(m, device, None, False)),
         ("lorakit_fast", "lorakit QLoRA, bf16 adapters + lorakit.fast (liger)",
          lambda m: setup_lorakit(m, device, torch.bfloat16, True)),
@@ -368,6 +395,7 @@ def main() -> None:
                 g = torch.Generator().manual_seed(1)
                 batch = torch.randint(0, model.config.vocab_size, (args.batch, seq), generator=g).to(device)
             model = setup(model)
+            lora_kernel.MERGE_PACKED = key != "lorakit_unmerged"
             train[label] = measure(model, batch, args.steps, args.warmup, device, graphed=key.endswith("_graph"))
             if key.startswith("lorakit"):
                 train[label]["memory_report_mib"] = {

@@ -207,3 +207,111 @@ def test_4bit_with_another_compute_dtype_keeps_the_reference_path(monkeypatch):
     x = torch.randn(4, 64)
     assert torch.equal(model(x), reference(x))
     assert calls == []
+
+
+# ------------------------------------------- the merged packed path: D(W) + s * B @ A materialized in one pass
+def _reference_lowrank(monkeypatch):
+    """Make the merged packed path run on the CPU: the dispatchers return the pure-torch references (the
+    Triton kernels' oracles) instead of None. Returns the list of calls."""
+    from lorakit.quant import dispatch, int8, nf4
+
+    calls = []
+
+    def four(packed, state, A, B, scale, dtype):
+        calls.append("4bit")
+        return nf4.dequantize_4bit_lowrank(packed, state, A, B, scale, dtype)
+
+    def eight(codes, scb, A, B, scale, dtype):
+        calls.append("8bit")
+        return int8.dequantize_8bit_lowrank(codes, scb, A, B, scale, dtype)
+
+    monkeypatch.setattr(dispatch, "dequantize_lowrank", four)
+    monkeypatch.setattr(dispatch, "dequantize_8bit_lowrank", eight)
+    return calls
+
+
+def _to_8bit(model):
+    from lorakit.layers.quantized import Linear4bit
+    from lorakit.layers.quantized8 import Linear8bit
+
+    for _, layer in lk.lora_layers(model):
+        base = layer.base_layer
+        assert isinstance(base, Linear4bit)
+        dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        with torch.no_grad():
+            dense.weight.copy_(base.dequantize(torch.float32))
+            if base.bias is not None:
+                dense.bias.copy_(base.bias)
+        layer.base_layer = Linear8bit.from_linear(dense)
+    return model
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bias", [True, False])
+def test_merged_packed_path_matches_the_reference(bits, bias, monkeypatch):
+    model, reference = _qlora_pair(bias=bias)
+    if bits == 8:
+        model, reference = _to_8bit(model), _to_8bit(reference)
+    calls = _reference_lowrank(monkeypatch)
+    x = torch.randn(3, 7, 64)
+    y, gx, grads = _run(model, x)
+    # two layers: Wm in forward and again for dX in backward, both layers (x needs its gradient)
+    assert calls == [f"{bits}bit"] * 4
+    y_ref, gx_ref, grads_ref = _run(reference, x)
+    # fp32: the update rounded into Wm (fp32) instead of into y; the same function otherwise
+    assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_ref.keys() and len(grads) == 4  # A, B of both layers; the base bias is frozen
+    for name in grads:
+        err = (grads[name] - grads_ref[name]).abs().max() / grads_ref[name].abs().max()
+        assert err < 1e-5, (name, float(err))
+
+
+def test_merged_packed_path_fp64_is_exact(monkeypatch):
+    model, reference = _qlora_pair(compute_dtype=torch.float64)
+    model, reference = model.double(), reference.double()
+    calls = _reference_lowrank(monkeypatch)
+    x = torch.randn(4, 64, dtype=torch.float64)
+    y, gx, grads = _run(model, x)
+    assert len(calls) == 4
+    y_ref, gx_ref, grads_ref = _run(reference, x)
+    assert (y - y_ref).abs().max() < 1e-12 and (gx - gx_ref).abs().max() < 1e-12
+    for name in grads:
+        assert (grads[name] - grads_ref[name]).abs().max() < 1e-11, name
+
+
+def test_merged_packed_path_with_a_fresh_adapter_is_the_base_bit_for_bit(monkeypatch):
+    model, _ = _qlora_pair()
+    for _, layer in lk.lora_layers(model):
+        nn.init.zeros_(layer.lora_B["default"].weight)
+    calls = _reference_lowrank(monkeypatch)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y = model(x)
+        with lk.disable_adapters(model):
+            y_base = model(x)
+    assert calls and torch.equal(y, y_base)
+
+
+def test_merged_packed_path_saves_no_dense_weight_and_is_skipped_when_it_would_differ(monkeypatch):
+    model, _ = _qlora_pair()
+    calls = _reference_lowrank(monkeypatch)
+    saved = []
+    x = torch.randn(5, 64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = model(x)
+    y.sum().backward()
+    assert calls and saved
+    assert not {(96, 64), (32, 96), (64, 96)} & set(saved), saved
+    calls.clear()
+    monkeypatch.setattr(kernel, "MERGE_PACKED", False)  # the A/B switch
+    model(x)
+    assert calls == []
+    monkeypatch.setattr(kernel, "MERGE_PACKED", True)
+    dropped, _ = _qlora_pair()
+    # dropout: the update sees dropout(x), the base x itself: nothing to merge
+    for _, layer in lk.lora_layers(dropped):
+        layer.lora_dropout["default"] = nn.Dropout(0.5)
+    dropped.train()
+    dropped(x)
+    assert calls == []

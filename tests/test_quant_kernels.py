@@ -106,3 +106,72 @@ def test_int8_dequantize_is_bit_identical(shape, dtype):
     out = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)  # poisoned: every element must be written
     tk.dequantize_8bit_triton(codes, scb, dtype, out=out, block=512)
     assert torch.equal(bits(out), bits(ref))
+
+
+# -------------------------------------------------- dequantization plus a low-rank addend (QLoRA's merged path)
+LOWRANK_CASES = [  # (shape, blocksize, quant_type, double_quant, rank)
+    ((33, 128), 64, "nf4", True, 16),  # rows not a multiple of the tile
+    ((40, 640), 64, "fp4", True, 16),  # columns not a multiple of the 256-value tile
+    ((16, 96), 32, "nf4", False, 8),  # rank padded to 16 for the tensor cores
+    ((50, 512), 256, "nf4", True, 24),
+    ((20, 1024), 512, "nf4", False, 4),
+]
+
+
+def _lowrank_factors(n, k, r, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.randn(r, k, generator=g) * 0.1).to(dtype).to(DEVICE),
+            (torch.randn(n, r, generator=g) * 0.1).to(dtype).to(DEVICE))
+
+
+def _ulps(a, b):
+    return (bits(a).int() - bits(b).int()).abs()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", LOWRANK_CASES)
+def test_dequantize_lowrank_matches_reference(case, dtype):
+    shape, bs, qt, dq, r = case
+    packed, state = nf4.quantize_4bit(case_weight(shape, 4), bs, qt, dq)
+    A, B = _lowrank_factors(*shape, r, dtype, 5)
+    out = tk.dequantize_4bit_lowrank_triton(packed, state, A, B, 2.0, dtype)
+    ref = nf4.dequantize_4bit_lowrank(packed, state, A, B, 2.0, dtype)
+    # one rounding of the same fp32 sum; the rank-r products may be added in another order (tensor cores)
+    assert int(_ulps(out, ref).max()) <= 1 and float((out != ref).float().mean()) < 1e-3
+    assert not torch.equal(out, nf4.dequantize_4bit(packed, state, dtype))  # the addend is really there
+    fresh = tk.dequantize_4bit_lowrank_triton(packed, state, A, torch.zeros_like(B), 2.0, dtype)
+    assert torch.equal(fresh, nf4.dequantize_4bit(packed, state, dtype))  # B == 0: the base (FP4's -0 is +0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(33, 70), (16, 300)])
+def test_int8_dequantize_lowrank_matches_reference(shape, dtype):
+    from lorakit.quant import int8
+
+    codes, scb = int8.quantize_8bit(case_weight(shape, 6))
+    A, B = _lowrank_factors(*shape, 16, dtype, 7)
+    out = tk.dequantize_8bit_lowrank_triton(codes, scb, A, B, 0.5, dtype, block_k=128)
+    ref = int8.dequantize_8bit_lowrank(codes, scb, A, B, 0.5, dtype)
+    assert int(_ulps(out, ref).max()) <= 1 and float((out != ref).float().mean()) < 1e-3
+    fresh = tk.dequantize_8bit_lowrank_triton(codes, scb, A, torch.zeros_like(B), 0.5, dtype)
+    assert torch.equal(fresh, int8.dequantize_8bit(codes, scb, dtype))
+
+
+def test_lowrank_refuses_what_it_cannot_do():
+    packed, state = nf4.quantize_4bit(case_weight((16, 70), 8), 64, "nf4", True)  # rows are not whole blocks
+    A, B = _lowrank_factors(16, 70, 4, torch.bfloat16, 9)
+    assert not tk.lowrank_supported(state, A, B)
+    with pytest.raises(ValueError, match="unsupported shapes"):
+        tk.dequantize_4bit_lowrank_triton(packed, state, A, B, 1.0, torch.bfloat16)
+    packed, state = nf4.quantize_4bit(case_weight((16, 64), 8), 64, "nf4", True)
+    A, B = _lowrank_factors(16, 64, 4, torch.float32, 9)
+    assert not tk.lowrank_supported(state, A, B)  # fp32 factors would go through tf32: not exact
+
+
+@pytest.mark.skipif(not CUDA, reason="real shapes on the GPU only")
+def test_lowrank_real_shape_on_gpu():
+    packed, state = nf4.quantize_4bit(case_weight((4096, 14336), 10), 64, "nf4", True)
+    A, B = _lowrank_factors(4096, 14336, 16, torch.bfloat16, 11)
+    out = tk.dequantize_4bit_lowrank_triton(packed, state, A, B, 2.0, torch.bfloat16)
+    ref = nf4.dequantize_4bit_lowrank(packed, state, A, B, 2.0, torch.bfloat16)
+    assert int(_ulps(out, ref).max()) <= 1 and float((out != ref).float().mean()) < 1e-3

@@ -29,6 +29,19 @@ needed by the base matmul's backward.
 W may also be a packed weight (anything with ``dequantize(dtype)``, e.g. a 4-bit base): it is then dequantized
 in forward and again in backward, and only a reference to the packed codes is kept (QLoRA's memory promise),
 so the 4-bit path gets the same fused epilogues as the 16-bit one.
+
+Merged packed path (no dropout, a packed weight whose ``dequantize_lowrank`` has a kernel: 4-bit on CUDA).
+A packed W is materialized anyway, so the update can ride along: one pass writes Wm = D(W) + s * B @ A
+(rounded once), and
+
+    Y  = b + X @ Wm.T ;  XA = X @ A.T          (XA only for dB)
+    dX = G @ Wm                                 (Wm materialized again, never saved)
+    GA = G @ B ;  dA = s * GA.T @ X ;  dB = s * G.T @ XA
+
+Exactly the derivative of the function computed. Per layer it drops the (tokens x out) rank-r product and its
+epilogue read in forward and the (tokens x in) one in backward (with gradient checkpointing the forward ones
+twice). Numerics: the update is rounded into Wm at the weight's scale instead of into Y at the output's;
+with B == 0 (a fresh adapter) Wm equals D(W). ``MERGE_PACKED = False`` turns it off (an A/B switch).
 """
 
 from __future__ import annotations
@@ -48,12 +61,19 @@ class PackedWeight(Protocol):
 Weight = torch.Tensor | PackedWeight
 
 
+MERGE_PACKED = True
+"""Fold the update into a packed weight's dequantization where a kernel does that (see the module docstring)."""
+
+
 @dataclass(frozen=True)
 class LoraLinearArgs:
-    """Non-tensor arguments of the fused op. ``transposed``: W is stored (in, out) (GPT-2's Conv1D)."""
+    """Non-tensor arguments of the fused op. ``transposed``: W is stored (in, out) (GPT-2's Conv1D); ``merge``:
+    try the merged packed path; ``grad``: autograd records the call (else nothing is kept for backward)."""
 
     scale: float
     transposed: bool = False
+    merge: bool = False
+    grad: bool = True
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -63,6 +83,20 @@ class LoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, in_features)
         xd2 = x2 if x_drop is None else x_drop.reshape(-1, in_features)
         packed = not isinstance(weight, torch.Tensor)
+        ctx.args = args
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        ctx.has_drop = x_drop is not None
+        merged = None
+        if args.merge and packed and x_drop is None and hasattr(weight, "dequantize_lowrank"):
+            merged = weight.dequantize_lowrank(x2.dtype, A, B, args.scale)
+        ctx.merged = merged is not None
+        if merged is not None:
+            y = torch.nn.functional.linear(x2, merged, bias)
+            xa = x2 @ A.t() if args.grad and ctx.needs_input_grad[5] else None
+            ctx.save_for_backward(x2 if ctx.needs_input_grad[4] else None, xa, A, B)
+            ctx.packed = weight
+            return y.view(*x.shape[:-1], y.shape[-1])
         dense = weight.dequantize(x2.dtype) if packed else weight
         w_t = dense if args.transposed else dense.t()  # (in, out) view, no copy
         xa = xd2 @ A.t()
@@ -81,14 +115,12 @@ class LoraLinearFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(xd2, xa, weight, A, B)
             ctx.packed = None
-        ctx.args = args
-        ctx.has_drop = x_drop is not None
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.merged:
+            return _merged_backward(ctx, grad_out)
         if ctx.packed is None:
             xd2, xa, weight, A, B = ctx.saved_tensors
         else:
@@ -114,6 +146,26 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_x = grad_x.view(ctx.x_shape)
         grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None
+
+
+def _merged_backward(ctx, grad_out):
+    """Backward of the merged packed path (module docstring): the update's gradients as in the unmerged path,
+    dX through Wm materialized again by the same deterministic kernel."""
+    x2, xa, A, B = ctx.saved_tensors
+    s = ctx.args.scale
+    g = grad_out.reshape(-1, grad_out.shape[-1])
+    need_a, need_b = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+    ga = g @ B if need_a else None
+    grad_A = torch.addmm(A, ga.t(), x2, beta=0, alpha=s) if need_a else None
+    grad_B = torch.addmm(B, g.t(), xa, beta=0, alpha=s) if need_b else None
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        merged = ctx.packed.dequantize_lowrank(g.dtype, A, B, s)
+        if merged is None:  # the kernel accepted these operands in forward; only a changed environment gets here
+            merged = torch.addmm(ctx.packed.dequantize(g.dtype), B, A, alpha=s)
+        grad_x = (g @ merged).view(ctx.x_shape)
+    grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return grad_x, None, None, grad_bias, grad_A, grad_B, None
 
 
 def lora_linear_fused(
@@ -144,4 +196,7 @@ def lora_linear_fused(
 
 def _apply(x, weight, bias, A, B, scale, dropout, transposed):
     x_drop = dropout(x) if dropout is not None else None
-    return LoraLinearFunction.apply(x, x_drop, weight, bias, A, B, LoraLinearArgs(float(scale), transposed))
+    merge = MERGE_PACKED and x_drop is None and not isinstance(weight, torch.Tensor) \
+        and not torch.compiler.is_compiling()
+    args = LoraLinearArgs(float(scale), transposed, merge, torch.is_grad_enabled())
+    return LoraLinearFunction.apply(x, x_drop, weight, bias, A, B, args)

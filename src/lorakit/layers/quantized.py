@@ -52,6 +52,11 @@ class Packed4bit:
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dispatch.dequantize(self.packed, self.state, dtype)
 
+    def dequantize_lowrank(self, dtype: torch.dtype, A: torch.Tensor, B: torch.Tensor,
+                           scale: float) -> torch.Tensor | None:
+        """``D(W) + scale * B @ A`` in one pass where a kernel does that (CUDA), else None."""
+        return dispatch.dequantize_lowrank(self.packed, self.state, A, B, scale, dtype)
+
 
 class MatmulPacked(torch.autograd.Function):
     """y = x @ D(W).T + b, with D the dequantization of a frozen packed W (4-bit, 8-bit: anything with

@@ -31,6 +31,11 @@ class Packed8bit:
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dispatch.dequantize_8bit(self.codes, self.scb, dtype)
 
+    def dequantize_lowrank(self, dtype: torch.dtype, A: torch.Tensor, B: torch.Tensor,
+                           scale: float) -> torch.Tensor | None:
+        """``codes * SCB / 127 + scale * B @ A`` in one pass where a kernel does that (CUDA), else None."""
+        return dispatch.dequantize_8bit_lowrank(self.codes, self.scb, A, B, scale, dtype)
+
 
 class Linear8bit(FrozenPackedLinear):
     """``x @ W.T + b`` with W (out_features, in_features) stored as int8 codes and one fp32 scale per row.

@@ -38,6 +38,17 @@ def dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | Non
     return ops.dequantize_4bit(packed, *ops.state_args(state), dtype)
 
 
+def dequantize_lowrank(packed: torch.Tensor, state: QuantState, A: torch.Tensor, B: torch.Tensor, scale: float,
+                       dtype: torch.dtype) -> torch.Tensor | None:
+    """``D(W) + scale * B @ A`` rounded once to ``dtype`` in one Triton pass (eager CUDA, shapes the kernel
+    takes), else None: the caller then keeps the low-rank term apart. Never recorded by autograd (the caller
+    is an autograd Function that differentiates the product itself)."""
+    triton = _triton_module()
+    if triton is None or not _direct(packed) or not triton.lowrank_supported(state, A, B):
+        return None
+    return triton.dequantize_4bit_lowrank_triton(packed, state, A, B, scale, dtype)
+
+
 def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for a 4-bit W; fused (no dequantized copy) on CUDA, dequantize + matmul elsewhere.
@@ -60,3 +71,13 @@ def dequantize_8bit(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype =
             and scb.shape == (codes.shape[0],):
         return triton.dequantize_8bit_triton(codes, scb, dtype)
     return reference(codes, scb, dtype)
+
+
+def dequantize_8bit_lowrank(codes: torch.Tensor, scb: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                            dtype: torch.dtype) -> torch.Tensor | None:
+    """int8 twin of ``dequantize_lowrank``: one Triton pass on eager CUDA, else None."""
+    triton = _triton_module()
+    if triton is None or not _direct(codes) or scb.shape != (codes.shape[0],) \
+            or not triton.int8_lowrank_supported(codes, A, B):
+        return None
+    return triton.dequantize_8bit_lowrank_triton(codes, scb, A, B, scale, dtype)

@@ -40,4 +40,14 @@ def dequantize_8bit(codes: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype =
     return out if dtype == torch.float32 else out.to(dtype)
 
 
-__all__ = ["INV_127", "dequantize_8bit", "quantize_8bit"]
+def dequantize_8bit_lowrank(codes: torch.Tensor, scb: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                            scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``dtype(codes * SCB / 127 + scale * B @ A)``, one rounding at the end: the reference of
+    ``triton_kernels.dequantize_8bit_lowrank_triton``; with B == 0 it equals ``dequantize_8bit``."""
+    with torch.no_grad():
+        wide = torch.float64 if dtype == torch.float64 else torch.float32  # fp32, or fp64 for fp64 output
+        exact = dequantize_8bit(codes, scb, torch.float32).to(wide)
+        return exact.addmm_(B.to(wide), A.to(wide), alpha=scale).to(dtype)
+
+
+__all__ = ["INV_127", "dequantize_8bit", "dequantize_8bit_lowrank", "quantize_8bit"]

@@ -362,6 +362,18 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
         return out.reshape(-1)[:n].to(dtype).reshape(state.shape)
 
 
+def dequantize_4bit_lowrank(packed: torch.Tensor, state: QuantState, A: torch.Tensor, B: torch.Tensor,
+                            scale: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``dtype(D(W) + scale * B @ A)`` with D(W) the fp32 products ``code[q] * absmax`` and one rounding at the
+    end: a frozen 4-bit weight plus a low-rank addend (N, r) @ (r, K), materialized in one step. The reference
+    of ``triton_kernels.dequantize_4bit_lowrank_triton``; with B == 0 it equals ``dequantize_4bit``."""
+    dtype = state.dtype if dtype is None else dtype
+    with torch.no_grad():
+        wide = torch.float64 if dtype == torch.float64 else torch.float32  # fp32, or fp64 for fp64 output
+        exact = dequantize_4bit(packed, state, torch.float32).to(wide)
+        return exact.addmm_(B.to(wide), A.to(wide), alpha=scale).to(dtype)
+
+
 def error_stats(approx: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
     """Mean and max absolute error and relative Frobenius error of ``approx`` against ``exact`` (fp32)."""
     diff = approx - exact
