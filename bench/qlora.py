@@ -152,11 +152,13 @@ def setup_peft_liger(model, device):
     return setup_peft(model, device, recipe=False)
 
 
-def setup_lorakit(model, device, adapter_dtype, fast: bool, bits: int = 4):
+def setup_lorakit(model, device, adapter_dtype, fast: bool, bits: int = 4, keep: bool = True):
     import lorakit as lk
 
     lk.quantize_model(model, bits=bits, compute_dtype=torch.bfloat16)
-    lk.prepare_for_kbit_training(model)
+    lk.prepare_for_kbit_training(model)  # checkpointing with lk.checkpoint_kwargs(): recomputation keeps weights
+    if not keep:  # A/B: plain non-reentrant checkpointing, every weight dequantized three times per step
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if fast:
         import lorakit.fast
 
@@ -211,11 +213,11 @@ def kernel_bench(device, out_rows: list, results: dict) -> None:
     t_plain = ms(lambda: tk.dequantize_4bit_triton(pl, sl, torch.bfloat16))
     t_two = ms(lambda: torch.addmm(tk.dequantize_4bit_triton(pl, sl, torch.bfloat16), B, A, alpha=2.0))
     sweep = {}
-    for bn in (16, 32, 64):
-        for tkk in (128, 256, 512):
+    for bn in (32, 64, 128):
+        for bk in (64, 128, 256):
             for warps in (4, 8):
-                sweep[f"n{bn}_k{tkk}_w{warps}"] = ms(lambda bn=bn, tkk=tkk, warps=warps: (
-                    tk.dequantize_4bit_lowrank_triton(pl, sl, A, B, 2.0, torch.bfloat16, block_n=bn, tile_k=tkk,
+                sweep[f"n{bn}_k{bk}_w{warps}"] = ms(lambda bn=bn, bk=bk, warps=warps: (
+                    tk.dequantize_4bit_lowrank_triton(pl, sl, A, B, 2.0, torch.bfloat16, block_n=bn, block_k=bk,
                                                       num_warps=warps)))
     t_low = ms(lambda: tk.dequantize_4bit_lowrank_triton(pl, sl, A, B, 2.0, torch.bfloat16))
     best = min(sweep, key=sweep.get)
@@ -330,7 +332,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", default="", help="comma list: probe,kernels,peft_recipe,peft_bf16,lorakit,"
-                        "lorakit_unmerged,lorakit_fp32,lorakit_fast,peft_liger,peft_bf16_graph,lorakit_graph,peft_int8,lorakit_int8")
+                        "lorakit_unmerged,lorakit_nokeep,lorakit_fp32,lorakit_fast,peft_liger,peft_bf16_graph,lorakit_graph,peft_int8,lorakit_int8")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "qlora_bench.json"))
     args = parser.parse_args()
     device, shape = args.device, "tiny" if args.tiny else "llama3-8b"
@@ -372,6 +374,8 @@ def main() -> None:
         ("lorakit", "lorakit QLoRA, bf16 adapters", lambda m: setup_lorakit(m, device, torch.bfloat16, False)),
         ("lorakit_unmerged", "lorakit QLoRA, bf16 adapters, update kept apart (A/B)",
          lambda m: setup_lorakit(m, device, torch.bfloat16, False)),
+        ("lorakit_nokeep", "lorakit QLoRA, bf16 adapters, plain checkpointing (A/B)",
+         lambda m: setup_lorakit(m, device, torch.bfloat16, False, keep=False)),
         ("lorakit_fp32", "lorakit QLoRA, fp32 adapters", lambda m: setup_lorakit(m, device, None, False)),
         ("lorakit_fast", "lorakit QLoRA, bf16 adapters + lorakit.fast (liger)",
          lambda m: setup_lorakit(m, device, torch.bfloat16, True)),

@@ -34,6 +34,7 @@ from .model import (
     set_active_adapters,
     summary,
 )
+from .kernels.lora_linear import checkpoint_kwargs
 from .optim import loraplus_optimizer, loraplus_param_groups
 from .parametrize import (
     delete_parametrized_adapter,
@@ -101,6 +102,7 @@ __all__ = [
     "parametrized_active",
     "parametrized_state_dict",
     "pissa_to_lora_state",
+    "checkpoint_kwargs",
     "prepare_for_kbit_training",
     "quantize_model",
     "read_adapter",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .kernels.lora_linear import checkpoint_kwargs
 from .errors import QuantError
 from .layers import FrozenPackedLinear, Linear4bit, Linear8bit, LoraLayer, ModulesToSave
 from .merge import merge, unload
@@ -175,7 +176,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
         elif hasattr(model, "get_input_embeddings") and model.get_input_embeddings() is not None:
             model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
         if hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs())
         else:
             raise QuantError(f"prepare_for_kbit_training: {type(model).__name__} has no "
                              "gradient_checkpointing_enable(); pass gradient_checkpointing=False and checkpoint "

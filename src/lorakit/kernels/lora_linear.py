@@ -34,18 +34,20 @@ Merged packed path (no dropout, a packed weight whose ``dequantize_lowrank`` has
 A packed W is materialized anyway, so the update can ride along: one pass writes Wm = D(W) + s * B @ A
 (rounded once), and
 
-    Y  = b + X @ Wm.T ;  XA = X @ A.T          (XA only for dB)
-    dX = G @ Wm                                 (Wm materialized again, never saved)
-    GA = G @ B ;  dA = s * GA.T @ X ;  dB = s * G.T @ XA
+    Y  = b + X @ Wm.T                           (forward: one GEMM, as without an adapter)
+    dX = G @ Wm                                 (Wm materialized again; kept only while recomputing)
+    GA = G @ B ;  XA = X @ A.T ;  dA = s * GA.T @ X ;  dB = s * G.T @ XA
 
 Exactly the derivative of the function computed. Per layer it drops the (tokens x out) rank-r product and its
-epilogue read in forward and the (tokens x in) one in backward (with gradient checkpointing the forward ones
-twice). Numerics: the update is rounded into Wm at the weight's scale instead of into Y at the output's;
+epilogue read in forward and the (tokens x in) one in backward, and XA moves to backward (with gradient
+checkpointing the forward runs twice, so all of these would be paid twice). Numerics: the update is rounded into Wm at the weight's scale instead of into Y at the output's;
 with B == 0 (a fresh adapter) Wm equals D(W). ``MERGE_PACKED = False`` turns it off (an A/B switch).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,12 +70,11 @@ MERGE_PACKED = True
 @dataclass(frozen=True)
 class LoraLinearArgs:
     """Non-tensor arguments of the fused op. ``transposed``: W is stored (in, out) (GPT-2's Conv1D); ``merge``:
-    try the merged packed path; ``grad``: autograd records the call (else nothing is kept for backward)."""
+    try the merged packed path."""
 
     scale: float
     transposed: bool = False
     merge: bool = False
-    grad: bool = True
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -93,8 +94,8 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.merged = merged is not None
         if merged is not None:
             y = torch.nn.functional.linear(x2, merged, bias)
-            xa = x2 @ A.t() if args.grad and ctx.needs_input_grad[5] else None
-            ctx.save_for_backward(x2 if ctx.needs_input_grad[4] else None, xa, A, B)
+            need_x = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
+            ctx.save_for_backward(x2 if need_x else None, A, B, merged if keeping_weights() else None)
             ctx.packed = weight
             return y.view(*x.shape[:-1], y.shape[-1])
         dense = weight.dequantize(x2.dtype) if packed else weight
@@ -109,11 +110,11 @@ class LoraLinearFunction(torch.autograd.Function):
         else:
             y = xa @ B.t()
             y.addmm_(x2, w_t, beta=args.scale)
-        if packed:  # keep the codes, not the dequantized copy
+        if packed and not keeping_weights():  # keep the codes, not the dequantized copy
             ctx.save_for_backward(xd2, xa, A, B)
             ctx.packed = weight
-        else:
-            ctx.save_for_backward(xd2, xa, weight, A, B)
+        else:  # a dense weight is a reference anyway; a dequantized one only while recomputing (keeping_weights)
+            ctx.save_for_backward(xd2, xa, dense, A, B)
             ctx.packed = None
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -149,23 +150,59 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 def _merged_backward(ctx, grad_out):
-    """Backward of the merged packed path (module docstring): the update's gradients as in the unmerged path,
-    dX through Wm materialized again by the same deterministic kernel."""
-    x2, xa, A, B = ctx.saved_tensors
+    """Backward of the merged packed path (module docstring): the update's gradients as in the unmerged path
+    (XA formed here, where dB needs it: with checkpointing the forward runs twice, this once), dX through Wm
+    materialized again by the same deterministic kernel, or kept from a recomputation (keeping_weights)."""
+    x2, A, B, merged = ctx.saved_tensors
     s = ctx.args.scale
     g = grad_out.reshape(-1, grad_out.shape[-1])
     need_a, need_b = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
-    ga = g @ B if need_a else None
-    grad_A = torch.addmm(A, ga.t(), x2, beta=0, alpha=s) if need_a else None
-    grad_B = torch.addmm(B, g.t(), xa, beta=0, alpha=s) if need_b else None
-    grad_x = None
+    grad_A = grad_B = grad_x = None
+    if need_a:
+        grad_A = torch.addmm(A, (g @ B).t(), x2, beta=0, alpha=s)
+    if need_b:
+        grad_B = torch.addmm(B, g.t(), x2 @ A.t(), beta=0, alpha=s)
     if ctx.needs_input_grad[0]:
-        merged = ctx.packed.dequantize_lowrank(g.dtype, A, B, s)
+        if merged is None:
+            merged = ctx.packed.dequantize_lowrank(g.dtype, A, B, s)
         if merged is None:  # the kernel accepted these operands in forward; only a changed environment gets here
             merged = torch.addmm(ctx.packed.dequantize(g.dtype), B, A, alpha=s)
         grad_x = (g @ merged).view(ctx.x_shape)
     grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
     return grad_x, None, None, grad_bias, grad_A, grad_B, None
+
+
+_KEEP = threading.local()
+
+
+def keeping_weights() -> bool:
+    """True inside ``keep_weights()``."""
+    return getattr(_KEEP, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def keep_weights():
+    """Inside, the fused op saves a packed base's materialized 16-bit weight for backward instead of
+    materializing it again there. Made for non-reentrant activation checkpointing (``checkpoint_kwargs``),
+    which drops whatever the first forward saves and recomputes it right before the block's backward: so this
+    holds one block's 16-bit weights for a moment and saves one of the three dequantizations per step.
+    (Both passes must save the same tensors, hence the context around both.) Outside checkpointing it would
+    keep every layer's weight until backward."""
+    _KEEP.depth = getattr(_KEEP, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _KEEP.depth -= 1
+
+
+def _checkpoint_contexts():
+    return keep_weights(), keep_weights()
+
+
+def checkpoint_kwargs() -> dict:
+    """Arguments for ``torch.utils.checkpoint.checkpoint`` (or Hugging Face's ``gradient_checkpointing_enable(
+    gradient_checkpointing_kwargs=...)``): non-reentrant, forward and recomputation inside ``keep_weights``."""
+    return {"use_reentrant": False, "context_fn": _checkpoint_contexts}
 
 
 def lora_linear_fused(
@@ -198,5 +235,5 @@ def _apply(x, weight, bias, A, B, scale, dropout, transposed):
     x_drop = dropout(x) if dropout is not None else None
     merge = MERGE_PACKED and x_drop is None and not isinstance(weight, torch.Tensor) \
         and not torch.compiler.is_compiling()
-    args = LoraLinearArgs(float(scale), transposed, merge, torch.is_grad_enabled())
+    args = LoraLinearArgs(float(scale), transposed, merge)
     return LoraLinearFunction.apply(x, x_drop, weight, bias, A, B, args)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kernels.lora_linear import checkpoint_kwargs
 from ..errors import ConfigError, LoraError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -292,7 +293,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         raise ConfigError(
             "--gradient-checkpointing needs a Hugging Face model (gradient_checkpointing_enable)"
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs())
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
 
