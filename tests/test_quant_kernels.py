@@ -114,8 +114,8 @@ LOWRANK_CASES = [  # (shape, blocksize, quant_type, double_quant, rank)
     ((40, 640), 64, "fp4", True, 16),  # columns not a multiple of the tile
     ((16, 96), 32, "nf4", False, 8),  # rank padded to 16 for the tensor cores
     ((50, 512), 256, "nf4", True, 24),
-    ((20, 70), 64, "nf4", True, 4),  # rows are not whole blocks
-    ((9, 1030), 128, "nf4", True, 16),]
+    ((20, 1024), 512, "nf4", False, 4),
+    ((9, 384), 128, "nf4", True, 16),]
 
 
 def _lowrank_factors(n, k, r, dtype, seed):
@@ -134,18 +134,19 @@ def _assert_lowrank_close(out, ref, A, B, scale):
     assert float((out != ref).float().mean()) < 1e-2
 
 
+@pytest.mark.parametrize("dot", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", LOWRANK_CASES)
-def test_dequantize_lowrank_matches_reference(case, dtype):
+def test_dequantize_lowrank_matches_reference(case, dtype, dot):
     shape, bs, qt, dq, r = case
     packed, state = nf4.quantize_4bit(case_weight(shape, 4), bs, qt, dq)
     A, B = _lowrank_factors(*shape, r, dtype, 5)
-    out = tk.dequantize_4bit_lowrank_triton(packed, state, A, B, 2.0, dtype)
+    out = tk.dequantize_4bit_lowrank_triton(packed, state, A, B, 2.0, dtype, dot=dot)
     ref = nf4.dequantize_4bit_lowrank(packed, state, A, B, 2.0, dtype)
     # one rounding of the same fp32 sum; the rank-r products may be added in another order (tensor cores)
     _assert_lowrank_close(out, ref, A, B, 2.0)
     assert not torch.equal(out, nf4.dequantize_4bit(packed, state, dtype))  # the addend is really there
-    fresh = tk.dequantize_4bit_lowrank_triton(packed, state, A, torch.zeros_like(B), 2.0, dtype)
+    fresh = tk.dequantize_4bit_lowrank_triton(packed, state, A, torch.zeros_like(B), 2.0, dtype, dot=dot)
     assert torch.equal(fresh, nf4.dequantize_4bit(packed, state, dtype))  # B == 0: the base (FP4's -0 is +0)
 
 
@@ -164,8 +165,8 @@ def test_int8_dequantize_lowrank_matches_reference(shape, dtype):
 
 
 def test_lowrank_refuses_what_it_cannot_do():
-    packed, state = nf4.quantize_4bit(case_weight((16, 71), 8), 64, "nf4", True)  # odd columns: bytes straddle rows
-    A, B = _lowrank_factors(16, 71, 4, torch.bfloat16, 9)
+    packed, state = nf4.quantize_4bit(case_weight((16, 70), 8), 64, "nf4", True)  # rows are not whole blocks
+    A, B = _lowrank_factors(16, 70, 4, torch.bfloat16, 9)
     assert not tk.lowrank_supported(state, A, B)
     with pytest.raises(ValueError, match="unsupported shapes"):
         tk.dequantize_4bit_lowrank_triton(packed, state, A, B, 1.0, torch.bfloat16)
@@ -175,9 +176,10 @@ def test_lowrank_refuses_what_it_cannot_do():
 
 
 @pytest.mark.skipif(not CUDA, reason="real shapes on the GPU only")
-def test_lowrank_real_shape_on_gpu():
+@pytest.mark.parametrize("dot", [False, True])
+def test_lowrank_real_shape_on_gpu(dot):
     packed, state = nf4.quantize_4bit(case_weight((4096, 14336), 10), 64, "nf4", True)
     A, B = _lowrank_factors(4096, 14336, 16, torch.bfloat16, 11)
-    out = tk.dequantize_4bit_lowrank_triton(packed, state, A, B, 2.0, torch.bfloat16)
+    out = tk.dequantize_4bit_lowrank_triton(packed, state, A, B, 2.0, torch.bfloat16, dot=dot)
     ref = nf4.dequantize_4bit_lowrank(packed, state, A, B, 2.0, torch.bfloat16)
     _assert_lowrank_close(out, ref, A, B, 2.0)
