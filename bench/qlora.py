@@ -213,13 +213,12 @@ def kernel_bench(device, out_rows: list, results: dict) -> None:
     t_plain = ms(lambda: tk.dequantize_4bit_triton(pl, sl, torch.bfloat16))
     t_two = ms(lambda: torch.addmm(tk.dequantize_4bit_triton(pl, sl, torch.bfloat16), B, A, alpha=2.0))
     sweep = {}
-    for dot, sizes in ((False, (8, 16)), (True, (16, 32, 64))):
-        for bn in sizes:
-            for bk in (64, 128, 256):
-                for warps in (2, 4, 8):
-                    sweep[f"{'dot' if dot else 'fma'}_n{bn}_k{bk}_w{warps}"] = ms(
-                        lambda bn=bn, bk=bk, warps=warps, dot=dot: tk.dequantize_4bit_lowrank_triton(
-                            pl, sl, A, B, 2.0, torch.bfloat16, block_n=bn, tile_k=bk, num_warps=warps, dot=dot))
+    for bn in (16, 32, 64):
+        for bk in (64, 128, 256):
+            for warps in (2, 4):
+                sweep[f"n{bn}_k{bk}_w{warps}"] = ms(lambda bn=bn, bk=bk, warps=warps: (
+                    tk.dequantize_4bit_lowrank_triton(pl, sl, A, B, 2.0, torch.bfloat16, block_n=bn, tile_k=bk,
+                                                      num_warps=warps)))
     t_low = ms(lambda: tk.dequantize_4bit_lowrank_triton(pl, sl, A, B, 2.0, torch.bfloat16))
     best = min(sweep, key=sweep.get)
     ref = nf4.dequantize_4bit_lowrank(pl, sl, A, B, 2.0, torch.bfloat16)

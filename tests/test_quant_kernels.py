@@ -134,19 +134,18 @@ def _assert_lowrank_close(out, ref, A, B, scale):
     assert float((out != ref).float().mean()) < 1e-2
 
 
-@pytest.mark.parametrize("dot", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", LOWRANK_CASES)
-def test_dequantize_lowrank_matches_reference(case, dtype, dot):
+def test_dequantize_lowrank_matches_reference(case, dtype):
     shape, bs, qt, dq, r = case
     packed, state = nf4.quantize_4bit(case_weight(shape, 4), bs, qt, dq)
     A, B = _lowrank_factors(*shape, r, dtype, 5)
-    out = tk.dequantize_4bit_lowrank_triton(packed, state, A, B, 2.0, dtype, dot=dot)
+    out = tk.dequantize_4bit_lowrank_triton(packed, state, A, B, 2.0, dtype)
     ref = nf4.dequantize_4bit_lowrank(packed, state, A, B, 2.0, dtype)
     # one rounding of the same fp32 sum; the rank-r products may be added in another order (tensor cores)
     _assert_lowrank_close(out, ref, A, B, 2.0)
     assert not torch.equal(out, nf4.dequantize_4bit(packed, state, dtype))  # the addend is really there
-    fresh = tk.dequantize_4bit_lowrank_triton(packed, state, A, torch.zeros_like(B), 2.0, dtype, dot=dot)
+    fresh = tk.dequantize_4bit_lowrank_triton(packed, state, A, torch.zeros_like(B), 2.0, dtype)
     assert torch.equal(fresh, nf4.dequantize_4bit(packed, state, dtype))  # B == 0: the base (FP4's -0 is +0)
 
 
@@ -176,10 +175,9 @@ def test_lowrank_refuses_what_it_cannot_do():
 
 
 @pytest.mark.skipif(not CUDA, reason="real shapes on the GPU only")
-@pytest.mark.parametrize("dot", [False, True])
-def test_lowrank_real_shape_on_gpu(dot):
+def test_lowrank_real_shape_on_gpu():
     packed, state = nf4.quantize_4bit(case_weight((4096, 14336), 10), 64, "nf4", True)
     A, B = _lowrank_factors(4096, 14336, 16, torch.bfloat16, 11)
-    out = tk.dequantize_4bit_lowrank_triton(packed, state, A, B, 2.0, torch.bfloat16, dot=dot)
+    out = tk.dequantize_4bit_lowrank_triton(packed, state, A, B, 2.0, torch.bfloat16)
     ref = nf4.dequantize_4bit_lowrank(packed, state, A, B, 2.0, torch.bfloat16)
     _assert_lowrank_close(out, ref, A, B, 2.0)
