@@ -382,7 +382,9 @@ def test_merge_causal_lm_loads_in_plain_transformers(files, tmp_path, capsys):
     )
     base = AutoModelForCausalLM.from_pretrained(files / "llama").eval()(input_ids=ids).logits.detach()
     assert (want - base).abs().max() > 1e-3  # the adapter changes the outputs ...
-    assert (got - want).abs().max() < 1e-5  # ... and the merged model computes the same thing
+    # ... and the merged model computes the same thing (fp32; W + sBA rounded once per weight, then a deep
+    # stack: 2.1e-5 seen on a 16-core box whose BLAS sums in another order, so 1e-4 at logits of ~0.3)
+    assert (got - want).abs().max() < 1e-4
     rc, _, err = call(
         capsys, "merge", "--model", files / "llama", "--adapter", files / "run_a/adapter", "--out", out
     )
