@@ -101,6 +101,20 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, dtype: torch
 
 # ------------------------------------------------------------------------------ dequantize + low rank
 @triton.jit
+def _lowrank_tile(a_ptr, b_ptr, rows64, row_ok, cols, col_ok, K, R, R_PAD: tl.constexpr, NATIVE: tl.constexpr):
+    """(B @ A)[rows, cols] in fp32 from the tensor cores: B (N, R) and A (R, K) row-major, R padded to R_PAD."""
+    j = tl.arange(0, R_PAD)
+    j_ok = j < R
+    b = tl.load(b_ptr + rows64[:, None] * R + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+    a = tl.load(a_ptr + j[:, None] * K + cols[None, :], mask=j_ok[:, None] & col_ok[None, :], other=0.0)
+    if NATIVE:
+        delta = tl.dot(b, a)
+    else:  # the interpreter's 16-bit dot is wrong (triton 3.9): the same exact products in fp32
+        delta = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+    return delta
+
+
+@triton.jit
 def _dequant_lowrank_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                             a_ptr, b_ptr, out_ptr, N, K, R, scale,
                             BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
@@ -132,14 +146,7 @@ def _dequant_lowrank_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
     values = tl.reshape(tl.join(high, low), (BLOCK_N, TILE_K))  # value 2i, then 2i + 1, block after block
     cols = pid_k * TILE_K + tl.arange(0, TILE_K)
     col_ok = cols < K
-    j = tl.arange(0, R_PAD)
-    j_ok = j < R
-    b = tl.load(b_ptr + rows64[:, None] * R + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-    a = tl.load(a_ptr + j[:, None] * K + cols[None, :], mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-    if NATIVE:
-        delta = tl.dot(b, a)
-    else:  # the interpreter's 16-bit dot is wrong (triton 3.9): the same exact products in fp32
-        delta = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+    delta = _lowrank_tile(a_ptr, b_ptr, rows64, row_ok, cols, col_ok, K, R, R_PAD, NATIVE)
     out = _round_to(values + scale * delta, out_ptr.dtype.element_ty, NATIVE)
     tl.store(out_ptr + rows64[:, None] * K + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -226,14 +233,7 @@ def _dequant_int8_lowrank_kernel(codes_ptr, scb_ptr, a_ptr, b_ptr, out_ptr, N, K
     ok = row_ok[:, None] & col_ok[None, :]
     codes = tl.load(codes_ptr + rows64[:, None] * K + cols[None, :], mask=ok, other=0).to(tl.float32)
     scb = tl.load(scb_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    j = tl.arange(0, R_PAD)
-    j_ok = j < R
-    b = tl.load(b_ptr + rows64[:, None] * R + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-    a = tl.load(a_ptr + j[:, None] * K + cols[None, :], mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-    if NATIVE:
-        delta = tl.dot(b, a)
-    else:  # the interpreter's 16-bit dot is wrong (triton 3.9): the same exact products in fp32
-        delta = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+    delta = _lowrank_tile(a_ptr, b_ptr, rows64, row_ok, cols, col_ok, K, R, R_PAD, NATIVE)
     values = (codes * scb[:, None]) * INV + scale * delta
     tl.store(out_ptr + rows64[:, None] * K + cols[None, :], _round_to(values, out_ptr.dtype.element_ty, NATIVE),
              mask=ok)
