@@ -22,6 +22,8 @@ no-op: zero values add nothing to the attention output, but the zero keys still 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -287,6 +289,17 @@ def build_cache(model: nn.Module, name: str, batch_size: int, cache=None):
     return cache
 
 
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The keyword a model's forward takes its KV cache by: ``cache`` in newer transformers releases (5.24
+    has it; generate passes it so), ``past_key_values`` before."""
+    return _cache_keyword(type(model))
+
+
 def _prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
     name = active_prefix(model)
     if name is None:
@@ -303,11 +316,14 @@ def _prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
         raise ConfigError("a prefix adapter needs input_ids or inputs_embeds to know the batch size")
     batch = tokens.shape[0]
     P = prefix_adapters(model)[name].num_virtual_tokens
-    past = kwargs.get("past_key_values")
+    key = _cache_argument(model)
+    past = kwargs.get(key)
+    if past is None and key == "cache":  # the old name, which such a model still takes
+        past = kwargs.pop("past_key_values", None)
     if past is not None and not hasattr(past, "get_seq_length"):
-        raise ConfigError("past_key_values must be a transformers Cache (legacy tuples are not supported)")
+        raise ConfigError(f"{key} must be a transformers Cache (legacy tuples are not supported)")
     if past is None or past.get_seq_length() == 0:  # a first call (or generate's prefill): start from the prefix
-        kwargs["past_key_values"] = build_cache(model, name, batch, past)
+        kwargs[key] = build_cache(model, name, batch, past)
     mask = kwargs.get("attention_mask")
     if mask is not None:
         if mask.dim() != 2:
