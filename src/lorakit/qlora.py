@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .kernels.lora_linear import checkpoint_kwargs
 from .errors import QuantError
+from .kernels.lora_linear import checkpoint_kwargs
 from .layers import FrozenPackedLinear, Linear4bit, Linear8bit, LoraLayer, ModulesToSave
 from .merge import merge, unload
 from .model import _name_matches, _replace, lora_layers, output_head

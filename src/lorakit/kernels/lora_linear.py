@@ -40,8 +40,10 @@ A packed W is materialized anyway, so the update can ride along: one pass writes
 
 Exactly the derivative of the function computed. Per layer it drops the (tokens x out) rank-r product and its
 epilogue read in forward and the (tokens x in) one in backward, and XA moves to backward (with gradient
-checkpointing the forward runs twice, so all of these would be paid twice). Numerics: the update is rounded into Wm at the weight's scale instead of into Y at the output's;
-with B == 0 (a fresh adapter) Wm equals D(W). ``MERGE_PACKED = False`` turns it off (an A/B switch).
+checkpointing the forward runs twice, so all of these would be paid twice). Numerics: the update is rounded
+into Wm at the weight's scale instead of into Y at the output's; with B == 0 (a fresh adapter) Wm equals D(W).
+``MERGE_PACKED = False`` turns it off (an A/B switch). On an H200 (bench/qlora.py, Llama-3-8B shape, NF4,
+``checkpoint_kwargs``) one run gave 9.44k tokens/s merged against 8.24k unmerged.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels.lora_linear import checkpoint_kwargs
 from ..errors import ConfigError, LoraError
+from ..kernels.lora_linear import checkpoint_kwargs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD_NAMES = ("classifier", "score", "classification_head")
