@@ -11,6 +11,7 @@ GEMV (fused dequant + matmul) against bitsandbytes' inference path.
 
     python bench/qlora.py                     # on a GPU, with bitsandbytes and peft installed
     python bench/qlora.py --tiny --device cpu # smoke test of this script (tiny model, no timings worth reading)
+    python bench/qlora.py --check             # numerics: merged vs unmerged vs reference path, 50-step losses
 """
 
 from __future__ import annotations
@@ -323,6 +324,50 @@ def gemv_sweep(device, results: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ main
+def numerics_check(device: str, shape: str, steps: int = 50) -> None:
+    """The merged packed path against the unmerged fused op and against the reference path (base(x) + s*B(A(x))
+    through autograd), from the same weights, adapter init and batches: loss curves over ``steps`` AdamW steps
+    (lr 1e-3, so the adapters move well away from B = 0). The unmerged-vs-reference gap is the yardstick of bf16
+    noise between two exact formulations."""
+    import lorakit as lk
+    from lorakit.kernels import lora_linear as lora_kernel
+
+    small = {**SHAPES[shape], "num_hidden_layers": min(4, SHAPES[shape]["num_hidden_layers"])}
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, small["vocab_size"], (2, 512 if device == "cuda" else 32), generator=g).to(device)
+               for _ in range(4)]
+    curves = {}
+    for mode in ("merged", "unmerged", "reference"):
+        model = build_llama(small, device, tie_word_embeddings=False)
+        model.config.use_cache = False
+        lk.quantize_model(model, compute_dtype=torch.bfloat16)
+        lk.prepare_for_kbit_training(model)
+        torch.manual_seed(1)
+        lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS, dtype=torch.bfloat16))
+        for _, layer in lk.lora_layers(model):
+            layer.use_fused_kernel = mode != "reference"
+        lora_kernel.MERGE_PACKED = mode == "merged"
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for i in range(steps):
+            batch = batches[i % len(batches)]
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+        curves[mode] = losses
+        model = None
+        free(device)
+    lora_kernel.MERGE_PACKED = True
+    gap = lambda a, b: max(abs(x - y) for x, y in zip(curves[a], curves[b]))
+    print(f"numerics check: {small['num_hidden_layers']}-layer {shape} shape, NF4, bf16, {steps} steps, lr 1e-3")
+    for mode, losses in curves.items():
+        print(f"  {mode:<9}", " ".join(f"{x:.4f}" for x in losses[::10] + [losses[-1]]))
+    print(f"  max |loss merged - unmerged| {gap('merged', 'unmerged'):.2e}; "
+          f"max |loss unmerged - reference| {gap('unmerged', 'reference'):.2e} (bf16 noise between exact forms)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
@@ -333,12 +378,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", default="", help="comma list: probe,kernels,peft_recipe,peft_bf16,lorakit,"
                         "lorakit_unmerged,lorakit_nokeep,lorakit_fp32,lorakit_fast,peft_liger,peft_bf16_graph,lorakit_graph,peft_int8,lorakit_int8")
+    parser.add_argument("--check", action="store_true", help="only the numerics check (merged vs unmerged vs "
+                        "reference loss curves over 50 steps)")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "qlora_bench.json"))
     args = parser.parse_args()
     device, shape = args.device, "tiny" if args.tiny else "llama3-8b"
     seq = 64 if args.tiny else args.seq
     only = set(filter(None, args.only.split(",")))
     want = lambda k: not only or k in only
+    if args.check:
+        numerics_check(device, shape)
+        return
 
     import bitsandbytes
     import peft
