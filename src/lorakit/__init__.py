@@ -16,6 +16,7 @@ from .errors import (
 )
 from .functional import lora_delta
 from .io import adapter_state_dict, load_adapter, read_adapter, save_adapter
+from .kernels.lora_linear import checkpoint_kwargs
 from .layers import Linear4bit, Linear8bit, LoraLayer
 from .merge import combine_adapters, merge, unload, unmerge
 from .model import (
@@ -34,7 +35,6 @@ from .model import (
     set_active_adapters,
     summary,
 )
-from .kernels.lora_linear import checkpoint_kwargs
 from .optim import loraplus_optimizer, loraplus_param_groups
 from .parametrize import (
     delete_parametrized_adapter,
@@ -74,6 +74,7 @@ __all__ = [
     "adapter_state_dict",
     "add_adapter",
     "add_prefix",
+    "checkpoint_kwargs",
     "combine_adapters",
     "delete_adapter",
     "delete_parametrized_adapter",
@@ -102,7 +103,6 @@ __all__ = [
     "parametrized_active",
     "parametrized_state_dict",
     "pissa_to_lora_state",
-    "checkpoint_kwargs",
     "prepare_for_kbit_training",
     "quantize_model",
     "read_adapter",

@@ -291,13 +291,9 @@ def build_cache(model: nn.Module, name: str, batch_size: int, cache=None):
 
 @functools.cache
 def _cache_keyword(model_class: type) -> str:
+    """The keyword a model class's forward takes its KV cache by: ``cache`` in newer transformers releases (5.24
+    has it; generate passes it so), ``past_key_values`` before. Cached per class: the hook runs every call."""
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def _cache_argument(model: nn.Module) -> str:
-    """The keyword a model's forward takes its KV cache by: ``cache`` in newer transformers releases (5.24
-    has it; generate passes it so), ``past_key_values`` before."""
-    return _cache_keyword(type(model))
 
 
 def _prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
@@ -316,7 +312,7 @@ def _prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
         raise ConfigError("a prefix adapter needs input_ids or inputs_embeds to know the batch size")
     batch = tokens.shape[0]
     P = prefix_adapters(model)[name].num_virtual_tokens
-    key = _cache_argument(model)
+    key = _cache_keyword(type(model))
     past = kwargs.get(key)
     if past is None and key == "cache":  # the old name, which such a model still takes
         past = kwargs.pop("past_key_values", None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import QuantError
-from .nf4 import check_weight
+from .nf4 import add_lowrank, check_weight
 
 INV_127 = 7.874015718698502e-3  # fp32(1/127), as bitsandbytes writes it
 
@@ -44,10 +44,7 @@ def dequantize_8bit_lowrank(codes: torch.Tensor, scb: torch.Tensor, A: torch.Ten
                             scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``dtype(codes * SCB / 127 + scale * B @ A)``, one rounding at the end: the reference of
     ``triton_kernels.dequantize_8bit_lowrank_triton``; with B == 0 it equals ``dequantize_8bit``."""
-    with torch.no_grad():
-        wide = torch.float64 if dtype == torch.float64 else torch.float32  # fp32, or fp64 for fp64 output
-        exact = dequantize_8bit(codes, scb, torch.float32).to(wide)
-        return exact.addmm_(B.to(wide), A.to(wide), alpha=scale).to(dtype)
+    return add_lowrank(dequantize_8bit(codes, scb, torch.float32), A, B, scale, dtype)
 
 
 __all__ = ["INV_127", "dequantize_8bit", "dequantize_8bit_lowrank", "quantize_8bit"]

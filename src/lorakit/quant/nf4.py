@@ -368,10 +368,16 @@ def dequantize_4bit_lowrank(packed: torch.Tensor, state: QuantState, A: torch.Te
     end: a frozen 4-bit weight plus a low-rank addend (N, r) @ (r, K), materialized in one step. The reference
     of ``triton_kernels.dequantize_4bit_lowrank_triton``; with B == 0 it equals ``dequantize_4bit``."""
     dtype = state.dtype if dtype is None else dtype
+    return add_lowrank(dequantize_4bit(packed, state, torch.float32), A, B, scale, dtype)
+
+
+def add_lowrank(exact: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                dtype: torch.dtype) -> torch.Tensor:
+    """``dtype(exact + scale * B @ A)``, summed in fp32 (fp64 for fp64 output) and rounded once: the shared
+    step of the low-rank dequantization references (4-bit here, int8 in int8.py)."""
     with torch.no_grad():
-        wide = torch.float64 if dtype == torch.float64 else torch.float32  # fp32, or fp64 for fp64 output
-        exact = dequantize_4bit(packed, state, torch.float32).to(wide)
-        return exact.addmm_(B.to(wide), A.to(wide), alpha=scale).to(dtype)
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        return exact.to(wide).addmm_(B.to(wide), A.to(wide), alpha=scale).to(dtype)
 
 
 def error_stats(approx: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:

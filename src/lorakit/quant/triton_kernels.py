@@ -154,16 +154,22 @@ def _dequant_lowrank_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr,
 LOWRANK_MAX_RANK = 128
 
 
-def lowrank_supported(state: QuantState, A: torch.Tensor, B: torch.Tensor) -> bool:
-    """Operands ``dequantize_4bit_lowrank_triton`` takes: a 2-D W whose rows are whole blocks (block <= 512),
-    rank <= 128, 16-bit factors."""
-    if len(state.shape) != 2 or A.dim() != 2 or B.dim() != 2:
+def _factors_fit(shape, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """A (r, K) and B (N, r) for a 2-D (N, K) weight, 0 < r <= 128, both in one 16-bit dtype (the tensor cores
+    multiply them exactly)."""
+    if len(shape) != 2 or A.dim() != 2 or B.dim() != 2:
         return False
-    n, k = state.shape
+    n, k = shape
     r = A.shape[0]
-    return (k % state.blocksize == 0 and state.blocksize <= 512 and 0 < r <= LOWRANK_MAX_RANK
-            and A.shape == (r, k) and B.shape == (n, r) and A.dtype == B.dtype
+    return (0 < r <= LOWRANK_MAX_RANK and A.shape == (r, k) and B.shape == (n, r) and A.dtype == B.dtype
             and A.dtype in (torch.bfloat16, torch.float16))
+
+
+def lowrank_supported(state: QuantState, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Operands ``dequantize_4bit_lowrank_triton`` takes: a 2-D W whose rows are whole blocks (block <= 512)
+    and factors that fit (``_factors_fit``)."""
+    return (_factors_fit(state.shape, A, B) and state.shape[1] % state.blocksize == 0
+            and state.blocksize <= 512)
 
 
 def dequantize_4bit_lowrank_triton(packed: torch.Tensor, state: QuantState, A: torch.Tensor, B: torch.Tensor,
@@ -240,13 +246,8 @@ def _dequant_int8_lowrank_kernel(codes_ptr, scb_ptr, a_ptr, b_ptr, out_ptr, N, K
 
 
 def int8_lowrank_supported(codes: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
-    """Operands ``dequantize_8bit_lowrank_triton`` takes: 2-D int8 codes, rank <= 128, 16-bit factors."""
-    if codes.dim() != 2 or A.dim() != 2 or B.dim() != 2 or codes.dtype != torch.int8:
-        return False
-    n, k = codes.shape
-    r = A.shape[0]
-    return (0 < r <= LOWRANK_MAX_RANK and A.shape == (r, k) and B.shape == (n, r) and A.dtype == B.dtype
-            and A.dtype in (torch.bfloat16, torch.float16))
+    """Operands ``dequantize_8bit_lowrank_triton`` takes: 2-D int8 codes and factors that fit."""
+    return codes.dtype == torch.int8 and _factors_fit(codes.shape, A, B)
 
 
 def dequantize_8bit_lowrank_triton(codes: torch.Tensor, scb: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
