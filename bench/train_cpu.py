@@ -52,6 +52,8 @@ def main() -> None:
     floor.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     ours = copy.deepcopy(base)
     lk.inject(ours, lk.LoraConfig(r=16, alpha=32, target_modules=targets))
+    unfused_blocks = copy.deepcopy(ours)
+    lk.blocks.unfuse(unfused_blocks)  # A/B: the MLP as three separate LoRA layers (its down input stored)
     reference = copy.deepcopy(ours)
     for _, layer in lk.lora_layers(reference):
         layer.use_fused_kernel = False
@@ -73,6 +75,7 @@ def main() -> None:
         "frozen base fwd+bwd (floor)": step_fn(floor, False),
         "PEFT": step_fn(theirs, True),
         "lorakit (fused kernel)": step_fn(ours, True),
+        "lorakit (MLP block not fused)": step_fn(unfused_blocks, True),
         "lorakit (reference path)": step_fn(reference, True),
     }
     for fn in providers.values():

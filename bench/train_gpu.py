@@ -146,8 +146,10 @@ def main() -> None:
             profiles["floor"] = profile(step, "the floor")
         handle.remove()
 
-    def lorakit_row(label, dtype=None, autocast=False, fused=True, graphed=False, compiled=False):
+    def lorakit_row(label, dtype=None, autocast=False, fused=True, graphed=False, compiled=False, block=True):
         lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS, dtype=dtype))
+        if not block:  # A/B: the MLP as three LoRA layers, storing the down projection's input
+            lk.blocks.unfuse(model)
         for _, layer in lk.lora_layers(model):
             layer.use_fused_kernel = fused
         params = [p for p in model.parameters() if p.requires_grad]
@@ -191,6 +193,7 @@ def main() -> None:
     if not only or "lorakit" in only:
         lorakit_row("lorakit bf16 adapters")
         lorakit_row("lorakit fp32 adapters + autocast", dtype=torch.float32, autocast=True)
+        lorakit_row("lorakit bf16, MLP block not fused", block=False)
         lorakit_row("lorakit reference path (no fused kernel)", fused=False)
         if args.graphs:
             lorakit_row("lorakit bf16 adapters, CUDA graph", graphed=True)

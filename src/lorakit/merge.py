@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from . import blocks
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError
 from .layers import FusedLinear
@@ -58,6 +59,7 @@ def unload(model: nn.Module, merge_adapters: bool = True) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     configs(model).clear()
+    blocks.sync(model)  # no LoRA layer left: every block gets its class's forward back
     return model
 
 

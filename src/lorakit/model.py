@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from . import registry
+from . import blocks, registry
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterError, ConfigError, TargetError
 from .layers import AdapterSpec, LoraLayer, MixedBatch, ModulesToSave
@@ -221,6 +221,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> Summa
     for _, layer in lora_layers(model):
         if name in layer.specs:
             layer.train(layer.training)  # merge_on_eval: an adapter injected in eval mode merges now
+    blocks.sync(model)
     return summary(model, name)
 
 
@@ -370,6 +371,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if not len(saved.modules_to_save):
             _replace(model, path, saved.original_module)
     del configs(model)[name]
+    blocks.sync(model)
 
 
 @contextlib.contextmanager

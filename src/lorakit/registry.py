@@ -74,6 +74,57 @@ def register(base_type: type, build: Callable[[nn.Module, str, LoraConfig], Lora
     _REGISTRY[base_type] = LayerType(build, kind)
 
 
+@dataclass(frozen=True)
+class MlpBlock:
+    """An MLP block whose forward is exactly ``down(act(gate(x)) * up(x))`` (``gate`` None: ``down(act(up(x)))``,
+    then ``dropout`` when named): attribute names of its parts. lorakit.blocks may then compute it as one
+    fused LoRA op that stores less (kernels.gated_mlp)."""
+
+    gate: str | None
+    up: str
+    down: str
+    act: str
+    dropout: str | None = None
+
+
+_LLAMA_MLP = MlpBlock(gate="gate_proj", up="up_proj", down="down_proj", act="act_fn")
+_HF_MLP_BLOCKS = {  # transformers module -> (class, block); exact classes whose forward is the one above
+    "llama": ("LlamaMLP", _LLAMA_MLP),
+    "mistral": ("MistralMLP", _LLAMA_MLP),
+    "qwen2": ("Qwen2MLP", _LLAMA_MLP),
+    "qwen3": ("Qwen3MLP", _LLAMA_MLP),
+    "gemma": ("GemmaMLP", _LLAMA_MLP),
+    "gemma2": ("Gemma2MLP", _LLAMA_MLP),
+    "smollm3": ("SmolLM3MLP", _LLAMA_MLP),
+    "olmo": ("OlmoMLP", _LLAMA_MLP),
+    "granite": ("GraniteMLP", _LLAMA_MLP),
+    "cohere": ("CohereMLP", _LLAMA_MLP),
+}
+# Not GPT-2's MLP (c_proj(act(c_fc(x))), the ungated case): its gelu_new is a chain of small ops, and redoing
+# them in backward made a CPU step 8% slower (tests/test_blocks.py checks that case through a test block).
+_MLP_BLOCKS: dict[type, MlpBlock] = {}
+
+
+def mlp_block(module: nn.Module) -> MlpBlock | None:
+    """The MlpBlock of a module of a known MLP class (exact type: a subclass may compute something else)."""
+    _register_transformers()
+    for model_type, (cls_name, block) in _HF_MLP_BLOCKS.items():
+        module_name = f"transformers.models.{model_type}.modeling_{model_type}"
+        if module_name in sys.modules:  # a model of that family exists only once its module is imported
+            cls = getattr(sys.modules[module_name], cls_name, None)
+            if cls is not None:
+                _MLP_BLOCKS.setdefault(cls, block)
+    return _MLP_BLOCKS.get(type(module))
+
+
+def is_silu(act: nn.Module) -> bool:
+    """True for activation modules that compute exactly ``F.silu``: torch's and transformers' SiLU."""
+    if type(act) is nn.SiLU:
+        return True
+    activations = sys.modules.get("transformers.activations")
+    return activations is not None and type(act) is getattr(activations, "SiLUActivation", None)
+
+
 def _register_transformers() -> None:
     """GPT-2's Conv1D is a Linear with its weight stored (in, out). Registered only once transformers is
     imported: a model cannot hold a Conv1D before that, and lorakit never imports transformers itself."""
@@ -84,6 +135,7 @@ def _register_transformers() -> None:
 
     register(Conv1D, _linear(True), "linear")
     _PLAIN_MATMUL.add(Conv1D)
+
     _hf_registered = True
 
 

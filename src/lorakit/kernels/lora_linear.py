@@ -101,17 +101,7 @@ class LoraLinearFunction(torch.autograd.Function):
             ctx.packed = weight
             return y.view(*x.shape[:-1], y.shape[-1])
         dense = weight.dequantize(x2.dtype) if packed else weight
-        w_t = dense if args.transposed else dense.t()  # (in, out) view, no copy
-        xa = xd2 @ A.t()
-        # the rank-r product (and the bias) first, then the big GEMM adds it in its epilogue: cheaper than
-        # y.addmm_(xa, B.T) after it, which reads and writes all of y once more (bench/lora_gemm.py)
-        # (the scale rides in a GEMM's alpha or beta: no separate multiply launched)
-        if bias is not None:
-            y = torch.addmm(bias, xa, B.t(), alpha=args.scale)
-            y.addmm_(x2, w_t)
-        else:
-            y = xa @ B.t()
-            y.addmm_(x2, w_t, beta=args.scale)
+        y, xa = unmerged_forward(x2, xd2, dense, bias, A, B, args)
         if packed and not keeping_weights():  # keep the codes, not the dequantized copy
             ctx.save_for_backward(xd2, xa, A, B)
             ctx.packed = weight
@@ -129,26 +119,52 @@ class LoraLinearFunction(torch.autograd.Function):
         else:
             xd2, xa, A, B = ctx.saved_tensors
             weight = None
-        args = ctx.args
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        s = args.scale
-        ga = g @ B  # (N, r), unscaled: s is applied in the alpha/beta of the GEMMs that use it
-        # addmm with beta=0 ignores its input (A, B: only a shape donor) and scales the product by alpha
-        grad_A = torch.addmm(A, ga.t(), xd2, beta=0, alpha=s) if ctx.needs_input_grad[4] else None
-        grad_B = torch.addmm(B, g.t(), xa, beta=0, alpha=s) if ctx.needs_input_grad[5] else None
-        grad_x = grad_xd = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            if weight is None:
-                weight = ctx.packed.dequantize(g.dtype)
-            w = weight.t() if args.transposed else weight
-            if ctx.has_drop:
-                grad_x = g @ w  # (N, in)
-                grad_xd = torch.addmm(xd2, ga, A, beta=0, alpha=s).view(ctx.x_shape)
-            else:  # rank-r term first, the big GEMM adds it in its epilogue (as in forward), scaled by beta
-                grad_x = (ga @ A).addmm_(g, w, beta=s)
-            grad_x = grad_x.view(ctx.x_shape)
+        need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        if need_x and weight is None:
+            weight = ctx.packed.dequantize(g.dtype)
+        grad_x, grad_xd, grad_A, grad_B = unmerged_backward(
+            g, xd2, xa, weight, A, B, ctx.args, need_x, ctx.has_drop, ctx.needs_input_grad[4], ctx.needs_input_grad[5])
+        grad_x = grad_x.view(ctx.x_shape) if grad_x is not None else None
+        grad_xd = grad_xd.view(ctx.x_shape) if grad_xd is not None else None
         grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None
+
+
+def unmerged_forward(x2, xd2, dense, bias, A, B, args: LoraLinearArgs):
+    """``(Y, XA)`` of the unmerged fused forward (module docstring) for 2-d ``x2`` and its dropout ``xd2``."""
+    w_t = dense if args.transposed else dense.t()  # (in, out) view, no copy
+    xa = xd2 @ A.t()
+    # the rank-r product (and the bias) first, then the big GEMM adds it in its epilogue: cheaper than
+    # y.addmm_(xa, B.T) after it, which reads and writes all of y once more (bench/lora_gemm.py)
+    # (the scale rides in a GEMM's alpha or beta: no separate multiply launched)
+    if bias is not None:
+        y = torch.addmm(bias, xa, B.t(), alpha=args.scale)
+        y.addmm_(x2, w_t)
+    else:
+        y = xa @ B.t()
+        y.addmm_(x2, w_t, beta=args.scale)
+    return y, xa
+
+
+def unmerged_backward(g, xd2, xa, weight, A, B, args: LoraLinearArgs, need_x: bool, has_drop: bool,
+                      need_A: bool, need_B: bool):
+    """``(dX, dXd, dA, dB)`` of the unmerged fused op for the 2-d output gradient ``g`` (module docstring);
+    ``weight`` dense (only read when ``need_x``). With dropout dX is the base part and dXd the update's."""
+    s = args.scale
+    ga = g @ B  # (N, r), unscaled: s is applied in the alpha/beta of the GEMMs that use it
+    # addmm with beta=0 ignores its input (A, B: only a shape donor) and scales the product by alpha
+    grad_A = torch.addmm(A, ga.t(), xd2, beta=0, alpha=s) if need_A else None
+    grad_B = torch.addmm(B, g.t(), xa, beta=0, alpha=s) if need_B else None
+    grad_x = grad_xd = None
+    if need_x:
+        w = weight.t() if args.transposed else weight
+        if has_drop:
+            grad_x = g @ w  # (N, in)
+            grad_xd = torch.addmm(xd2, ga, A, beta=0, alpha=s)
+        else:  # rank-r term first, the big GEMM adds it in its epilogue (as in forward), scaled by beta
+            grad_x = (ga @ A).addmm_(g, w, beta=s)
+    return grad_x, grad_xd, grad_A, grad_B
 
 
 def _merged_backward(ctx, grad_out):

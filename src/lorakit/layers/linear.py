@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..config import FusedSpec
 from ..errors import AdapterLoadError
 from ..functional import lora_delta, lora_linear
-from ..kernels.lora_linear import lora_linear_fused
+from ..kernels.lora_linear import Weight, lora_linear_fused
 from .base import AdapterSpec, LoraLayer, init_A
+
+
+@dataclass(frozen=True)
+class FusedCall:
+    """What ``lora_linear_fused`` needs for one call: the base weight (a tensor or a packed weight), bias, the
+    active adapter's A and B, its scale, the dropout module when it is active, and the weight layout."""
+
+    weight: Weight
+    bias: torch.Tensor | None
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    dropout: nn.Module | None
+    transposed: bool
 
 
 class Linear(LoraLayer):
@@ -26,22 +42,29 @@ class Linear(LoraLayer):
         self.use_fused_kernel = True
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = self._fused_adapter(x, args, kwargs)
+        call = self.fused_call(x, args, kwargs)
+        if call is None:
+            return super().forward(x, *args, **kwargs)
+        y = lora_linear_fused(x, call.weight, call.bias, call.A, call.B, call.scale, call.dropout, call.transposed)
+        if not isinstance(call.weight, torch.Tensor) and y.dtype != x.dtype:
+            y = y.to(x.dtype)  # a packed base returns its input's dtype, under autocast too (as bitsandbytes')
+        return y
+
+    def fused_call(self, x: torch.Tensor, args=(), kwargs=None) -> FusedCall | None:
+        """The fused kernel's operands for input ``x`` (or one like it: same dtype and device), or None when
+        the kernel would not compute exactly what the reference path does."""
+        name = self._fused_adapter(x, args, kwargs or {})
         operand = self._base_operand(x, name) if name is not None else None
         if operand is None:
-            return super().forward(x, *args, **kwargs)
+            return None
         weight, dtype = operand
         base, drop = self.base_layer, self.lora_dropout[name]
         drop = drop if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0 else None
-        scale = self.specs[name].scale * self.active[name]
         bias = base.bias
         if bias is not None and bias.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             bias = bias.to(dtype)  # a packed base keeps its bias in the original dtype and casts it the same way
-        y = lora_linear_fused(x, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                              scale, drop, self.fan_in_fan_out)
-        if not isinstance(weight, torch.Tensor) and y.dtype != x.dtype:
-            y = y.to(x.dtype)  # a packed base returns its input's dtype, under autocast too (as bitsandbytes')
-        return y
+        return FusedCall(weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                         self.specs[name].scale * self.active[name], drop, self.fan_in_fan_out)
 
     def _fused_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
         """The one active adapter when the fused kernel computes exactly what the reference path does."""

@@ -1,0 +1,96 @@
+"""Triton kernels for the SiLU (gated or not) of a fused LoRA MLP: one pass forward, one pass backward.
+
+Forward writes H = silu(G) * U (or silu(G)); backward reads dH, G, U once and writes H (recomputed, for the
+LoRA's dA), dG and dU. PyTorch's ops take five passes for the same backward (silu, the product, two products
+for the gradients, silu_backward), each reading and writing a (tokens x intermediate) tensor.
+
+The arithmetic and its roundings follow PyTorch's kernels, so both paths give the same values up to the
+last bit of the exponential: silu(G) is rounded to the dtype before the product (as ``F.silu(g) * u``);
+dG = dtype(dtype(dH * U) * s * (1 + G * (1 - s))) with s = sigmoid(G), as ``silu_backward(dH * U, G)``.
+They run on CUDA, and on the CPU under TRITON_INTERPRET=1 (how the tests check them against
+``lorakit.kernels.gated_mlp``'s torch path).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant.triton_kernels import _to_dtype
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _silu_fwd(g_ptr, u_ptr, h_ptr, n, GATED: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    h = _to_dtype(g / (1.0 + tl.exp(-g)), DTYPE).to(tl.float32)  # torch's formula for silu
+    if GATED:
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        h = _to_dtype(h * u, DTYPE).to(tl.float32)
+    tl.store(h_ptr + offs, _to_dtype(h, DTYPE), mask=mask)
+
+
+@triton.jit
+def _silu_bwd(dh_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, n, GATED: tl.constexpr, WANT_H: tl.constexpr,
+              DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))  # as torch's silu_backward
+    act = _to_dtype(g / (1.0 + tl.exp(-g)), DTYPE).to(tl.float32)  # silu(G) in the dtype, as the forward
+    if GATED:
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if WANT_H:
+            tl.store(h_ptr + offs, _to_dtype(act * u, DTYPE), mask=mask)
+        tl.store(du_ptr + offs, _to_dtype(dh * act, DTYPE), mask=mask)
+        dact = _to_dtype(dh * u, DTYPE).to(tl.float32)
+    else:
+        if WANT_H:
+            tl.store(h_ptr + offs, _to_dtype(act, DTYPE), mask=mask)
+        dact = dh
+    tl.store(dg_ptr + offs, _to_dtype(dact * sig * (1.0 + g * (1.0 - sig)), DTYPE), mask=mask)
+
+
+_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def supported(*tensors: torch.Tensor | None) -> bool:
+    """Contiguous tensors of one shape and one float dtype the kernels take (None: an absent operand)."""
+    present = [t for t in tensors if t is not None]
+    first = present[0]
+    return first.dtype in _DTYPES and all(
+        t.is_contiguous() and t.shape == first.shape and t.dtype == first.dtype and t.device == first.device
+        for t in present
+    )
+
+
+def _grid(n: int):
+    return (triton.cdiv(n, _BLOCK),)
+
+
+def silu_forward(gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+    """``silu(gate) * up`` (``silu(gate)`` when up is None) in one pass."""
+    h = torch.empty_like(gate)
+    n = gate.numel()
+    _silu_fwd[_grid(n)](gate, gate if up is None else up, h, n, GATED=up is not None,
+                        DTYPE=_DTYPES[gate.dtype], BLOCK=_BLOCK)
+    return h
+
+
+def silu_backward(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, want_h: bool):
+    """``(H or None, dGate, dUp or None)`` for dH = ``grad_h`` in one pass; H recomputed when ``want_h``."""
+    gated = up is not None
+    h = torch.empty_like(gate) if want_h else None
+    grad_gate = torch.empty_like(gate)
+    grad_up = torch.empty_like(gate) if gated else None
+    n = gate.numel()
+    dummy = grad_gate  # a pointer for the operands a constexpr branch never touches
+    _silu_bwd[_grid(n)](grad_h, gate, up if gated else dummy, h if want_h else dummy, grad_gate,
+                        grad_up if gated else dummy, n, GATED=gated, WANT_H=want_h,
+                        DTYPE=_DTYPES[gate.dtype], BLOCK=_BLOCK)
+    return h, grad_gate, grad_up

@@ -1,0 +1,119 @@
+"""kernels/swiglu_triton.py against the torch path of kernels/gated_mlp.py (the same roundings).
+
+On a CPU the kernels run under TRITON_INTERPRET=1 on small shapes; on a GPU they are compiled, and the
+whole fused op is checked against the torch path on a Llama-1B-sized slice too. The two differ only where
+the exponential inside sigmoid differs in its last fp32 bit, which moves a bf16 result by at most one unit
+in the last place.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from torch import nn
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read by triton.jit when the kernels are defined
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (pip install triton); the kernels are proven on the GPU run",
+                allow_module_level=True)
+
+from lorakit.kernels import gated_mlp
+from lorakit.kernels import swiglu_triton as tk
+
+DEVICE = "cuda" if CUDA else "cpu"
+ARGS = gated_mlp.MlpArgs(gated_mlp.LoraLinearArgs(1.0), nn.SiLU(), silu=True)
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance between a and b in units of the last place of their dtype."""
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[a.dtype]
+    ia, ib = a.view(bits).long(), b.view(bits).long()
+    # map the sign-magnitude bit patterns onto a line, so that neighbours differ by one
+    top = 1 << (a.element_size() * 8 - 1)
+    ia, ib = torch.where(ia < 0, -(ia + top), ia), torch.where(ib < 0, -(ib + top), ib)
+    return int((ia - ib).abs().max())
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """16-bit: at most one unit in the last place. fp32: within a few of them, absolutely near zero (the
+    exponentials of numpy, Sleef and CUDA differ in the last bit, and a gradient that passes through zero
+    keeps that error absolute, not relative)."""
+    if a.dtype == torch.float32:
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    else:
+        assert ulps(a, b) <= 1
+
+
+def operands(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=g) * 3).to(dtype).to(DEVICE) for _ in range(3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 70), (2, 5, 1030), (1, 1)])
+@pytest.mark.parametrize("gated", [True, False])
+def test_forward_matches_torch(dtype, shape, gated):
+    gate, up, _ = operands(shape, dtype)
+    up = up if gated else None
+    expected = torch.nn.functional.silu(gate) * up if gated else torch.nn.functional.silu(gate)
+    close(tk.silu_forward(gate, up), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 70), (2, 5, 1030)])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("want_h", [True, False])
+def test_backward_matches_torch(dtype, shape, gated, want_h):
+    gate, up, grad_h = operands(shape, dtype)
+    up = up if gated else None
+    act = torch.nn.functional.silu(gate)
+    expected_h = act * up if gated else act
+    expected_dg = torch.ops.aten.silu_backward(grad_h * up if gated else grad_h, gate)
+    h, dg, du = tk.silu_backward(grad_h, gate, up, want_h)
+    close(dg, expected_dg)
+    if gated:
+        close(du, grad_h * act)
+    else:
+        assert du is None
+    if want_h:
+        close(h, expected_h)
+    else:
+        assert h is None
+
+
+def test_supported_rejects_what_the_kernels_cannot_take():
+    a = torch.zeros(4, 6, device=DEVICE)
+    assert tk.supported(a, a.clone(), None)
+    assert not tk.supported(a, a.t().contiguous().t())  # strided
+    assert not tk.supported(a, a[:, :3].contiguous())  # another shape
+    assert not tk.supported(a, a.double())
+    assert not tk.supported(a.to(torch.int32))
+
+
+@pytest.mark.skipif(not CUDA, reason="the dispatch to the kernels happens on CUDA tensors only")
+def test_fused_op_on_cuda_matches_torch_path(monkeypatch):
+    torch.manual_seed(0)
+    n, inter, out, r = 4096, 8192, 2048, 16
+    gate, up = (torch.randn(n, inter, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "gu")
+    weight = torch.randn(out, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
+    A = (torch.randn(r, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5).requires_grad_(True)
+    B = (torch.randn(out, r, device="cuda", dtype=torch.bfloat16) * 0.1).requires_grad_(True)
+    grad_y = torch.randn(n, out, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        y = gated_mlp.lora_mlp_down(gate, up, nn.SiLU(), weight, None, A, B, 2.0, silu=True)
+        y.backward(grad_y)
+        out = [y.detach()] + [t.grad.clone() for t in (gate, up, A, B)]
+        for t in (gate, up, A, B):
+            t.grad = None
+        return out
+
+    fast = run()
+    monkeypatch.setattr(gated_mlp, "_use_triton", lambda *t: False)
+    slow = run()
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
