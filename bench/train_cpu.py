@@ -5,6 +5,10 @@ AdamW. The floor is the frozen base's forward + backward to the inputs with no o
 in turn, step after step, so that drift on a shared machine hits all alike; figures are medians.
 
     python bench/train_cpu.py [--steps 6 --batch 4 --seq 256 --layers 12]
+    python bench/train_cpu.py --family llama --layers 8   # Llama's MLP: lorakit's fused block, A/B
+
+``--family llama``: a Llama shape of GPT-2-124M's width (hidden 768, intermediate 2048, 12 heads, 4 KV heads,
+vocab 32000), r=16 on all seven projections; adds an A/B row without lorakit's fused MLP block.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--family", choices=["gpt2", "llama"], default="gpt2")
     parser.add_argument("--malloc", choices=["default", "tuned"], default="tuned",
                         help="tuned: what lorakit train does on the CPU (lorakit/_malloc.py); default: glibc's")
     args = parser.parse_args()
@@ -43,27 +48,36 @@ def main() -> None:
     import lorakit as lk
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=args.layers, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    base = GPT2LMHeadModel(cfg).train()
+    if args.family == "gpt2":
+        cfg = GPT2Config(n_layer=args.layers, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        base = GPT2LMHeadModel(cfg).train()
+        targets = ["c_attn", "c_proj", "c_fc"]
+    else:
+        from common import build_llama
+
+        base = build_llama(dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=args.layers,
+                                num_attention_heads=12, num_key_value_heads=4, vocab_size=32000, head_dim=64),
+                           "cpu", torch.float32).train()
+        base.config.use_cache = False
+        cfg = base.config
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
-    targets = ["c_attn", "c_proj", "c_fc"]
 
     floor = copy.deepcopy(base).requires_grad_(False)
     floor.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     ours = copy.deepcopy(base)
     lk.inject(ours, lk.LoraConfig(r=16, alpha=32, target_modules=targets))
-    unfused_blocks = copy.deepcopy(ours)
-    lk.blocks.unfuse(unfused_blocks)  # A/B: the MLP as three separate LoRA layers (its down input stored)
     reference = copy.deepcopy(ours)
     for _, layer in lk.lora_layers(reference):
         layer.use_fused_kernel = False
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
 
-    def step_fn(model, optimize: bool):
+    def step_fn(model, optimize: bool, fuse_blocks: bool = True):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4) if optimize else None
 
         def step():
+            lk.blocks.ENABLED = fuse_blocks
             model(input_ids=x, labels=x).loss.backward()
             if opt is not None:
                 opt.step()
@@ -75,9 +89,10 @@ def main() -> None:
         "frozen base fwd+bwd (floor)": step_fn(floor, False),
         "PEFT": step_fn(theirs, True),
         "lorakit (fused kernel)": step_fn(ours, True),
-        "lorakit (MLP block not fused)": step_fn(unfused_blocks, True),
         "lorakit (reference path)": step_fn(reference, True),
     }
+    if args.family == "llama":
+        providers["lorakit, MLP block not fused"] = step_fn(copy.deepcopy(ours), True, fuse_blocks=False)
     for fn in providers.values():
         fn()
     times = {k: [] for k in providers}
@@ -88,7 +103,8 @@ def main() -> None:
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     floor_t, peft_t = med["frozen base fwd+bwd (floor)"], med["PEFT"]
-    print(f"GPT-2-124M shape ({args.layers} layers), fp32, batch {args.batch} x {args.seq}, r=16 on {targets}, "
+    shape = "GPT-2-124M shape" if args.family == "gpt2" else "Llama shape 768/2048"
+    print(f"{shape} ({args.layers} layers), fp32, batch {args.batch} x {args.seq}, r=16 on {targets}, "
           f"AdamW; torch {torch.__version__} ({torch.get_num_threads()} threads), peft {peft.__version__}; "
           f"{os.cpu_count()} cores {platform.machine()}; {time.strftime('%Y-%m-%d')}; median of {args.steps}; "
           f"malloc {'tuned' if tuned else 'default'}")

@@ -26,12 +26,6 @@ from lorakit.kernels import gated_mlp
 
 transformers = pytest.importorskip("transformers")
 
-@pytest.fixture(autouse=True)
-def fuse_on_cpu(monkeypatch):
-    """The fused block runs on CUDA by default (blocks.ON_CPU says why); these tests check it on the CPU."""
-    monkeypatch.setattr(blocks, "ON_CPU", True)
-
-
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -262,13 +256,6 @@ def test_hooks_on_the_down_projection_are_honoured(monkeypatch):
     model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     step(model)
     assert len(seen) == 1 and len(calls) == 1  # layer 0 unfused (its hook ran), layer 1 fused
-
-
-def test_off_on_cpu_by_default(monkeypatch):
-    monkeypatch.setattr(blocks, "ON_CPU", False)
-    calls = count_fused_calls(monkeypatch)
-    step(with_lora(tiny_llama(), LLAMA_TARGETS))
-    assert calls == []
 
 
 def test_compile_adds_no_graph_break():

@@ -7,8 +7,7 @@ kernels.gated_mlp's one op instead, which stores only what the frozen model stor
 the rest (that module says how). It replaces the block's forward on the instance (``module.forward``, the
 pattern accelerate's hooks use), computes exactly what the class's forward computes, and hands over to
 that forward whenever the fused op does not apply: adapters disabled, merged or mixed, dropout on the down
-projection, a packed base, hooks on the projection, another active adapter count than one,
-``use_fused_kernel = False`` on the down projection (the reference path), and CPU tensors (``ON_CPU``).
+projection, a packed base, hooks on the projection, another active adapter count than one, and ``use_fused_kernel = False`` on the down projection (the reference path).
 """
 
 from __future__ import annotations
@@ -23,13 +22,6 @@ from .registry import MlpBlock
 
 ENABLED = True
 """Fuse known MLP blocks (an A/B switch; ``use_fused_kernel = False`` on a down projection turns it off there)."""
-
-ON_CPU = False
-"""Fuse on CPU tensors too. Off by default: there the recomputation is not fused into the backward's own
-passes, and on a 2-core machine a Llama-shaped step took 3% longer fused (0.923 of the frozen floor against
-0.952 unfused, 8 layers 768/2048, 4 x 256 tokens, fp32), GPT-2 with its gelu_new (autograd on the
-recomputation) 8% longer; the memory saving is the same on any device."""
-
 
 class FusedMlpForward:
     """The forward installed on one MLP block (``block.forward``)."""
@@ -46,7 +38,7 @@ class FusedMlpForward:
         gate = getattr(module, block.gate)(x) if block.gate is not None else None  # the class's call order
         up = getattr(module, block.up)(x)
         first, second = (gate, up) if gate is not None else (up, None)  # act's input, the other factor
-        call = down.fused_call(first) if first.is_cuda or ON_CPU else None
+        call = down.fused_call(first)
         if call is None or call.dropout is not None or not isinstance(call.weight, torch.Tensor) or (
                 second is not None and (second.shape != first.shape or second.dtype != first.dtype)) or (
                 not self.silu and torch.compiler.is_compiling()):  # autograd.grad inside backward: eager only
