@@ -258,6 +258,46 @@ def test_hooks_on_the_down_projection_are_honoured(monkeypatch):
     assert len(seen) == 1 and len(calls) == 1  # layer 0 unfused (its hook ran), layer 1 fused
 
 
+def test_takes_over_and_gives_back_an_equivalent_library_forward(monkeypatch):
+    """liger-kernel's SwiGLU MLP (bound per instance by lorakit.fast.speed_up_base) computes the same block:
+    the fused block takes over from it in either order and restores it. Its Triton op needs a GPU, so a
+    stand-in class of the same module path and name computes silu(gate) * up here."""
+    import sys
+    import types
+
+    class LigerSwiGLUMLP(nn.Module):
+        def forward(self, x):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    fake = types.ModuleType("liger_kernel.transformers.swiglu")
+    fake.LigerSwiGLUMLP = LigerSwiGLUMLP
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.swiglu", fake)
+
+    def patch_like_liger(model):
+        for layer in model.model.layers:
+            layer.mlp.__dict__["forward"] = LigerSwiGLUMLP.forward.__get__(layer.mlp, type(layer.mlp))
+
+    calls = count_fused_calls(monkeypatch)
+    model = tiny_llama()
+    patch_like_liger(model)  # liger first, then inject
+    with_lora(model, LLAMA_TARGETS)
+    assert blocks.sync(model) == 2
+    loss_first, _ = step(model)
+    assert len(calls) == 2
+    blocks.unfuse(model)
+    assert all(layer.mlp.forward.__func__ is LigerSwiGLUMLP.forward for layer in model.model.layers)
+    loss_liger, _ = step(model)
+    assert torch.equal(loss_first, loss_liger) and len(calls) == 2
+    patch_like_liger(model)  # inject first, then liger (what speed_up_base does after lk.inject)
+    assert blocks.sync(model) == 2
+    lk.unload(model, merge_adapters=False)
+    assert all(layer.mlp.forward.__func__ is LigerSwiGLUMLP.forward for layer in model.model.layers)
+    other = tiny_llama()
+    other.model.layers[0].mlp.forward = lambda x: x  # an unknown replacement: left alone
+    with_lora(other, LLAMA_TARGETS)
+    assert blocks.sync(other) == 1
+
+
 def test_compile_adds_no_graph_break():
     model = with_lora(tiny_llama(), LLAMA_TARGETS)
     ids = torch.randint(0, 100, (2, 12))

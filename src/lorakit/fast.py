@@ -4,7 +4,9 @@ LoRA cannot train faster than the frozen base's forward + backward. For the arch
 knows (Llama, Mistral, Qwen2/3, Gemma, Phi-3, SmolLM3, ...) ``speed_up_base`` swaps in its Triton kernels:
 fused linear + cross-entropy (the (tokens x vocab) logits are never stored: GiBs less memory and a large
 share of the step), RMSNorm, RoPE and SwiGLU. LoRA layers are untouched: they wrap the projections, which
-liger leaves alone. liger-kernel is an optional dependency (``pip install liger-kernel``); it needs a CUDA GPU.
+liger leaves alone; where a LoRA sits on an MLP's down projection, lorakit's fused block (blocks.py) takes
+that MLP over from liger's SwiGLU in either order of calls (it stores what liger's stores, and the down
+projection's input not at all). liger-kernel is an optional dependency (``pip install liger-kernel``); it needs a CUDA GPU.
 
 Note: liger patches RoPE and the modules' classes at the module level of transformers, so other models of
 the same architecture in the process are affected too.
@@ -16,6 +18,7 @@ import importlib.util
 
 from torch import nn
 
+from . import blocks
 from .errors import ConfigError
 
 
@@ -48,4 +51,5 @@ def speed_up_base(
         model=model, fused_linear_cross_entropy=fused_linear_cross_entropy, rms_norm=rms_norm, rope=rope,
         swiglu=swiglu, cross_entropy=False,
     )
+    blocks.sync(model)  # liger replaced the MLPs' forwards: where LoRA sits on down_proj, the fused block again
     return model_type

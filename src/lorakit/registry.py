@@ -117,6 +117,24 @@ def mlp_block(module: nn.Module) -> MlpBlock | None:
     return _MLP_BLOCKS.get(type(module))
 
 
+_EQUIVALENT_FORWARDS = [  # (module, class) whose forward, bound on an instance, computes that instance's block
+    ("liger_kernel.transformers.swiglu", "LigerSwiGLUMLP"),  # speed_up_base's SwiGLU: down(silu(gate) * up)
+]
+
+
+def computes_block(module: nn.Module, forward) -> bool:
+    """True when ``forward`` (an instance attribute of ``module``) is another library's implementation of
+    the same block, e.g. liger-kernel's SwiGLU MLP bound by ``lorakit.fast.speed_up_base``."""
+    func = getattr(forward, "__func__", None)
+    if func is None or getattr(forward, "__self__", None) is not module:
+        return False
+    for module_name, cls_name in _EQUIVALENT_FORWARDS:
+        cls = getattr(sys.modules.get(module_name), cls_name, None)
+        if cls is not None and func is cls.forward:
+            return True
+    return False
+
+
 def is_silu(act: nn.Module) -> bool:
     """True for activation modules that compute exactly ``F.silu``: torch's and transformers' SiLU."""
     if type(act) is nn.SiLU:
