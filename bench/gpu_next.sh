@@ -4,7 +4,8 @@
 #           widened since; NOT yet run on a GPU: tests/test_kernels_swiglu.py's compiled kernels and its CUDA
 #           test of the fused MLP block), then the 1B speed rows the README quotes, with the new A/B row
 #           "lorakit bf16, MLP block not fused" (the fused block is predicted at ~22.5 GiB peak against the
-#           floor's 23.5 and 26.5 unfused, from bench/activation_memory.py; its speed is not measured yet);
+#           floor's 23.5 and 26.5 unfused, from bench/activation_memory.py; its speed is not measured yet)
+#           and --check (50 bf16 steps, fused path incl. the block against the reference path);
 #   part 2: serving with an NF4 base next to the 16-bit one, and `lorakit compare --fast` (lora, qlora) on 1B
 #           (not run yet: the machine stopped answering);
 #   part 3: the 8-bit base with the one-pass Triton int8 dequantization vs PEFT + bnb (done 2026-11-23, H200);
@@ -22,8 +23,8 @@ part=${1:-1}
 if [ "$part" = 1 ]; then
     X=""; python3 -c "import xdist" 2>/dev/null && X="-n 8"
     timeout 300 python3 -m pytest -q -p no:cacheprovider $X tests 2>&1 | grep -v '^\.\+' | tail -30 | tee "$OUT/gpu_suite.txt"
-    (cd bench && timeout 300 python3 train_gpu.py --shape llama-1b --only floor,lorakit --steps 8 2>&1 \
-        | grep -v Warn | tail -9 | tee "$OUT/train_1b.txt")
+    (cd bench && timeout 300 python3 train_gpu.py --shape llama-1b --only floor,lorakit --steps 8 --check 2>&1 \
+        | grep -v Warn | tail -14 | tee "$OUT/train_1b.txt")
 elif [ "$part" = 2 ]; then
     (cd bench && timeout 240 python3 serve.py --only lorakit,nf4 2>&1 | tail -9 | tee "$OUT/serve_nf4.txt")
     timeout 300 python3 -m lorakit compare --model-config llama-1b --device cuda --dtype bf16 \

@@ -265,31 +265,33 @@ def profile(step, what: str) -> dict[str, tuple[float, int]]:
 
 
 def check_numerics(shape: str, device: str) -> None:
-    """50 bf16 training steps, fused kernel versus reference path, same seed and data."""
+    """50 bf16 training steps, fused kernel versus reference path, same seed and data; with dropout 0.1
+    (per-layer fused op) and without (where the fused MLP block runs too)."""
     import lorakit as lk
 
-    curves = {}
-    for fused in (True, False):
-        model = build(shape, device)
-        lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS, dropout=0.1))
-        for _, layer in lk.lora_layers(model):
-            layer.use_fused_kernel = fused
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        gen = torch.Generator(device=device).manual_seed(0)
-        torch.manual_seed(0)
-        losses = []
-        for _ in range(50):
-            ids = torch.randint(0, model.config.vocab_size, (4, 256), device=device, generator=gen)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        curves[fused] = losses
-    diff = max(abs(a - b) for a, b in zip(curves[True], curves[False]))
-    print(f"\nnumerics ({shape}, bf16, dropout 0.1, 50 steps): loss {curves[True][0]:.4f} -> {curves[True][-1]:.4f} "
-          f"fused, {curves[False][0]:.4f} -> {curves[False][-1]:.4f} reference; max |diff| {diff:.4f}")
-
+    for dropout in (0.1, 0.0):
+        curves = {}
+        for fused in (True, False):
+            model = build(shape, device)
+            lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS, dropout=dropout))
+            for _, layer in lk.lora_layers(model):
+                layer.use_fused_kernel = fused
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+            gen = torch.Generator(device=device).manual_seed(0)
+            torch.manual_seed(0)
+            losses = []
+            for _ in range(50):
+                ids = torch.randint(0, model.config.vocab_size, (4, 256), device=device, generator=gen)
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            curves[fused] = losses
+        diff = max(abs(a - b) for a, b in zip(curves[True], curves[False]))
+        print(f"\nnumerics ({shape}, bf16, dropout {dropout}, 50 steps): loss {curves[True][0]:.4f} -> "
+              f"{curves[True][-1]:.4f} fused, {curves[False][0]:.4f} -> {curves[False][-1]:.4f} reference; "
+              f"max |diff| {diff:.4f}")
 
 if __name__ == "__main__":
     main()
