@@ -100,6 +100,19 @@ def test_fused_block_is_bit_identical_in_fp32(family, monkeypatch):
         assert torch.equal(grads_f[name], grads_u[name]), name
 
 
+def test_fused_block_under_gradient_checkpointing(monkeypatch):
+    model = with_lora(tiny_llama(), LLAMA_TARGETS)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=lk.checkpoint_kwargs())
+    fused, unfused = fused_and_unfused(model)
+    calls = count_fused_calls(monkeypatch)
+    loss_f, grads_f = step(fused)
+    assert len(calls) == 4  # forward and recomputation, two layers
+    loss_u, grads_u = step(unfused)
+    assert torch.equal(loss_f, loss_u)
+    for name in grads_f:
+        assert torch.equal(grads_f[name], grads_u[name]), name
+
+
 def test_fused_block_bf16_matches_unfused():
     fused, unfused = fused_and_unfused(with_lora(tiny_llama(torch.bfloat16), LLAMA_TARGETS))
     loss_f, grads_f = step(fused)
