@@ -48,6 +48,8 @@ def _launch(name: str, *args):
     global _triton
     try:
         return getattr(_kernels(), name)(*args)
+    except torch.OutOfMemoryError:
+        raise  # not the kernel's fault: the torch path would need the same memory
     except Exception as exc:  # noqa: BLE001
         _triton = None
         warnings.warn(f"lorakit: the SiLU kernel failed ({exc!r}); using PyTorch's ops instead", stacklevel=3)
