@@ -329,3 +329,23 @@ def test_compile_adds_no_graph_break():
     for name in grads_e:
         torch.testing.assert_close(grads_c[name.replace("_orig_mod.", "")] if name in grads_c else
                                    grads_c["_orig_mod." + name], grads_e[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_kernel_that_fails_to_launch_falls_back_once(monkeypatch):
+    class Broken:
+        def silu_forward(self, *args):
+            raise RuntimeError("no such GPU")
+
+    monkeypatch.setattr(gated_mlp, "_triton", Broken())
+    monkeypatch.setattr(gated_mlp, "_triton_loaded", True)
+    with pytest.warns(UserWarning, match="SiLU kernel failed"):
+        assert gated_mlp._launch("silu_forward", torch.zeros(2)) is None
+    assert gated_mlp._kernels() is None  # the torch path from then on
+
+    class OutOfMemory:
+        def silu_forward(self, *args):
+            raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(gated_mlp, "_triton", OutOfMemory())
+    with pytest.raises(torch.OutOfMemoryError):
+        gated_mlp._launch("silu_forward", torch.zeros(2))
