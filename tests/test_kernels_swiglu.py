@@ -1,6 +1,8 @@
 """kernels/swiglu_triton.py against the torch path of kernels/gated_mlp.py (the same roundings).
 
-On a CPU the kernels run under TRITON_INTERPRET=1 on small shapes; on a GPU they are compiled, and the
+On a CPU the kernels run under TRITON_INTERPRET=1 on small shapes, and are also compiled ahead of time for an
+sm_90 (H100/H200) and an sm_80 target - Triton's whole compiler down to a cubin, no GPU needed - so a kernel
+that the interpreter accepts but the compiler rejects fails here. On a GPU they are compiled and run, and the
 whole fused op is checked against the torch path on a Llama-1B-sized slice too. The two differ only where
 the exponential inside sigmoid differs in its last fp32 bit, which moves a bf16 result by at most one unit
 in the last place.
@@ -8,6 +10,9 @@ in the last place.
 
 import importlib.util
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -117,3 +122,44 @@ def test_fused_op_on_cuda_matches_torch_path(monkeypatch):
     slow = run()
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+AOT = textwrap.dedent("""
+    import sys
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from lorakit.kernels import swiglu_triton as k
+
+    arch = int(sys.argv[1])
+    for dt, tdt in [("bf16", tl.bfloat16), ("fp16", tl.float16), ("fp32", tl.float32)]:
+        for gated in (True, False):
+            fixed = {"GATED": gated, "DTYPE": tdt, "BLOCK": k._BLOCK}
+            sig = {"g_ptr": f"*{dt}", "u_ptr": f"*{dt}", "h_ptr": f"*{dt}", "n": "i64"}
+            kernels = [(k._silu_fwd, sig, fixed)]
+            for want_h in (True, False):
+                sig_b = {"dh_ptr": f"*{dt}", "g_ptr": f"*{dt}", "u_ptr": f"*{dt}", "h_ptr": f"*{dt}",
+                         "dg_ptr": f"*{dt}", "du_ptr": f"*{dt}", "n": "i64"}
+                kernels.append((k._silu_bwd, sig_b, {**fixed, "WANT_H": want_h}))
+            for fn, signature, constexprs in kernels:
+                signature = {**signature, **{name: "constexpr" for name in constexprs}}
+                compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                          target=GPUTarget("cuda", arch, 32), options=dict(k._LAUNCH))
+                assert compiled.asm["cubin"], (fn, dt, gated)
+    print("compiled")
+""")
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_kernels_compile_for_real_gpus(arch, tmp_path):
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no ahead-of-time compile API")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real compiler, not the interpreter
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile, do not find a cached binary
+    result = subprocess.run([sys.executable, "-c", AOT, str(arch)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

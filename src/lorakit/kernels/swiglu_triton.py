@@ -20,6 +20,7 @@ import triton.language as tl
 from ..quant.triton_kernels import _to_dtype
 
 _BLOCK = 1024
+_LAUNCH = {"enable_fp_fusion": True}  # multiply-adds contracted, as nvcc does for PyTorch's own kernels
 
 
 @triton.jit
@@ -78,7 +79,7 @@ def silu_forward(gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
     h = torch.empty_like(gate)
     n = gate.numel()
     _silu_fwd[_grid(n)](gate, gate if up is None else up, h, n, GATED=up is not None,
-                        DTYPE=_DTYPES[gate.dtype], BLOCK=_BLOCK)
+                        DTYPE=_DTYPES[gate.dtype], BLOCK=_BLOCK, **_LAUNCH)
     return h
 
 
@@ -92,5 +93,5 @@ def silu_backward(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | N
     dummy = grad_gate  # a pointer for the operands a constexpr branch never touches
     _silu_bwd[_grid(n)](grad_h, gate, up if gated else dummy, h if want_h else dummy, grad_gate,
                         grad_up if gated else dummy, n, GATED=gated, WANT_H=want_h,
-                        DTYPE=_DTYPES[gate.dtype], BLOCK=_BLOCK)
+                        DTYPE=_DTYPES[gate.dtype], BLOCK=_BLOCK, **_LAUNCH)
     return h, grad_gate, grad_up
