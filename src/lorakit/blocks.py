@@ -40,22 +40,23 @@ class FusedMlpForward:
         module, block = self.module, self.block
         down = getattr(module, block.down)
         # decided on x first (no side effects), before the projections run: a fallback runs them itself
-        if not (ENABLED and isinstance(down, Linear) and not _hooked(down)) or not self._applies(down, x, None):
+        if not (ENABLED and isinstance(down, Linear) and not _hooked(down)) or not self._applies(
+                down.fused_call(x), x, None):
             return self.original(x)
         act = getattr(module, block.act)
         gate = getattr(module, block.gate)(x) if block.gate is not None else None  # the class's call order
         up = getattr(module, block.up)(x)
         first, second = (gate, up) if gate is not None else (up, None)  # act's input, the other factor
         call = down.fused_call(first)
-        if not self._applies(down, first, second, call):  # gate/up changed the dtype: the class's own ops
+        if not self._applies(call, first, second):  # gate/up changed the dtype: the class's own ops
             y = down(act(first) if second is None else act(first) * second)
         else:
             y = lora_mlp_down(first, second, act, call.weight, call.bias, call.A, call.B, call.scale,
                               call.transposed, self.silu)
         return getattr(module, block.dropout)(y) if block.dropout is not None else y
 
-    def _applies(self, down: Linear, first: torch.Tensor, second: torch.Tensor | None, call=None) -> bool:
-        call = down.fused_call(first) if call is None else call
+    def _applies(self, call, first: torch.Tensor, second: torch.Tensor | None) -> bool:
+        """Whether the fused op computes this call (``call``: the down projection's FusedCall or None)."""
         if call is None or call.dropout is not None or not isinstance(call.weight, torch.Tensor):
             return False  # the reference path's semantics (dropout mask) or a packed base: per-layer ops
         if second is not None and (second.shape != first.shape or second.dtype != first.dtype):
