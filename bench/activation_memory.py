@@ -2,8 +2,8 @@
 
 A LoRA step's peak memory is the weights, the adapters and their optimizer state, plus the tensors autograd
 saves between forward and backward (the activations), plus short-lived buffers. The activations are the
-part LoRA can change. This script counts them with a saved-tensors hook - distinct storages, parameters
-excluded - while the model runs under FakeTensorMode: shapes and dtypes without memory or compute, so the
+part LoRA can change. This script counts them (lorakit.activation_memory: a saved-tensors hook, distinct
+storages, weights excluded) while the model runs under FakeTensorMode: shapes and dtypes without memory or compute, so the
 Llama-3.2-1B shape at 4 x 2048 tokens is counted in seconds on a laptop CPU. (Attention saves what the CPU's
 SDPA kernel saves; every row runs the same attention, so the differences between rows are exact.) PEFT cannot
 be built on fake parameters (its ``.to()`` of each adapter must swap them); on real tensors it stores what
@@ -24,23 +24,13 @@ from common import build_llama
 from torch._subclasses.fake_tensor import FakeTensorMode
 from train_gpu import SHAPES, TARGETS
 
+from lorakit.activation_memory import saved_bytes
+
 warnings.filterwarnings("ignore")
 
 
 def saved_gib(model, ids) -> float:
-    """GiB of the distinct storages saved for backward by one forward of ``model``, weights and buffers excluded."""
-    weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage._cdata not in weights:
-            seen[storage._cdata] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
-    return sum(seen.values()) / 2**30
+    return saved_bytes(model, lambda: model(input_ids=ids, labels=ids)) / 2**30
 
 
 def main() -> None:

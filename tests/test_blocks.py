@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorakit as lk
-from lorakit import blocks, registry
+from lorakit import activation_memory, blocks, registry
 from lorakit.kernels import gated_mlp
 
 transformers = pytest.importorskip("transformers")
@@ -187,20 +187,7 @@ def test_op_gradcheck_float64(gated, bias, transposed, act):
 
 
 def saved_bytes(model, ids) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves for backward during one forward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return sum(seen.values())
+    return activation_memory.saved_bytes(model, lambda: model(input_ids=ids, labels=ids).loss)
 
 
 def test_lora_step_saves_less_than_the_frozen_floor():

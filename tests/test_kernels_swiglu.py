@@ -18,10 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read by triton.jit when the kernels are defined
-
+CUDA = torch.cuda.is_available()  # without one, conftest.py has set TRITON_INTERPRET=1 before this import
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install triton); the kernels are proven on the GPU run",
                 allow_module_level=True)

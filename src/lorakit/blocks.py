@@ -40,14 +40,15 @@ class FusedMlpForward:
         module, block = self.module, self.block
         down = getattr(module, block.down)
         # decided on x first (no side effects), before the projections run: a fallback runs them itself
-        if not (ENABLED and isinstance(down, Linear) and not _hooked(down)) or not self._applies(
-                down.fused_call(x), x, None):
+        call = down.fused_call(x) if ENABLED and isinstance(down, Linear) and not _hooked(down) else None
+        if not self._applies(call, x, None):
             return self.original(x)
         act = getattr(module, block.act)
         gate = getattr(module, block.gate)(x) if block.gate is not None else None  # the class's call order
         up = getattr(module, block.up)(x)
         first, second = (gate, up) if gate is not None else (up, None)  # act's input, the other factor
-        call = down.fused_call(first)
+        if first.dtype != x.dtype:  # the down projection's operands depend on its input's dtype
+            call = down.fused_call(first)
         if not self._applies(call, first, second):  # gate/up changed the dtype: the class's own ops
             y = down(act(first) if second is None else act(first) * second)
         else:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._triton import load_kernels
-from .lora_linear import LoraLinearArgs, unmerged_forward
+from .lora_linear import LoraLinearArgs, grad_input, unmerged_forward
 
 _triton = None
 _triton_loaded = False
@@ -129,8 +129,7 @@ class LoraMlpDownFunction(torch.autograd.Function):
         grad_B = torch.addmm(B, g.t(), xa, beta=0, alpha=s) if need_B else None
         grad_h = None
         if need_gate or need_up:
-            w = weight.t() if args.lora.transposed else weight
-            grad_h = (ga @ A).addmm_(g, w, beta=s)
+            grad_h = grad_input(g, ga, weight, A, args.lora)
         h, grad_gate, grad_up = activation_backward(grad_h, gate, up, args, want_h=need_A)
         del grad_h
         grad_A = torch.addmm(A, ga.t(), h.reshape(-1, A.shape[1]), beta=0, alpha=s) if need_A else None

@@ -157,14 +157,18 @@ def unmerged_backward(g, xd2, xa, weight, A, B, args: LoraLinearArgs, need_x: bo
     grad_A = torch.addmm(A, ga.t(), xd2, beta=0, alpha=s) if need_A else None
     grad_B = torch.addmm(B, g.t(), xa, beta=0, alpha=s) if need_B else None
     grad_x = grad_xd = None
-    if need_x:
-        w = weight.t() if args.transposed else weight
-        if has_drop:
-            grad_x = g @ w  # (N, in)
-            grad_xd = torch.addmm(xd2, ga, A, beta=0, alpha=s)
-        else:  # rank-r term first, the big GEMM adds it in its epilogue (as in forward), scaled by beta
-            grad_x = (ga @ A).addmm_(g, w, beta=s)
+    if need_x and has_drop:
+        grad_x = g @ (weight.t() if args.transposed else weight)  # (N, in)
+        grad_xd = torch.addmm(xd2, ga, A, beta=0, alpha=s)
+    elif need_x:
+        grad_x = grad_input(g, ga, weight, A, args)
     return grad_x, grad_xd, grad_A, grad_B
+
+
+def grad_input(g, ga, weight, A, args: LoraLinearArgs):
+    """dX = s * GA @ A + G @ W for GA = G @ B: the rank-r term first, the big GEMM adds it in its epilogue
+    (scaled by beta), as in forward."""
+    return (ga @ A).addmm_(g, weight.t() if args.transposed else weight, beta=args.scale)
 
 
 def _merged_backward(ctx, grad_out):
