@@ -109,8 +109,9 @@ def _make_runs(tmp: Path, with_qlora: bool) -> None:
     ]
     if with_qlora:
         jobs += [("ddp_q", dict(distributed="ddp", **QLORA), 0), ("fsdp_q", dict(distributed="fsdp", **QLORA), 0)]
-    # fork is fast, but not after this process has touched CUDA (a GPU machine running the whole suite)
-    method = "spawn" if torch.cuda.is_initialized() or os.environ.get("LORAKIT_TEST_SPAWN") else "fork"
+    # fork is fast, but not where a GPU is visible: there autograd's first backward (any test's, even on the
+    # CPU) starts per-device threads, and a fork after that fails, whether or not CUDA was initialized
+    method = "spawn" if torch.cuda.is_available() or os.environ.get("LORAKIT_TEST_SPAWN") else "fork"
     ctx = torch.multiprocessing.start_processes(
         _worker, args=(2, _free_port(), str(tmp), jobs), nprocs=2, join=False, start_method=method
     )

@@ -1,0 +1,68 @@
+"""Interleaved A/B of lorakit's fused MLP block on one model: the same LoRA model timed with the block on and
+off in alternating rounds (so clocks and allocator state drift over both alike), wall time per step and the
+GPU time of the same steps from CUDA events.
+
+    python bench/ab_block.py --shape llama-1b --rounds 3 --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from train_gpu import SHAPES, TARGETS, build
+
+import lorakit as lk
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args()
+    model = build(args.shape, "cuda")
+    model.config.use_cache = False
+    batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
+    lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS))
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+    def step():
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    res: dict[str, list[tuple[float, float]]] = {"block fused": [], "block not fused": []}
+    for _ in range(args.rounds):
+        for name in res:
+            lk.blocks.sync(model) if name == "block fused" else lk.blocks.unfuse(model)
+            for _ in range(args.warmup):
+                step()
+            torch.cuda.synchronize()
+            walls, gpus = [], []
+            for _ in range(args.steps):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0 = time.perf_counter()
+                a.record()
+                step()
+                b.record()
+                torch.cuda.synchronize()
+                walls.append(time.perf_counter() - t0)
+                gpus.append(a.elapsed_time(b) / 1e3)
+            res[name].append((statistics.median(walls), statistics.median(gpus)))
+    tokens = args.batch * args.seq
+    print(f"{args.shape}, {args.batch}x{args.seq}, {torch.cuda.get_device_name()}: tokens/s per round (wall)")
+    for name, rounds in res.items():
+        walls = " ".join(f"{tokens / w / 1e3:6.1f}k" for w, _ in rounds)
+        print(f"| {name:16s} | {walls} | step ms wall/events: "
+              + " ".join(f"{w * 1e3:.1f}/{g * 1e3:.1f}" for w, g in rounds) + " |")
+
+
+if __name__ == "__main__":
+    main()
