@@ -1,5 +1,5 @@
-"""Interleaved A/B of lorakit's fused MLP block on one model: the same LoRA model timed with the block on and
-off in alternating rounds (so clocks and allocator state drift over both alike), wall time per step and the
+"""Interleaved A/B of lorakit's fused MLP block on one model: the same LoRA model timed as one whole-MLP op
+(gate/up widened), with the down-projection op only, and unfused, in alternating rounds (so clocks and allocator state drift over both alike), wall time per step and the
 GPU time of the same steps from CUDA events.
 
     python bench/ab_block.py --shape llama-1b --rounds 3 --steps 8
@@ -38,10 +38,12 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    res: dict[str, list[tuple[float, float]]] = {"block fused": [], "block not fused": []}
+    modes = {"whole MLP op": (True, True), "down op only": (True, False), "block not fused": (False, False)}
+    res: dict[str, list[tuple[float, float]]] = {name: [] for name in modes}
     for _ in range(args.rounds):
-        for name in res:
-            lk.blocks.sync(model) if name == "block fused" else lk.blocks.unfuse(model)
+        for name, (fused, widen) in modes.items():
+            lk.blocks.sync(model) if fused else lk.blocks.unfuse(model)
+            lk.blocks.WIDEN_GATE_UP = widen
             for _ in range(args.warmup):
                 step()
             torch.cuda.synchronize()

@@ -13,16 +13,22 @@ projection, a packed base, hooks on the projection, another active adapter count
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from . import registry
-from .kernels.gated_mlp import lora_mlp_down
+from .kernels.gated_mlp import lora_mlp, lora_mlp_down
 from .layers import Linear
 from .registry import MlpBlock
 
 ENABLED = True
 """Fuse known MLP blocks (an A/B switch; ``use_fused_kernel = False`` on a down projection turns it off there)."""
+
+WIDEN_GATE_UP = True
+"""Compute LoRA gate and up inside the block's op, through their widened weights (kernels.gated_mlp's
+LoraMlpFunction; an A/B switch). Off, or where it does not apply, gate and up run as their own LoRA layers."""
 
 
 class FusedMlpForward:
@@ -32,6 +38,7 @@ class FusedMlpForward:
 
     def __init__(self, module: nn.Module, block: MlpBlock, silu: bool, replaced=None):
         self.module, self.block, self.silu, self.replaced = module, block, silu, replaced
+        self.widened: dict[int, tuple] = {}  # id(weight) -> (weakref, buffer storage pointer, ranks)
 
     def original(self, x: torch.Tensor) -> torch.Tensor:
         return self.replaced(x) if self.replaced is not None else type(self.module).forward(self.module, x)
@@ -44,6 +51,9 @@ class FusedMlpForward:
         if not self._applies(call, x, None):
             return self.original(x)
         act = getattr(module, block.act)
+        y = self._whole(x, call, act) if WIDEN_GATE_UP else None
+        if y is not None:
+            return getattr(module, block.dropout)(y) if block.dropout is not None else y
         gate = getattr(module, block.gate)(x) if block.gate is not None else None  # the class's call order
         up = getattr(module, block.up)(x)
         first, second = (gate, up) if gate is not None else (up, None)  # act's input, the other factor
@@ -55,6 +65,67 @@ class FusedMlpForward:
             y = lora_mlp_down(first, second, act, call.weight, call.bias, call.A, call.B, call.scale,
                               call.transposed, self.silu)
         return getattr(module, block.dropout)(y) if block.dropout is not None else y
+
+    def _whole(self, x: torch.Tensor, call, act: nn.Module) -> torch.Tensor | None:
+        """The whole MLP as LoraMlpFunction when gate and up are plain LoRA Linears over dense frozen weights
+        of x's dtype (one active adapter, no dropout, no bias, no hooks), else None (nothing computed)."""
+        module, block = self.module, self.block
+        if block.gate is None or torch.compiler.is_compiling() or call.weight.dtype != x.dtype:
+            return None  # compiled graphs: the per-layer ops (inductor fuses those itself)
+        if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
+            return None
+        gate, up = getattr(module, block.gate), getattr(module, block.up)
+        calls = []
+        for layer in (gate, up):
+            c = layer.fused_call(x) if isinstance(layer, Linear) and not _hooked(layer) else None
+            if c is None or c.dropout is not None or c.bias is not None or c.transposed \
+                    or type(c.weight) not in (torch.Tensor, nn.Parameter) or c.weight.dtype != x.dtype:
+                return None
+            calls.append(c)
+        cg, cu = calls
+        if cg.weight.shape != cu.weight.shape or cg.weight.device != x.device:
+            return None
+        r_gate, r_up = cg.A.shape[0], cu.A.shape[0]
+        packed_gate = self._widened(cg.weight, (r_gate, r_up), 0, cg.B, cg.scale)
+        packed_up = self._widened(cu.weight, (r_gate, r_up), 1, cu.B, cu.scale)
+        return lora_mlp(x, cg.A, cg.B, cu.A, cu.B, packed_gate, packed_up, act, call.weight, call.bias, call.A,
+                        call.B, (cg.scale, cu.scale, call.scale), call.transposed, self.silu)
+
+    def _widened(self, weight: nn.Parameter, ranks: tuple[int, int], slot: int, B: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        """The (out, in + r_gate + r_up) buffer whose first ``in`` columns are ``weight`` itself and whose
+        ``slot``-th rank columns hold ``scale * B`` (the other's zero). The first call moves the weight into
+        such a buffer (``weight.data`` becomes a strided view of it: no second copy of W); later calls only
+        write s*B, through an alias that leaves autograd's version counters alone (those columns are read by
+        LoraMlpFunction only). A weight moved since (``.to()``, a load) is widened again."""
+        out_features, in_features = weight.shape
+        width = in_features + sum(ranks)
+        record = self.widened.get(id(weight))
+        data = weight.data
+        current = (record is not None and record[0]() is weight and record[1] == data.untyped_storage().data_ptr()
+                   and data.stride() == (width, 1) and data.storage_offset() == 0)
+        if not current:
+            buffer = torch.zeros(out_features, width, dtype=data.dtype, device=data.device)
+            buffer[:, :in_features].copy_(data)
+            weight.data = buffer[:, :in_features]
+            data = weight.data
+            record = None
+        buffer = data.as_strided((out_features, width), (width, 1))
+        if record is not None and record[2] != ranks:  # same width, other split: clear the old s*B columns
+            buffer[:, in_features:].zero_()
+        self.widened[id(weight)] = (weakref.ref(weight), data.untyped_storage().data_ptr(), ranks)
+        lo = in_features + (ranks[0] if slot else 0)
+        torch.mul(B.detach(), scale, out=buffer[:, lo:lo + ranks[slot]])
+        return buffer
+
+    def release(self) -> None:
+        """Give the widened weights back as plain contiguous tensors (unfuse, unload)."""
+        for name in (self.block.gate, self.block.up):  # this module's own (a deep copy's records are the original's)
+            layer = getattr(self.module, name, None) if name is not None else None
+            weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
+            if isinstance(weight, torch.Tensor) and not weight.data.is_contiguous():
+                weight.data = weight.data.contiguous()
+        self.widened.clear()
 
     def _applies(self, call, first: torch.Tensor, second: torch.Tensor | None) -> bool:
         """Whether the fused op computes this call (``call``: the down projection's FusedCall or None)."""
@@ -102,6 +173,7 @@ def unfuse(model: nn.Module) -> None:
 def _restore(module: nn.Module) -> None:
     current = module.__dict__.get("forward")
     if isinstance(current, FusedMlpForward):
+        current.release()
         if current.replaced is None:
             del module.forward
         else:

@@ -153,3 +153,88 @@ def lora_mlp_down(gate: torch.Tensor, up: torch.Tensor | None, act: nn.Module, w
         with torch.autocast(gate.device.type, enabled=False):
             return LoraMlpDownFunction.apply(gate, up, weight, bias, A, B, args)
     return LoraMlpDownFunction.apply(gate, up, weight, bias, A, B, args)
+
+
+@dataclass(frozen=True)
+class PairArgs:
+    """The gate/up pair of a whole-MLP op: input features, ranks (gate, up) and scales (gate, up)."""
+
+    in_features: int
+    ranks: tuple[int, int]
+    scales: tuple[float, float]
+
+
+class LoraMlpFunction(torch.autograd.Function):
+    """The whole MLP ``down(act(gate(x)) * up(x))`` with LoRA on all three projections, as one node.
+
+    gate and up read one input, so their LoRA terms ride in their base GEMMs through the K dimension: the
+    input is widened once to Xc = [X | X @ A_gate.T | X @ A_up.T], and the frozen weights are stored widened
+    (``packed_gate`` = [W_gate | s_g B_gate | 0], ``packed_up`` = [W_up | 0 | s_u B_up], blocks.py keeps them
+    so without a copy of W), so G = Xc @ packed_gate.T is the LoRA projection in one GEMM: no (tokens x
+    intermediate) rank-r product written and read back. In backward the same widened weights give
+    [dX_base | s_g GA_gate | s_u GA_up] = dG @ packed_gate + dU @ packed_up in two chained GEMMs (the rank-r
+    GA products come free), then dX = that + [s GA] @ [A_gate; A_up], dA of both from one read of X and dB
+    from Xc's columns. The down projection is LoraMlpDownFunction's: its input is recomputed, not stored.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A_gate, B_gate, A_up, B_up, weight, bias, A, B, packed_gate, packed_up, args: MlpArgs,
+                pair: PairArgs):
+        x2 = x.reshape(-1, pair.in_features)
+        A_pair = torch.cat([A_gate, A_up])
+        xc = torch.cat([x2, x2 @ A_pair.t()], 1)
+        gate, up = xc @ packed_gate.t(), xc @ packed_up.t()
+        h = activate(gate, up, args)
+        y, xa = unmerged_forward(h, h, weight, bias, A, B, args.lora)
+        del h
+        ctx.args, ctx.pair, ctx.has_bias = args, pair, bias is not None
+        ctx.packed = (packed_gate, packed_up)  # frozen weights (with the current s*B): not saved activations
+        ctx.save_for_backward(xc, gate, up, xa, weight, A, B, A_gate, B_gate, A_up, B_up)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xc, gate, up, xa, weight, A, B, A_gate, B_gate, A_up, B_up = ctx.saved_tensors
+        args, pair = ctx.args, ctx.pair
+        need = ctx.needs_input_grad
+        s = args.lora.scale
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        ga = g @ B
+        grad_B = torch.addmm(B, g.t(), xa, beta=0, alpha=s) if need[8] else None
+        grad_h = grad_input(g, ga, weight, A, args.lora)
+        h, grad_gate, grad_up = activation_backward(grad_h, gate, up, args, want_h=need[7])
+        del grad_h, gate, up
+        grad_A = torch.addmm(A, ga.t(), h, beta=0, alpha=s) if need[7] else None
+        del h
+        k, (r_gate, _) = pair.in_features, pair.ranks
+        packed_gate, packed_up = ctx.packed
+        wide = (grad_gate @ packed_gate).addmm_(grad_up, packed_up)  # [dX_base | s_g GA_gate | s_u GA_up]
+        sga = wide[:, k:]
+        grad_x = torch.addmm(wide[:, :k], sga, torch.cat([A_gate, A_up])).view(grad_out.shape[:-1] + (k,)) \
+            if need[0] else None
+        grad_A_gate = grad_A_up = grad_B_gate = grad_B_up = None
+        if need[1] or need[3]:
+            grad_A_pair = sga.t() @ xc[:, :k]
+            grad_A_gate, grad_A_up = grad_A_pair[:r_gate], grad_A_pair[r_gate:]
+        if need[2]:
+            grad_B_gate = torch.addmm(B_gate, grad_gate.t(), xc[:, k:k + r_gate], beta=0, alpha=pair.scales[0])
+        if need[4]:
+            grad_B_up = torch.addmm(B_up, grad_up.t(), xc[:, k + r_gate:], beta=0, alpha=pair.scales[1])
+        grad_bias = g.sum(0) if ctx.has_bias and need[6] else None
+        return (grad_x, grad_A_gate, grad_B_gate, grad_A_up, grad_B_up, None, grad_bias, grad_A, grad_B, None, None,
+                None, None)
+
+
+def lora_mlp(x: torch.Tensor, A_gate, B_gate, A_up, B_up, packed_gate: torch.Tensor, packed_up: torch.Tensor,
+             act: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+             scales: tuple[float, float, float], transposed: bool = False, silu: bool = False) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` with LoRA on gate, up and down (``scales`` in that order), as one node
+    (LoraMlpFunction). ``packed_gate`` / ``packed_up``: the widened frozen weights with s*B already written into
+    their columns (blocks.py). Every operand is computed in x's dtype, which the packed weights must have."""
+    dtype = x.dtype
+    A_gate, B_gate, A_up, B_up, A, B = (t.to(dtype) for t in (A_gate, B_gate, A_up, B_up, A, B))
+    args = MlpArgs(LoraLinearArgs(float(scales[2]), transposed), act, silu)
+    pair = PairArgs(x.shape[-1], (A_gate.shape[0], A_up.shape[0]), (float(scales[0]), float(scales[1])))
+    with torch.autocast(x.device.type, enabled=False):
+        return LoraMlpFunction.apply(x, A_gate, B_gate, A_up, B_up, weight.to(dtype), bias.to(dtype)
+                                     if bias is not None else None, A, B, packed_gate, packed_up, args, pair)
