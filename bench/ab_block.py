@@ -1,5 +1,6 @@
-"""Interleaved A/B of lorakit's fused MLP block on one model: the same LoRA model timed as one whole-MLP op
-(gate/up widened), with the down-projection op only, and unfused, in alternating rounds (so clocks and allocator state drift over both alike), wall time per step and the
+"""Interleaved A/B of lorakit's fused blocks on one model: the same LoRA model timed with the shared-input ops
+(q/k/v and gate/up, widened weights) and the MLP's down op, with the down op only, and unfused, in
+alternating rounds (so clocks and allocator state drift over both alike), wall time per step and the
 GPU time of the same steps from CUDA events.
 
     python bench/ab_block.py --shape llama-1b --rounds 3 --steps 8
@@ -38,12 +39,12 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    modes = {"whole MLP op": (True, True), "down op only": (True, False), "block not fused": (False, False)}
+    modes = {"shared-input ops": (True, True), "down op only": (True, False), "block not fused": (False, False)}
     res: dict[str, list[tuple[float, float]]] = {name: [] for name in modes}
     for _ in range(args.rounds):
         for name, (fused, widen) in modes.items():
             lk.blocks.sync(model) if fused else lk.blocks.unfuse(model)
-            lk.blocks.WIDEN_GATE_UP = widen
+            lk.blocks.SHARED_INPUT = widen
             for _ in range(args.warmup):
                 step()
             torch.cuda.synchronize()
@@ -62,7 +63,7 @@ def main() -> None:
     print(f"{args.shape}, {args.batch}x{args.seq}, {torch.cuda.get_device_name()}: tokens/s per round (wall)")
     for name, rounds in res.items():
         walls = " ".join(f"{tokens / w / 1e3:6.1f}k" for w, _ in rounds)
-        print(f"| {name:16s} | {walls} | step ms wall/events: "
+        print(f"| {name:17s} | {walls} | step ms wall/events: "
               + " ".join(f"{w * 1e3:.1f}/{g * 1e3:.1f}" for w, g in rounds) + " |")
 
 

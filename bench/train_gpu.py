@@ -148,7 +148,7 @@ def main() -> None:
 
     def lorakit_row(label, dtype=None, autocast=False, fused=True, graphed=False, compiled=False, block=True,
                     widen=True):
-        lk.blocks.WIDEN_GATE_UP = widen  # A/B: gate and up as their own LoRA layers, the block's op on down only
+        lk.blocks.SHARED_INPUT = widen  # A/B: q/k/v and gate/up as their own LoRA layers
         lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS, dtype=dtype))
         if not block:  # A/B: the MLP as three LoRA layers, storing the down projection's input
             lk.blocks.unfuse(model)
@@ -160,7 +160,7 @@ def main() -> None:
         if args.profile and label == "lorakit bf16 adapters":
             profiles["lorakit"] = profile(step, "one lorakit step")
         lk.unload(model, merge_adapters=False)
-        lk.blocks.WIDEN_GATE_UP = True
+        lk.blocks.SHARED_INPUT = True
         gc.collect()
 
     if want("floor"):
@@ -196,7 +196,7 @@ def main() -> None:
     if not only or "lorakit" in only:
         lorakit_row("lorakit bf16 adapters")
         lorakit_row("lorakit fp32 adapters + autocast", dtype=torch.float32, autocast=True)
-        lorakit_row("lorakit bf16, gate/up not widened", widen=False)
+        lorakit_row("lorakit bf16, no shared-input ops", widen=False)
         lorakit_row("lorakit bf16, MLP block not fused", block=False)
         lorakit_row("lorakit reference path (no fused kernel)", fused=False)
         if args.graphs:

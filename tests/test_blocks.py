@@ -22,7 +22,7 @@ from torch import nn
 
 import lorakit as lk
 from lorakit import activation_memory, blocks, registry
-from lorakit.kernels import gated_mlp
+from lorakit.kernels import gated_mlp, shared_input
 
 transformers = pytest.importorskip("transformers")
 
@@ -68,10 +68,11 @@ def fused_and_unfused(model):
     return model, unfused
 
 
-def count_fused_calls(monkeypatch, which=("down", "whole")):
-    """Calls of the block's ops: ``down`` (LoraMlpDownFunction), ``whole`` (LoraMlpFunction, gate/up widened)."""
+def count_fused_calls(monkeypatch, which=("down",)):
+    """Calls of the blocks' ops: ``down`` (the MLP's LoraMlpDownFunction), ``shared`` (LoraSharedInputFunction:
+    gate/up, q/k/v)."""
     calls = []
-    for name, fn in (("down", gated_mlp.LoraMlpDownFunction), ("whole", gated_mlp.LoraMlpFunction)):
+    for name, fn in (("down", gated_mlp.LoraMlpDownFunction), ("shared", shared_input.LoraSharedInputFunction)):
         if name in which:
             monkeypatch.setattr(fn, "apply", lambda *a, _o=fn.apply: calls.append(1) or _o(*a))
     return calls
@@ -82,8 +83,9 @@ GPT2_BLOCK = registry.MlpBlock(gate=None, up="c_fc", down="c_proj", act="act", d
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_fused_block_is_bit_identical_in_fp32(family, monkeypatch):
-    """The down-projection op alone (gate/up as their own layers) runs the unfused path's ops: the same bits."""
-    monkeypatch.setattr(blocks, "WIDEN_GATE_UP", False)
+    """The down-projection op alone (the projections as their own layers) runs the unfused path's ops: the
+    same bits."""
+    monkeypatch.setattr(blocks, "SHARED_INPUT", False)
     if family == "llama":
         model = with_lora(tiny_llama(), LLAMA_TARGETS)
     else:  # not registered (registry says why): registered here for the ungated, generic-activation case
@@ -105,7 +107,7 @@ def test_fused_block_is_bit_identical_in_fp32(family, monkeypatch):
 
 
 def test_fused_block_under_gradient_checkpointing(monkeypatch):
-    monkeypatch.setattr(blocks, "WIDEN_GATE_UP", False)
+    monkeypatch.setattr(blocks, "SHARED_INPUT", False)
     model = with_lora(tiny_llama(), LLAMA_TARGETS)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=lk.checkpoint_kwargs())
     fused, unfused = fused_and_unfused(model)
@@ -119,7 +121,7 @@ def test_fused_block_under_gradient_checkpointing(monkeypatch):
 
 
 def test_fused_block_bf16_matches_unfused(monkeypatch):
-    monkeypatch.setattr(blocks, "WIDEN_GATE_UP", False)
+    monkeypatch.setattr(blocks, "SHARED_INPUT", False)
     fused, unfused = fused_and_unfused(with_lora(tiny_llama(torch.bfloat16), LLAMA_TARGETS))
     loss_f, grads_f = step(fused)
     loss_u, grads_u = step(unfused)
@@ -345,23 +347,24 @@ def test_a_kernel_that_fails_to_launch_falls_back_once(monkeypatch):
         gated_mlp._launch("silu_forward", torch.zeros(2))
 
 
-# ---- the whole MLP as one op: gate and up through their widened weights (LoraMlpFunction)
+# ---- projections of one input as one op (gate/up, q/k/v), through their widened weights
 
 
 def widened(model):
-    return [layer.mlp.gate_proj.base_layer.weight for layer in model.model.layers] + \
-        [layer.mlp.up_proj.base_layer.weight for layer in model.model.layers]
+    return [getattr(parent, name).base_layer.weight for layer in model.model.layers
+            for parent, name in ((layer.mlp, "gate_proj"), (layer.mlp, "up_proj"), (layer.self_attn, "q_proj"),
+                                 (layer.self_attn, "k_proj"), (layer.self_attn, "v_proj"))]
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_whole_mlp_op_matches_the_per_layer_path(dtype, rtol, monkeypatch):
+def test_shared_input_ops_match_the_per_layer_path(dtype, rtol, monkeypatch):
     """Loss and every gradient as the unfused path, up to the order of the sums (the rank-r term is summed
-    inside the base GEMM); gate and up with different ranks (rank_pattern)."""
-    model = with_lora(tiny_llama(dtype), LLAMA_TARGETS, rank_pattern={"gate_proj": 2, "up_proj": 6})
+    inside the base GEMM); projections of one group with different ranks (rank_pattern)."""
+    model = with_lora(tiny_llama(dtype), LLAMA_TARGETS, rank_pattern={"gate_proj": 2, "up_proj": 6, "k_proj": 3})
     fused, unfused = fused_and_unfused(model)
-    calls = count_fused_calls(monkeypatch, ["whole"])
+    calls = count_fused_calls(monkeypatch, ["shared"])
     loss_f, grads_f = step(fused)
-    assert len(calls) == 2
+    assert len(calls) == 4  # per layer: q/k/v and gate/up
     loss_u, grads_u = step(unfused)
     torch.testing.assert_close(loss_f, loss_u, rtol=rtol, atol=0)
     assert grads_f.keys() == grads_u.keys() and any("gate_proj.lora_A" in k for k in grads_f)
@@ -370,41 +373,49 @@ def test_whole_mlp_op_matches_the_per_layer_path(dtype, rtol, monkeypatch):
         torch.testing.assert_close(grads_f[name], grads_u[name], rtol=0, atol=rtol * scale, msg=name)
 
 
-def test_whole_mlp_op_gradcheck_float64():
+@pytest.mark.parametrize("bias", [False, True])
+def test_shared_input_op_gradcheck_float64(bias):
     g = torch.Generator().manual_seed(0)
-    n, k, inter, out, r_gate, r_up, r = 5, 4, 7, 3, 2, 3, 2
+    n, k, outs, ranks, scales = 5, 4, (6, 3, 3), (2, 3, 1), (0.5, 1.5, 2.0)
 
     def t(*shape, grad=True):
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
 
-    x, Ag, Bg, Au, Bu = t(2, n, k), t(r_gate, k), t(inter, r_gate), t(r_up, k), t(inter, r_up)
-    Wg, Wu, Wd = t(inter, k, grad=False), t(inter, k, grad=False), t(out, inter, grad=False)
-    bias, A, B = t(out), t(r, inter), t(out, r)
-    sg, su, sd = 0.5, 1.5, 0.7
+    x = t(2, n, k)
+    Ws = [t(o, k, grad=False) for o in outs]
+    params = []
+    for o, r in zip(outs, ranks):
+        params += [t(r, k), t(o, r), t(o) if bias else None]
 
-    def fn(x, Ag, Bg, Au, Bu, bias, A, B):
-        zeros = torch.zeros
-        packed_gate = torch.cat([Wg, sg * Bg.detach(), zeros(inter, r_up, dtype=x.dtype)], 1)
-        packed_up = torch.cat([Wu, zeros(inter, r_gate, dtype=x.dtype), su * Bu.detach()], 1)
-        return gated_mlp.lora_mlp(x, Ag, Bg, Au, Bu, packed_gate, packed_up, nn.SiLU(), Wd, bias, A, B,
-                                  (sg, su, sd), silu=True)
+    def fn(x, *params):
+        projections = []
+        for i, (W, r, s) in enumerate(zip(Ws, ranks, scales)):
+            A, B, b = params[3 * i:3 * i + 3]
+            cols = [W] + [s * B.detach() if j == i else torch.zeros(W.shape[0], rj, dtype=W.dtype)
+                          for j, rj in enumerate(ranks)]
+            projections.append((A, B, b, s, torch.cat(cols, 1)))
+        return shared_input.lora_shared_input(x, projections)
 
-    inputs = (x, Ag, Bg, Au, Bu, bias, A, B)
+    inputs = (x, *params)
     assert torch.autograd.gradcheck(fn, inputs)
-    gate = x @ Wg.t() + sg * x @ Ag.t() @ Bg.t()
-    up = x @ Wu.t() + su * x @ Au.t() @ Bu.t()
-    h = F.silu(gate) * up
-    expected = F.linear(h, Wd, bias) + sd * h @ A.t() @ B.t()
-    torch.testing.assert_close(fn(*inputs), expected, rtol=1e-12, atol=1e-12)
+    for i, y in enumerate(fn(*inputs)):
+        A, B, b = params[3 * i:3 * i + 3]
+        expected = F.linear(x, Ws[i], b) + scales[i] * x @ A.t() @ B.t()
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    y0, _, y2 = fn(*inputs)  # an output that never reaches the loss: no gradient from it
+    (y0.sum() + y2.square().sum()).backward()
+    for p in params[3:5]:
+        assert p.grad is None or not p.grad.any()
+    assert params[0].grad.abs().sum() > 0
 
 
 def test_widened_weights_share_the_frozen_weights_storage_and_come_back_intact():
-    model = with_lora(tiny_llama(), LLAMA_TARGETS)
+    model = with_lora(tiny_llama(), LLAMA_TARGETS, rank_pattern={"gate_proj": 8})  # gate/up: 64 + 8 + 4
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     step(model)
     for w in widened(model):  # the weight is a view of its widened buffer: no second copy of W
-        assert w.stride() == (64 + 8, 1) and not w.is_contiguous()
-        assert w.untyped_storage().nbytes() == w.shape[0] * (64 + 8) * w.element_size()
+        assert w.stride() == (64 + 12, 1) and not w.is_contiguous()  # q/k/v: r=4 each
+        assert w.untyped_storage().nbytes() == w.shape[0] * (64 + 12) * w.element_size()
     now = {n: p.detach() for n, p in model.named_parameters() if "lora_" not in n}
     assert all(torch.equal(before[n], now[n]) for n in before)  # values unchanged; state_dict reads them
     lk.merge(model)
@@ -418,7 +429,7 @@ def test_widened_weights_share_the_frozen_weights_storage_and_come_back_intact()
                           before["model.layers.1.mlp.up_proj.base_layer.weight"], rtol=0, atol=1e-6)
 
 
-def test_whole_mlp_op_follows_adapter_switches_and_moves(monkeypatch):
+def test_shared_input_ops_follow_adapter_switches_and_moves(monkeypatch):
     """Another active adapter (other ranks: the buffer is widened again), a dtype move (.to: weights
     contiguous again, widened again on the next call), a second forward before backward (no version error)."""
     model = with_lora(tiny_llama(torch.float64), LLAMA_TARGETS)
@@ -427,14 +438,14 @@ def test_whole_mlp_op_follows_adapter_switches_and_moves(monkeypatch):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
-    calls = count_fused_calls(monkeypatch, ["whole"])
+    calls = count_fused_calls(monkeypatch, ["shared"])
     for name in ("default", "other", "default"):
         lk.set_active_adapters(model, name)
         for n, p in model.named_parameters():  # train whichever is active
             p.requires_grad_("lora_" in n)
         fused, unfused = fused_and_unfused(model)
         torch.testing.assert_close(step(fused)[0], step(unfused)[0], rtol=1e-12, atol=0)
-    assert len(calls) == 6
+    assert len(calls) == 12
     model.to(torch.float32)
     fused, unfused = fused_and_unfused(model)
     torch.testing.assert_close(step(fused)[0], step(unfused)[0], rtol=1e-5, atol=0)
@@ -442,14 +453,49 @@ def test_whole_mlp_op_follows_adapter_switches_and_moves(monkeypatch):
     (model(input_ids=ids, labels=ids).loss + model(input_ids=ids, labels=ids).loss).backward()
 
 
-def test_whole_mlp_op_leaves_hooked_or_autocast_cases_to_the_layers(monkeypatch):
-    calls = count_fused_calls(monkeypatch, ["whole"])
+def test_shared_input_ops_leave_hooked_or_autocast_cases_to_the_layers(monkeypatch):
+    calls = count_fused_calls(monkeypatch, ["shared"])
     model = with_lora(tiny_llama(), LLAMA_TARGETS)
     seen = []
     model.model.layers[0].mlp.gate_proj.register_forward_hook(lambda m, i, o: seen.append(1))
     step(model)
-    assert seen == [1] and len(calls) == 1  # layer 0: gate's hook ran (down-only op); layer 1: whole op
+    assert seen == [1] and len(calls) == 3  # layer 0: gate's hook ran (gate, up as layers); q/k/v and layer 1 fused
     calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights, bf16 compute: per-layer casts
         step(model)
     assert calls == []
+
+
+def _registered_attention():
+    out = []
+    for model_type, (cls_name, names) in registry._HF_SHARED_INPUT.items():
+        try:
+            module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        except ImportError:
+            continue
+        if hasattr(module, cls_name):
+            out.append(model_type)
+    return out
+
+
+@pytest.mark.parametrize("model_type", _registered_attention())
+def test_every_registered_family_trains_the_same_with_the_shared_input_ops(model_type, monkeypatch):
+    """A tiny model of each registered family (q/k/v groups and gate/up; Qwen2's q/k/v have biases):
+    float64 loss and every gradient as the per-layer path."""
+    config = transformers.AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                               vocab_size=100, max_position_embeddings=64, pad_token_id=0,
+                                               bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).double()
+    with_lora(model, LLAMA_TARGETS)
+    calls = count_fused_calls(monkeypatch, ["shared"])
+    fused, unfused = fused_and_unfused(model)
+    loss_f, grads_f = step(fused)
+    assert len(calls) == 4
+    loss_u, grads_u = step(unfused)
+    torch.testing.assert_close(loss_f, loss_u, rtol=1e-12, atol=0)
+    for name in grads_u:
+        torch.testing.assert_close(grads_f[name], grads_u[name], rtol=0, atol=1e-12 * grads_u[name].abs().max(),
+                                   msg=name)

@@ -1,34 +1,39 @@
-"""Fused LoRA paths over a whole known block: the MLP of Llama-family models.
+"""Fused LoRA paths over whole known blocks of Llama-family models: the MLP, and self-attention's q, k, v.
 
-``inject`` installs them and ``unload`` removes them; nothing to call. A LoRA on an MLP's down projection
-would otherwise store that projection's (tokens x intermediate) input for its gradient - the largest
-tensor of a layer, which the frozen model never stores. ``FusedMlpForward`` computes the block as
-kernels.gated_mlp's one op instead, which stores only what the frozen model stores too, and recomputes
-the rest (that module says how). It replaces the block's forward on the instance (``module.forward``, the
-pattern accelerate's hooks use), computes exactly what the class's forward computes, and hands over to
-that forward whenever the fused op does not apply: adapters disabled, merged or mixed, dropout on the down
-projection, a packed base, hooks on the projection, another active adapter count than one, and
-``use_fused_kernel = False`` on the down projection (the reference path).
+``inject`` installs them and ``unload`` removes them; nothing to call.
+
+* **MLP** (``FusedMlpForward``): a LoRA on the down projection would otherwise store that projection's
+  (tokens x intermediate) input for its gradient - the largest tensor of a layer, which the frozen model
+  never stores. The block computes down as kernels.gated_mlp's op instead, which recomputes that input, and
+  gate and up (when both carry LoRA) as one shared-input op (kernels.shared_input).
+* **Projections of one input** (``SharedInputGroup``, q/k/v of the attention classes registry names): the
+  first member called computes all of them as one shared-input op and hands the others their outputs
+  when they are called with the same tensor.
+
+Both replace forwards on the instance (``module.forward``, the pattern accelerate's hooks use), compute
+exactly what the class's forward computes, and hand over to it whenever a fused op does not apply:
+adapters disabled, merged or mixed, dropout, a packed base, hooks, another active adapter count than one,
+autocast to another dtype than the weights', torch.compile (inductor fuses the per-layer ops itself) and
+``use_fused_kernel = False`` (the reference path).
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
-from . import registry
-from .kernels.gated_mlp import lora_mlp, lora_mlp_down
+from . import registry, widen
+from .kernels.gated_mlp import lora_mlp_down
+from .kernels.shared_input import lora_shared_input
 from .layers import Linear
 from .registry import MlpBlock
 
 ENABLED = True
 """Fuse known MLP blocks (an A/B switch; ``use_fused_kernel = False`` on a down projection turns it off there)."""
 
-WIDEN_GATE_UP = True
-"""Compute LoRA gate and up inside the block's op, through their widened weights (kernels.gated_mlp's
-LoraMlpFunction; an A/B switch). Off, or where it does not apply, gate and up run as their own LoRA layers."""
+SHARED_INPUT = True
+"""Compute LoRA projections of one input (gate/up, q/k/v) as one op through their widened weights
+(kernels.shared_input; an A/B switch). Off, or where it does not apply, they run as their own LoRA layers."""
 
 
 class FusedMlpForward:
@@ -38,7 +43,7 @@ class FusedMlpForward:
 
     def __init__(self, module: nn.Module, block: MlpBlock, silu: bool, replaced=None):
         self.module, self.block, self.silu, self.replaced = module, block, silu, replaced
-        self.widened: dict[int, tuple] = {}  # id(weight) -> (weakref, buffer storage pointer, ranks)
+        self.widened = widen.Widened()  # gate's and up's
 
     def original(self, x: torch.Tensor) -> torch.Tensor:
         return self.replaced(x) if self.replaced is not None else type(self.module).forward(self.module, x)
@@ -51,7 +56,7 @@ class FusedMlpForward:
         if not self._applies(call, x, None):
             return self.original(x)
         act = getattr(module, block.act)
-        y = self._whole(x, call, act) if WIDEN_GATE_UP else None
+        y = self._whole(x, call, act) if SHARED_INPUT else None
         if y is not None:
             return getattr(module, block.dropout)(y) if block.dropout is not None else y
         gate = getattr(module, block.gate)(x) if block.gate is not None else None  # the class's call order
@@ -67,64 +72,22 @@ class FusedMlpForward:
         return getattr(module, block.dropout)(y) if block.dropout is not None else y
 
     def _whole(self, x: torch.Tensor, call, act: nn.Module) -> torch.Tensor | None:
-        """The whole MLP as LoraMlpFunction when gate and up are plain LoRA Linears over dense frozen weights
-        of x's dtype (one active adapter, no dropout, no bias, no hooks), else None (nothing computed)."""
+        """gate and up as one shared-input op, then down's op; None (nothing computed) where it does not apply."""
         module, block = self.module, self.block
-        if block.gate is None or torch.compiler.is_compiling() or call.weight.dtype != x.dtype:
-            return None  # compiled graphs: the per-layer ops (inductor fuses those itself)
-        if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
+        if block.gate is None or call.weight.dtype != x.dtype:
             return None
-        gate, up = getattr(module, block.gate), getattr(module, block.up)
-        calls = []
-        for layer in (gate, up):
-            c = layer.fused_call(x) if isinstance(layer, Linear) and not _hooked(layer) else None
-            if c is None or c.dropout is not None or c.bias is not None or c.transposed \
-                    or type(c.weight) not in (torch.Tensor, nn.Parameter) or c.weight.dtype != x.dtype:
-                return None
-            calls.append(c)
-        cg, cu = calls
-        if cg.weight.shape != cu.weight.shape or cg.weight.device != x.device:
+        outs = shared_outputs([getattr(module, block.gate), getattr(module, block.up)], x, self.widened)
+        if outs is None:
             return None
-        r_gate, r_up = cg.A.shape[0], cu.A.shape[0]
-        packed_gate = self._widened(cg.weight, (r_gate, r_up), 0, cg.B, cg.scale)
-        packed_up = self._widened(cu.weight, (r_gate, r_up), 1, cu.B, cu.scale)
-        return lora_mlp(x, cg.A, cg.B, cu.A, cu.B, packed_gate, packed_up, act, call.weight, call.bias, call.A,
-                        call.B, (cg.scale, cu.scale, call.scale), call.transposed, self.silu)
-
-    def _widened(self, weight: nn.Parameter, ranks: tuple[int, int], slot: int, B: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-        """The (out, in + r_gate + r_up) buffer whose first ``in`` columns are ``weight`` itself and whose
-        ``slot``-th rank columns hold ``scale * B`` (the other's zero). The first call moves the weight into
-        such a buffer (``weight.data`` becomes a strided view of it: no second copy of W); later calls only
-        write s*B, through an alias that leaves autograd's version counters alone (those columns are read by
-        LoraMlpFunction only). A weight moved since (``.to()``, a load) is widened again."""
-        out_features, in_features = weight.shape
-        width = in_features + sum(ranks)
-        record = self.widened.get(id(weight))
-        data = weight.data
-        current = (record is not None and record[0]() is weight and record[1] == data.untyped_storage().data_ptr()
-                   and data.stride() == (width, 1) and data.storage_offset() == 0)
-        if not current:
-            buffer = torch.zeros(out_features, width, dtype=data.dtype, device=data.device)
-            buffer[:, :in_features].copy_(data)
-            weight.data = buffer[:, :in_features]
-            data = weight.data
-            record = None
-        buffer = data.as_strided((out_features, width), (width, 1))
-        if record is not None and record[2] != ranks:  # same width, other split: clear the old s*B columns
-            buffer[:, in_features:].zero_()
-        self.widened[id(weight)] = (weakref.ref(weight), data.untyped_storage().data_ptr(), ranks)
-        lo = in_features + (ranks[0] if slot else 0)
-        torch.mul(B.detach(), scale, out=buffer[:, lo:lo + ranks[slot]])
-        return buffer
+        gate, up = outs
+        return lora_mlp_down(gate, up, act, call.weight, call.bias, call.A, call.B, call.scale, call.transposed,
+                             self.silu)
 
     def release(self) -> None:
-        """Give the widened weights back as plain contiguous tensors (unfuse, unload)."""
-        for name in (self.block.gate, self.block.up):  # this module's own (a deep copy's records are the original's)
-            layer = getattr(self.module, name, None) if name is not None else None
-            weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
-            if isinstance(weight, torch.Tensor) and not weight.data.is_contiguous():
-                weight.data = weight.data.contiguous()
+        """Give the widened weights back as plain contiguous tensors (unfuse, unload): this module's own (a
+        deep copy's records point at the original's weights)."""
+        block = self.block
+        widen.release(widen.base_weight(getattr(self.module, n, None)) for n in (block.gate, block.up) if n)
         self.widened.clear()
 
     def _applies(self, call, first: torch.Tensor, second: torch.Tensor | None) -> bool:
@@ -136,26 +99,103 @@ class FusedMlpForward:
         return self.silu or not torch.compiler.is_compiling()  # autograd.grad inside backward: eager only
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Hooks on the down projection itself, or a forward replaced on it, would be skipped by the fused op."""
+class SharedInputGroup:
+    """The LoRA projections of one module that its forward applies to one input (q, k, v of a registered
+    attention class). Each member's forward is a ``_Member`` of the group: the first one called with a
+    tensor computes every member's output as one shared-input op and keeps the others' outputs until they
+    are called with that same tensor (unchanged since: same version); any other call is the member's own
+    forward. Where the op does not apply nothing is computed ahead."""
+
+    def __init__(self, owner: nn.Module, names: tuple[str, ...]):
+        self.owner, self.names = owner, names
+        self.widened = widen.Widened()
+        self.pending_input: torch.Tensor | None = None
+        self.pending_version = -1
+        self.pending: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+        layer = getattr(self.owner, name)
+        if not args and not kwargs and isinstance(x, torch.Tensor):
+            if x is self.pending_input and x._version == self.pending_version and name in self.pending:
+                out = self.pending.pop(name)
+                if not self.pending:
+                    self.pending_input = None
+                return out
+            layers = [getattr(self.owner, n) for n in self.names]
+            outs = shared_outputs(layers, x, self.widened) if SHARED_INPUT else None
+            if outs is not None:
+                self.pending_input, self.pending_version = x, x._version
+                self.pending = {n: o for n, o in zip(self.names, outs) if n != name}
+                return outs[self.names.index(name)]
+        return type(layer).forward(layer, x, *args, **kwargs)
+
+    def release(self) -> None:
+        self.pending_input, self.pending = None, {}
+        self.widened.clear()
+
+
+class _Member:
+    """The forward installed on one member projection of a SharedInputGroup."""
+
+    def __init__(self, group: SharedInputGroup, name: str):
+        self.group, self.name = group, name
+
+    def __call__(self, x, *args, **kwargs):
+        return self.group(self.name, x, args, kwargs)
+
+
+def shared_outputs(layers, x: torch.Tensor, widened: widen.Widened) -> tuple[torch.Tensor, ...] | None:
+    """The outputs of LoRA ``layers`` for one input as one shared-input op (kernels.shared_input), or None
+    when it would not compute exactly what each layer computes: a layer that is not a plain LoRA Linear over a
+    dense frozen weight of x's dtype with one active adapter and no dropout, hooks, torch.compile, autocast to
+    another dtype."""
+    if torch.compiler.is_compiling():
+        return None  # compiled graphs: the per-layer ops (inductor fuses those itself)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) != x.dtype:
+        return None
+    calls = []
+    for layer in layers:
+        forward = layer.__dict__.get("forward")
+        if not isinstance(layer, Linear) or _has_hooks(layer) or not (forward is None or isinstance(forward, _Member)):
+            return None
+        c = layer.fused_call(x)
+        if c is None or c.dropout is not None or c.transposed or type(c.weight) not in (torch.Tensor, nn.Parameter) \
+                or c.weight.dtype != x.dtype or c.weight.device != x.device or c.weight.shape[1] != x.shape[-1]:
+            return None
+        calls.append(c)
+    ranks = tuple(c.A.shape[0] for c in calls)
+    return lora_shared_input(x, [(c.A, c.B, c.bias, c.scale, widened.buffer(c.weight, ranks, i, c.B, c.scale))
+                                 for i, c in enumerate(calls)])
+
+
+def _has_hooks(module: nn.Module) -> bool:
     from torch.nn.modules import module as torch_module
 
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or torch_module._global_forward_hooks
                 or torch_module._global_forward_pre_hooks or torch_module._global_backward_hooks
-                or torch_module._global_backward_pre_hooks or "forward" in module.__dict__)
+                or torch_module._global_backward_pre_hooks)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Hooks on a projection, or a forward replaced on it, would be skipped by a fused op."""
+    return _has_hooks(module) or "forward" in module.__dict__
 
 
 def sync(model: nn.Module) -> int:
-    """Install FusedMlpForward on every known MLP block whose down projection is a LoRA Linear and remove it
-    where it no longer is; returns how many blocks carry it. An instance forward of another library is taken
-    over only where it computes the same block (registry.computes_block), else left alone."""
+    """Install FusedMlpForward on every known MLP block whose down projection is a LoRA Linear, and a
+    SharedInputGroup where two or more of a registered module's shared-input projections are LoRA Linears;
+    remove them where that no longer holds. Returns how many MLP blocks carry the fused forward. An
+    instance forward of another library is taken over only where it computes the same block
+    (registry.computes_block), else left alone."""
     count = 0
     for module in model.modules():
+        _sync_group(module)
         block = registry.mlp_block(module)
         current = module.__dict__.get("forward")
         if block is None or not isinstance(getattr(module, block.down, None), Linear):
-            _restore(module)
+            _restore_mlp(module)
             continue
         if current is None or registry.computes_block(module, current):
             act = getattr(module, block.act)
@@ -164,13 +204,33 @@ def sync(model: nn.Module) -> int:
     return count
 
 
+def _sync_group(module: nn.Module) -> None:
+    names = registry.shared_input_projections(module)
+    if not names:
+        return
+    lora = tuple(n for n in names if isinstance(getattr(module, n, None), Linear))
+    forwards = [getattr(module, n).__dict__.get("forward") for n in lora]
+    if len(lora) >= 2 and all(isinstance(f, _Member) and f.group.names == lora for f in forwards):
+        return  # installed, same members
+    _restore_group(module)
+    if len(lora) >= 2 and all(f is None or isinstance(f, _Member) for f in forwards):
+        group = SharedInputGroup(module, lora)
+        for n in lora:
+            getattr(module, n).forward = _Member(group, n)
+
+
 def unfuse(model: nn.Module) -> None:
-    """Give every block the forward it had before (``sync`` installs the fused one again)."""
+    """Give every block and projection the forward it had before (``sync`` installs the fused ones again)."""
     for module in model.modules():
         _restore(module)
 
 
 def _restore(module: nn.Module) -> None:
+    _restore_group(module)
+    _restore_mlp(module)
+
+
+def _restore_mlp(module: nn.Module) -> None:
     current = module.__dict__.get("forward")
     if isinstance(current, FusedMlpForward):
         current.release()
@@ -178,3 +238,14 @@ def _restore(module: nn.Module) -> None:
             del module.forward
         else:
             module.forward = current.replaced
+
+
+def _restore_group(module: nn.Module) -> None:
+    names = registry.shared_input_projections(module)
+    for n in names:
+        layer = getattr(module, n, None)
+        forward = layer.__dict__.get("forward") if layer is not None else None
+        if isinstance(forward, _Member):
+            forward.group.release()
+            del layer.forward
+    widen.release(widen.base_weight(getattr(module, n, None)) for n in names)

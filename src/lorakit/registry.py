@@ -117,6 +117,28 @@ def mlp_block(module: nn.Module) -> MlpBlock | None:
     return _MLP_BLOCKS.get(type(module))
 
 
+_QKV = ("q_proj", "k_proj", "v_proj")
+_HF_SHARED_INPUT = {  # transformers module -> attention class whose forward calls these on one hidden_states
+    model_type: (f"{prefix}Attention", _QKV) for model_type, prefix in (
+        ("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("gemma", "Gemma"),
+        ("gemma2", "Gemma2"), ("smollm3", "SmolLM3"), ("olmo", "Olmo"), ("granite", "Granite"),
+        ("cohere", "Cohere"))
+}
+_SHARED_INPUT: dict[type, tuple[str, ...]] = {}
+
+
+def shared_input_projections(module: nn.Module) -> tuple[str, ...]:
+    """Names of the projections a module of a known class applies to one and the same input in one forward
+    (self-attention's q, k, v): lorakit.blocks may compute them as one op. Empty for other modules."""
+    for model_type, (cls_name, names) in _HF_SHARED_INPUT.items():
+        module_name = f"transformers.models.{model_type}.modeling_{model_type}"
+        if module_name in sys.modules:
+            cls = getattr(sys.modules[module_name], cls_name, None)
+            if cls is not None:
+                _SHARED_INPUT.setdefault(cls, names)
+    return _SHARED_INPUT.get(type(module), ())
+
+
 _EQUIVALENT_FORWARDS = [  # (module, class) whose forward, bound on an instance, computes that instance's block
     ("liger_kernel.transformers.swiglu", "LigerSwiGLUMLP"),  # speed_up_base's SwiGLU: down(silu(gate) * up)
 ]

@@ -1,0 +1,102 @@
+"""Several LoRA projections of one input (q, k, v; gate, up) as one autograd node, the LoRA terms inside the
+base GEMMs through the K dimension.
+
+Per projection, the unfused op writes the rank-r product XA @ (sB).T, a (tokens x out) tensor, and the base
+GEMM reads it back in its epilogue: two extra passes over the output, the widest tensor of the layer for
+gate and up. Here the input is widened once, Xc = [X | X @ A_1.T | ... | X @ A_n.T] (one GEMM for every
+XA), and each frozen weight is stored widened, P_i = [W_i | 0 | s_i B_i | 0] with s_i B_i in projection i's
+rank columns (lorakit.widen keeps them so as the weight's own storage, no copy of W):
+
+    forward:   Y_i = Xc @ P_i.T (+ b_i)                        the LoRA projection in one GEMM
+    backward:  [dX_base | s_1 GA_1 | ... | s_n GA_n] = sum_i dY_i @ P_i    chained GEMMs (beta = 1): the
+               rank-r GA_i = dY_i @ B_i come free, and the dX sum needs no separate additions
+               dX = dX_base + [s GA] @ [A_1; ...; A_n]         one skinny GEMM
+               [dA_1; ...; dA_n] = [s GA].T @ X                one read of X for every A
+               dB_i = s_i dY_i.T @ XA_i                        XA_i: Xc's columns
+
+Saved for backward: Xc (the input the per-layer ops save too, plus the XA columns they save). Rounding
+differs from the per-layer path only in the order of the sums (the rank-r term is accumulated inside the
+base GEMM, in its fp32 accumulator), so float64 results agree to 1e-12 (tests/test_blocks.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SharedInputArgs:
+    """Input features, the projections' ranks and scales, and which have a bias."""
+
+    in_features: int
+    ranks: tuple[int, ...]
+    scales: tuple[float, ...]
+    biases: tuple[bool, ...]
+
+
+class LoraSharedInputFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, args: SharedInputArgs, x, *tensors):
+        """``tensors``: for each projection A_i, B_i, bias_i (None when absent), P_i (the widened weight, s_i B_i
+        written in). Returns one output per projection."""
+        n = len(args.ranks)
+        As, Bs, biases, packed = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
+        x2 = x.reshape(-1, args.in_features)
+        xc = torch.cat([x2, x2 @ torch.cat(As).t()], 1)
+        outs = []
+        for i in range(n):
+            y = torch.addmm(biases[i], xc, packed[i].t()) if biases[i] is not None else xc @ packed[i].t()
+            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+        ctx.args, ctx.x_shape, ctx.packed = args, x.shape, packed  # frozen weights: not saved activations
+        ctx.set_materialize_grads(False)  # an output that reaches no loss: its GEMMs are skipped, not zero-filled
+        ctx.save_for_backward(xc, *As, *Bs)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        args = ctx.args
+        n, k = len(args.ranks), args.in_features
+        xc, *params = ctx.saved_tensors
+        As, Bs = params[:n], params[n:]
+        need = ctx.needs_input_grad[2:]
+        grads2 = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
+        wide = None  # [dX_base | s_1 GA_1 | ... | s_n GA_n]
+        for g, p in zip(grads2, ctx.packed):
+            if g is not None:
+                wide = g @ p if wide is None else wide.addmm_(g, p)
+        out: list[torch.Tensor | None] = [None] * (4 * n)
+        grad_x = None
+        if wide is None:  # no output reached the loss
+            return (None, None, *out)
+        sga = wide[:, k:]
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.addmm(wide[:, :k], sga, torch.cat(As)).view(ctx.x_shape)
+        if any(need[4 * i] for i in range(n)):
+            grad_A = sga.t() @ xc[:, :k]
+        offset = k
+        for i, (g, r) in enumerate(zip(grads2, args.ranks)):
+            if need[4 * i]:
+                out[4 * i] = grad_A[offset - k:offset - k + r]
+            if g is not None:
+                if need[4 * i + 1]:
+                    out[4 * i + 1] = torch.addmm(Bs[i], g.t(), xc[:, offset:offset + r], beta=0, alpha=args.scales[i])
+                if need[4 * i + 2] and args.biases[i]:
+                    out[4 * i + 2] = g.sum(0)
+            offset += r
+        return (None, grad_x, *out)
+
+
+def lora_shared_input(x: torch.Tensor, projections) -> tuple[torch.Tensor, ...]:
+    """The outputs ``x @ W_i.T + b_i + s_i * (x @ A_i.T) @ B_i.T`` for ``projections``: (A, B, bias or None,
+    scale, packed) each, ``packed`` the widened frozen weight with s*B written in (lorakit.widen). Every
+    operand is computed in x's dtype, which the packed weights have."""
+    dtype = x.dtype
+    tensors = []
+    for A, B, bias, _, packed in projections:
+        tensors += [A.to(dtype), B.to(dtype), bias.to(dtype) if bias is not None else None, packed]
+    args = SharedInputArgs(x.shape[-1], tuple(p[0].shape[0] for p in projections),
+                           tuple(float(p[3]) for p in projections), tuple(p[2] is not None for p in projections))
+    with torch.autocast(x.device.type, enabled=False):
+        return LoraSharedInputFunction.apply(args, x, *tensors)

@@ -1,0 +1,62 @@
+"""Frozen weights stored widened for kernels.shared_input: W (out, in) as the first ``in`` columns of an
+(out, in + R) buffer whose other columns hold s*B for one projection of a group and zeros for the rest.
+
+The weight itself becomes a strided view of the buffer (``weight.data``), so there is no second copy of W,
+and everything else that reads the weight (state_dict, merge, the per-layer path) sees the same values.
+``Widened`` remembers which buffers it made; a weight moved since (``.to()``, a load that replaced it) is
+widened again on its next use, and ``release`` makes the weights plain contiguous tensors again.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+
+class Widened:
+    """The widened weights of one group of projections (one per instance of the group's owner)."""
+
+    def __init__(self):
+        self.records: dict[int, tuple] = {}  # id(weight) -> (weakref, buffer storage pointer, ranks)
+
+    def buffer(self, weight: nn.Parameter, ranks: tuple[int, ...], slot: int, B: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """The (out, in + sum(ranks)) buffer of ``weight`` with ``scale * B`` in projection ``slot``'s rank
+        columns. The first call moves the weight into it; later calls only write s*B, through an alias that
+        leaves autograd's version counters alone (those columns are read by the shared-input op only)."""
+        out_features, in_features = weight.shape
+        width = in_features + sum(ranks)
+        data = weight.data
+        record = self.records.get(id(weight))
+        current = (record is not None and record[0]() is weight and record[1] == data.untyped_storage().data_ptr()
+                   and data.stride() == (width, 1) and data.storage_offset() == 0)
+        if not current:
+            buffer = torch.zeros(out_features, width, dtype=data.dtype, device=data.device)
+            buffer[:, :in_features].copy_(data)
+            weight.data = buffer[:, :in_features]
+            data = weight.data
+            record = None
+        buffer = data.as_strided((out_features, width), (width, 1))
+        if record is not None and record[2] != ranks:  # same width, another split: clear the old s*B columns
+            buffer[:, in_features:].zero_()
+        self.records[id(weight)] = (weakref.ref(weight), data.untyped_storage().data_ptr(), ranks)
+        lo = in_features + sum(ranks[:slot])
+        torch.mul(B.detach(), scale, out=buffer[:, lo:lo + ranks[slot]])
+        return buffer
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+def release(weights) -> None:
+    """Make ``weights`` plain contiguous tensors again (a widened one is a strided view of its buffer)."""
+    for weight in weights:
+        if isinstance(weight, torch.Tensor) and not weight.data.is_contiguous():
+            weight.data = weight.data.contiguous()
+
+
+def base_weight(layer: nn.Module | None) -> torch.Tensor | None:
+    """The frozen weight of a projection, whether it still carries LoRA (``base_layer``) or not any more."""
+    return getattr(getattr(layer, "base_layer", layer), "weight", None)
