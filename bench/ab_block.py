@@ -39,12 +39,15 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    modes = {"shared-input ops": (True, True), "down op only": (True, False), "block not fused": (False, False)}
+    modes = {"shared-input ops": (True, True, True), "gate/up shared": (True, True, False),  # default: gate/up
+             "down op only": (True, False, False), "block not fused": (False, False, False)}
     res: dict[str, list[tuple[float, float]]] = {name: [] for name in modes}
     for _ in range(args.rounds):
-        for name, (fused, widen) in modes.items():
-            lk.blocks.sync(model) if fused else lk.blocks.unfuse(model)
-            lk.blocks.SHARED_INPUT = widen
+        for name, (fused, widen, qkv) in modes.items():
+            lk.blocks.unfuse(model)
+            if fused:
+                lk.blocks.sync(model)
+            lk.blocks.SHARED_INPUT, lk.blocks.SHARED_QKV = widen, qkv
             for _ in range(args.warmup):
                 step()
             torch.cuda.synchronize()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorakit as lk
-from lorakit import activation_memory, blocks, registry
+from lorakit import activation_memory, blocks, registry, widen
 from lorakit.kernels import gated_mlp, shared_input
 
 transformers = pytest.importorskip("transformers")
@@ -198,7 +198,7 @@ def saved_bytes(model, ids) -> int:
     return activation_memory.saved_bytes(model, lambda: model(input_ids=ids, labels=ids).loss)
 
 
-def test_lora_step_saves_less_than_the_frozen_floor():
+def test_lora_step_saves_less_than_the_frozen_floor(monkeypatch):
     ids = torch.randint(0, 100, (2, 64), generator=torch.Generator().manual_seed(0))
     floor_model = tiny_llama(torch.bfloat16)
     floor_model.requires_grad_(False)
@@ -207,12 +207,20 @@ def test_lora_step_saves_less_than_the_frozen_floor():
     fused = with_lora(tiny_llama(torch.bfloat16), LLAMA_TARGETS)
     unfused = copy.deepcopy(fused)
     blocks.unfuse(unfused)
+    monkeypatch.setattr(blocks, "SHARED_QKV", True)
+    monkeypatch.setattr(widen, "PAD_TO", 64)
+    lora_shared = saved_bytes(fused, ids)
+    monkeypatch.setattr(blocks, "SHARED_INPUT", False)
     lora_fused, lora_unfused = saved_bytes(fused, ids), saved_bytes(unfused, ids)
     tokens, hidden, inter, layers = 2 * 64, 64, 160, 2
     # unfused, LoRA adds per layer the inputs of q/k/v and gate/up (norm outputs) and of down: (2 h + i) x tokens
     # bf16: at least the down input and act(gate) (exactly that on torch 2.13; 256 bytes a layer more on 2.11)
     assert lora_unfused - lora_fused >= layers * tokens * 2 * inter * 2
     assert lora_fused < floor < lora_unfused
+    # the shared-input ops save [X | XA ... | padding] instead of X and each XA: only the padding more
+    # (PAD_TO 64, to 128 columns: q/k/v 64 + 3 x 4, gate/up 64 + 2 x 4)
+    padding = layers * tokens * ((128 - 76) + (128 - 72)) * 2
+    assert abs(lora_shared - lora_fused - padding) <= 256 * layers
     peft = pytest.importorskip("peft")
     theirs = peft.get_peft_model(tiny_llama(torch.bfloat16), peft.LoraConfig(r=4, target_modules=LLAMA_TARGETS),
                                  autocast_adapter_dtype=False)
@@ -350,16 +358,24 @@ def test_a_kernel_that_fails_to_launch_falls_back_once(monkeypatch):
 # ---- projections of one input as one op (gate/up, q/k/v), through their widened weights
 
 
-def widened(model):
+@pytest.fixture
+def qkv(monkeypatch):
+    """q/k/v groups on (off by default: blocks.SHARED_QKV says why)."""
+    monkeypatch.setattr(blocks, "SHARED_QKV", True)
+
+
+def widened_weights(model):
     return [getattr(parent, name).base_layer.weight for layer in model.model.layers
             for parent, name in ((layer.mlp, "gate_proj"), (layer.mlp, "up_proj"), (layer.self_attn, "q_proj"),
                                  (layer.self_attn, "k_proj"), (layer.self_attn, "v_proj"))]
 
 
+@pytest.mark.parametrize("pad_to", [1, 64])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_shared_input_ops_match_the_per_layer_path(dtype, rtol, monkeypatch):
+def test_shared_input_ops_match_the_per_layer_path(dtype, rtol, pad_to, monkeypatch, qkv):
     """Loss and every gradient as the unfused path, up to the order of the sums (the rank-r term is summed
     inside the base GEMM); projections of one group with different ranks (rank_pattern)."""
+    monkeypatch.setattr(widen, "PAD_TO", pad_to)
     model = with_lora(tiny_llama(dtype), LLAMA_TARGETS, rank_pattern={"gate_proj": 2, "up_proj": 6, "k_proj": 3})
     fused, unfused = fused_and_unfused(model)
     calls = count_fused_calls(monkeypatch, ["shared"])
@@ -392,7 +408,7 @@ def test_shared_input_op_gradcheck_float64(bias):
         for i, (W, r, s) in enumerate(zip(Ws, ranks, scales)):
             A, B, b = params[3 * i:3 * i + 3]
             cols = [W] + [s * B.detach() if j == i else torch.zeros(W.shape[0], rj, dtype=W.dtype)
-                          for j, rj in enumerate(ranks)]
+                          for j, rj in enumerate(ranks)] + [torch.zeros(W.shape[0], 3, dtype=W.dtype)]  # padding
             projections.append((A, B, b, s, torch.cat(cols, 1)))
         return shared_input.lora_shared_input(x, projections)
 
@@ -409,18 +425,19 @@ def test_shared_input_op_gradcheck_float64(bias):
     assert params[0].grad.abs().sum() > 0
 
 
-def test_widened_weights_share_the_frozen_weights_storage_and_come_back_intact():
+def test_widened_weights_share_the_frozen_weights_storage_and_come_back_intact(qkv):
     model = with_lora(tiny_llama(), LLAMA_TARGETS, rank_pattern={"gate_proj": 8})  # gate/up: 64 + 8 + 4
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     step(model)
-    for w in widened(model):  # the weight is a view of its widened buffer: no second copy of W
-        assert w.stride() == (64 + 12, 1) and not w.is_contiguous()  # q/k/v: r=4 each
-        assert w.untyped_storage().nbytes() == w.shape[0] * (64 + 12) * w.element_size()
+    for w in widened_weights(model):  # the weight is a view of its widened buffer: no second copy of W
+        width = 64 + 12  # q/k/v: 3 x 4; gate/up: 8 + 4
+        assert w.stride() == (width, 1) and not w.is_contiguous()
+        assert w.untyped_storage().nbytes() == w.shape[0] * width * w.element_size()
     now = {n: p.detach() for n, p in model.named_parameters() if "lora_" not in n}
     assert all(torch.equal(before[n], now[n]) for n in before)  # values unchanged; state_dict reads them
     lk.merge(model)
     lk.unmerge(model)  # in place through the views
-    torch.testing.assert_close(widened(model)[0], before["model.layers.0.mlp.gate_proj.base_layer.weight"],
+    torch.testing.assert_close(widened_weights(model)[0], before["model.layers.0.mlp.gate_proj.base_layer.weight"],
                                rtol=0, atol=1e-6)
     lk.unload(model, merge_adapters=False)
     for layer in model.model.layers:
@@ -429,7 +446,7 @@ def test_widened_weights_share_the_frozen_weights_storage_and_come_back_intact()
                           before["model.layers.1.mlp.up_proj.base_layer.weight"], rtol=0, atol=1e-6)
 
 
-def test_shared_input_ops_follow_adapter_switches_and_moves(monkeypatch):
+def test_shared_input_ops_follow_adapter_switches_and_moves(monkeypatch, qkv):
     """Another active adapter (other ranks: the buffer is widened again), a dtype move (.to: weights
     contiguous again, widened again on the next call), a second forward before backward (no version error)."""
     model = with_lora(tiny_llama(torch.float64), LLAMA_TARGETS)
@@ -453,7 +470,7 @@ def test_shared_input_ops_follow_adapter_switches_and_moves(monkeypatch):
     (model(input_ids=ids, labels=ids).loss + model(input_ids=ids, labels=ids).loss).backward()
 
 
-def test_shared_input_ops_leave_hooked_or_autocast_cases_to_the_layers(monkeypatch):
+def test_shared_input_ops_leave_hooked_or_autocast_cases_to_the_layers(monkeypatch, qkv):
     calls = count_fused_calls(monkeypatch, ["shared"])
     model = with_lora(tiny_llama(), LLAMA_TARGETS)
     seen = []
@@ -479,7 +496,7 @@ def _registered_attention():
 
 
 @pytest.mark.parametrize("model_type", _registered_attention())
-def test_every_registered_family_trains_the_same_with_the_shared_input_ops(model_type, monkeypatch):
+def test_every_registered_family_trains_the_same_with_the_shared_input_ops(model_type, monkeypatch, qkv):
     """A tiny model of each registered family (q/k/v groups and gate/up; Qwen2's q/k/v have biases):
     float64 loss and every gradient as the per-layer path."""
     config = transformers.AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -499,3 +516,12 @@ def test_every_registered_family_trains_the_same_with_the_shared_input_ops(model
     for name in grads_u:
         torch.testing.assert_close(grads_f[name], grads_u[name], rtol=0, atol=1e-12 * grads_u[name].abs().max(),
                                    msg=name)
+
+
+def test_qkv_groups_are_off_by_default(monkeypatch):
+    calls = count_fused_calls(monkeypatch, ["shared"])
+    model = with_lora(tiny_llama(), LLAMA_TARGETS)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.__dict__.get("forward"), blocks._Member)
+    step(model)
+    assert len(calls) == 2  # gate/up of both layers; q/k/v through their own layers
+    assert model.model.layers[0].self_attn.q_proj.base_layer.weight.is_contiguous()

@@ -35,6 +35,10 @@ SHARED_INPUT = True
 """Compute LoRA projections of one input (gate/up, q/k/v) as one op through their widened weights
 (kernels.shared_input; an A/B switch). Off, or where it does not apply, they run as their own LoRA layers."""
 
+SHARED_QKV = False
+"""Also q/k/v (SharedInputGroup). Off by default: on the H200 (Llama-3.2-1B shape) it was not faster than
+gate/up alone, and its rounds were bimodal (README); the groups are installed, so setting this is enough."""
+
 
 class FusedMlpForward:
     """The forward installed on one MLP block (``block.forward``). ``replaced``: the instance forward it took
@@ -122,7 +126,7 @@ class SharedInputGroup:
                     self.pending_input = None
                 return out
             layers = [getattr(self.owner, n) for n in self.names]
-            outs = shared_outputs(layers, x, self.widened) if SHARED_INPUT else None
+            outs = shared_outputs(layers, x, self.widened) if SHARED_INPUT and SHARED_QKV else None
             if outs is not None:
                 self.pending_input, self.pending_version = x, x._version
                 self.pending = {n: o for n, o in zip(self.names, outs) if n != name}

@@ -1,5 +1,6 @@
 """Frozen weights stored widened for kernels.shared_input: W (out, in) as the first ``in`` columns of an
-(out, in + R) buffer whose other columns hold s*B for one projection of a group and zeros for the rest.
+(out, in + R + pad) buffer whose other columns hold s*B for one projection of a group and zeros for the rest
+(the other projections' rank columns and any padding, PAD_TO).
 
 The weight itself becomes a strided view of the buffer (``weight.data``), so there is no second copy of W,
 and everything else that reads the weight (state_dict, merge, the per-layer path) sees the same values.
@@ -23,11 +24,11 @@ class Widened:
 
     def buffer(self, weight: nn.Parameter, ranks: tuple[int, ...], slot: int, B: torch.Tensor,
                scale: float) -> torch.Tensor:
-        """The (out, in + sum(ranks)) buffer of ``weight`` with ``scale * B`` in projection ``slot``'s rank
+        """The (out, padded_width(in, ranks)) buffer of ``weight`` with ``scale * B`` in projection ``slot``'s rank
         columns. The first call moves the weight into it; later calls only write s*B, through an alias that
         leaves autograd's version counters alone (those columns are read by the shared-input op only)."""
         out_features, in_features = weight.shape
-        width = in_features + sum(ranks)
+        width = padded_width(in_features, ranks)
         data = weight.data
         record = self.records.get(id(weight))
         current = (record is not None and record[0]() is weight and record[1] == data.untyped_storage().data_ptr()
@@ -48,6 +49,16 @@ class Widened:
 
     def clear(self) -> None:
         self.records.clear()
+
+
+PAD_TO = 1
+"""Round the widened width up to a multiple of this (64: rows of whole 128-byte lines in 16 bits, no more K
+tiles than unpadded). 1, no padding, is the measured setting (README); 64 is an untested A/B option."""
+
+
+def padded_width(in_features: int, ranks: tuple[int, ...]) -> int:
+    """in + sum(ranks), rounded up to a multiple of PAD_TO."""
+    return -(-(in_features + sum(ranks)) // PAD_TO) * PAD_TO
 
 
 def release(weights) -> None:

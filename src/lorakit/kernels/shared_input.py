@@ -5,7 +5,8 @@ Per projection, the unfused op writes the rank-r product XA @ (sB).T, a (tokens 
 GEMM reads it back in its epilogue: two extra passes over the output, the widest tensor of the layer for
 gate and up. Here the input is widened once, Xc = [X | X @ A_1.T | ... | X @ A_n.T] (one GEMM for every
 XA), and each frozen weight is stored widened, P_i = [W_i | 0 | s_i B_i | 0] with s_i B_i in projection i's
-rank columns (lorakit.widen keeps them so as the weight's own storage, no copy of W):
+rank columns and any zero columns of padding (lorakit.widen keeps them so as the weight's own storage, no
+copy of W):
 
     forward:   Y_i = Xc @ P_i.T (+ b_i)                        the LoRA projection in one GEMM
     backward:  [dX_base | s_1 GA_1 | ... | s_n GA_n] = sum_i dY_i @ P_i    chained GEMMs (beta = 1): the
@@ -24,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,12 @@ class LoraSharedInputFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, args: SharedInputArgs, x, *tensors):
         """``tensors``: for each projection A_i, B_i, bias_i (None when absent), P_i (the widened weight, s_i B_i
-        written in). Returns one output per projection."""
+        written in; all of one width). Returns one output per projection."""
         n = len(args.ranks)
         As, Bs, biases, packed = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
         x2 = x.reshape(-1, args.in_features)
-        xc = torch.cat([x2, x2 @ torch.cat(As).t()], 1)
+        pad = packed[0].shape[1] - args.in_features - sum(args.ranks)  # the widened weights' zero columns
+        xc = torch.cat([x2, F.pad(x2 @ torch.cat(As).t(), (0, pad))], 1)
         outs = []
         for i in range(n):
             y = torch.addmm(biases[i], xc, packed[i].t()) if biases[i] is not None else xc @ packed[i].t()
@@ -70,7 +73,7 @@ class LoraSharedInputFunction(torch.autograd.Function):
         grad_x = None
         if wide is None:  # no output reached the loss
             return (None, None, *out)
-        sga = wide[:, k:]
+        sga = wide[:, k:k + sum(args.ranks)]
         if ctx.needs_input_grad[1]:
             grad_x = torch.addmm(wide[:, :k], sga, torch.cat(As)).view(ctx.x_shape)
         if any(need[4 * i] for i in range(n)):
