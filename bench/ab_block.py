@@ -3,7 +3,7 @@
 alternating rounds (so clocks and allocator state drift over both alike), wall time per step and the
 GPU time of the same steps from CUDA events.
 
-    python bench/ab_block.py --shape llama-1b --rounds 3 --steps 8
+    python bench/ab_block.py --shape llama-1b --rounds 3 --steps 8 [--pad-to 64]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from train_gpu import SHAPES, TARGETS, build
 
 import lorakit as lk
+import lorakit.widen
 
 
 def main() -> None:
@@ -26,7 +27,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--pad-to", type=int, default=1, help="lorakit.widen.PAD_TO: pad widened rows to this multiple")
     args = p.parse_args()
+    lk.widen.PAD_TO = args.pad_to
     model = build(args.shape, "cuda")
     model.config.use_cache = False
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
@@ -63,7 +66,8 @@ def main() -> None:
                 gpus.append(a.elapsed_time(b) / 1e3)
             res[name].append((statistics.median(walls), statistics.median(gpus)))
     tokens = args.batch * args.seq
-    print(f"{args.shape}, {args.batch}x{args.seq}, {torch.cuda.get_device_name()}: tokens/s per round (wall)")
+    print(f"{args.shape}, {args.batch}x{args.seq}, {torch.cuda.get_device_name()}, PAD_TO {args.pad_to}: "
+          "tokens/s per round (wall)")
     for name, rounds in res.items():
         walls = " ".join(f"{tokens / w / 1e3:6.1f}k" for w, _ in rounds)
         print(f"| {name:17s} | {walls} | step ms wall/events: "

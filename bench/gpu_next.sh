@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # What the next device session should run first, each part one device call of under 10 minutes:
-#   part 1: the whole test suite with a GPU visible (last: 2026-12-01 on H200, 728 passed, 1 fp32 tolerance
-#           widened since; NOT yet run on a GPU: tests/test_kernels_swiglu.py's compiled kernels and its CUDA
-#           test of the fused MLP block), then the 1B speed rows the README quotes, with the new A/B row
-#           "lorakit bf16, MLP block not fused" (the fused block is predicted at ~22.5 GiB peak against the
-#           floor's 23.5 and 26.5 unfused, from bench/activation_memory.py; its speed is not measured yet)
-#           and --check (50 bf16 steps, fused path incl. the block against the reference path);
+#   part 1: the GPU tests of the fused blocks, the interleaved A/B of the fused blocks (bench/ab_block.py: the
+#           default gate/up shared op, + q/k/v, down op only, unfused), the same with widened rows padded to 64
+#           (widen.PAD_TO: the untested guess for the q/k/v group's bimodal rounds), then the 1B speed rows;
+#           last measured 2026-12-01 on an H200 (README: gate/up shared 59.1-59.4k, ~0.92 of the floor);
 #   part 2: serving with an NF4 base next to the 16-bit one, and `lorakit compare --fast` (lora, qlora) on 1B
 #           (not run yet: the machine stopped answering);
 #   part 3: the 8-bit base with the one-pass Triton int8 dequantization vs PEFT + bnb (done 2026-11-23, H200);
@@ -21,9 +19,13 @@ export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 HF_HUB_OFFLIN
 OUT=${OUT:-.}
 part=${1:-1}
 if [ "$part" = 1 ]; then
-    X=""; python3 -c "import xdist" 2>/dev/null && X="-n 8"
-    timeout 300 python3 -m pytest -q -p no:cacheprovider $X tests 2>&1 | grep -v '^\.\+' | tail -30 | tee "$OUT/gpu_suite.txt"
-    (cd bench && timeout 300 python3 train_gpu.py --shape llama-1b --only floor,lorakit --steps 8 --check 2>&1 \
+    X=""; python3 -c "import xdist" 2>/dev/null && X="-n 4"
+    timeout 120 python3 -m pytest -q -p no:cacheprovider $X tests/test_blocks.py tests/test_kernels_swiglu.py \
+        tests/test_kernels_lora_linear.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+    (cd bench && timeout 110 python3 ab_block.py --rounds 3 --steps 8 2>&1 | grep -v Warn | tail -5 | tee "$OUT/ab.txt")
+    (cd bench && timeout 110 python3 ab_block.py --rounds 3 --steps 8 --pad-to 64 2>&1 | grep -v Warn | tail -5 \
+        | tee "$OUT/ab_pad64.txt")
+    (cd bench && timeout 200 python3 train_gpu.py --shape llama-1b --only floor,lorakit --steps 8 --check 2>&1 \
         | grep -v Warn | tail -14 | tee "$OUT/train_1b.txt")
 elif [ "$part" = 2 ]; then
     (cd bench && timeout 240 python3 serve.py --only lorakit,nf4 2>&1 | tail -9 | tee "$OUT/serve_nf4.txt")
