@@ -1,4 +1,5 @@
-"""What several bench scripts share: building a random-weight Llama from a config, timing a call.
+"""What several bench scripts share: building a random-weight Llama from a config, timing a call (wall clock
+or CUDA events).
 
 The scripts run as ``python bench/<name>.py``, so this file sits on their import path as ``common``.
 """
@@ -34,4 +35,21 @@ def timed(fn, repeat: int) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cuda_event_us(fn, iters: int = 50, warmup: int = 10) -> float:
+    """Median microseconds of ``fn()`` on the current CUDA stream (CUDA events around each call) after
+    ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) * 1e3)
     return statistics.median(times)

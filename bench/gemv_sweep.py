@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
+from common import cuda_event_us
 
 # knobs: (block_n, block_k, num_warps, num_stages, dot, split_k)
 ONE_ROW = [(8, 512, 4, 1, False, 1), (4, 1024, 4, 1, False, 1), (16, 256, 4, 1, False, 1),
@@ -32,20 +32,10 @@ ROWS = [(32, 128, 8, 1, True, 1), (16, 128, 4, 1, True, 1), (16, 256, 4, 1, True
 
 def timed(fn, device: str, iters: int) -> float | None:
     """Median microseconds of ``fn()`` over ``iters`` calls after warm-up (None off CUDA: no timing claims)."""
-    for _ in range(5):
-        fn()
     if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) * 1e3)
-    return statistics.median(times)
+        return None
+    return cuda_event_us(fn, iters, warmup=5)
 
 
 def main() -> None:

@@ -7,24 +7,9 @@ with CUDA events (median of 50 after 10 warm-up) and prints the extra microsecon
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
-
-
-def timed(fn, iters=50, warmup=10):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
+from common import cuda_event_us as timed
 
 
 def main() -> None:

@@ -130,19 +130,21 @@ def test_fused_block_bf16_matches_unfused(monkeypatch):
         torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-2, atol=1e-3)
 
 
-def _registered_classes():
+def _registered(table):
+    """(model_type, class, entry) for each entry of one of registry's Hugging Face tables whose class exists
+    in the installed transformers."""
     out = []
-    for model_type, (cls_name, block) in registry._HF_MLP_BLOCKS.items():
+    for model_type, (cls_name, entry) in table.items():
         try:
             module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
         except ImportError:
             continue
         if hasattr(module, cls_name):
-            out.append((model_type, getattr(module, cls_name), block))
+            out.append((model_type, getattr(module, cls_name), entry))
     return out
 
 
-@pytest.mark.parametrize("model_type,cls,block", _registered_classes(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("model_type,cls,block", _registered(registry._HF_MLP_BLOCKS), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_registered_mlp_class_computes_its_own_forward(model_type, cls, block):
     config = transformers.AutoConfig.for_model(model_type)
     for name, value in dict(hidden_size=24, intermediate_size=40, mlp_bias=False).items():
@@ -483,19 +485,7 @@ def test_shared_input_ops_leave_hooked_or_autocast_cases_to_the_layers(monkeypat
     assert calls == []
 
 
-def _registered_attention():
-    out = []
-    for model_type, (cls_name, names) in registry._HF_SHARED_INPUT.items():
-        try:
-            module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-        except ImportError:
-            continue
-        if hasattr(module, cls_name):
-            out.append(model_type)
-    return out
-
-
-@pytest.mark.parametrize("model_type", _registered_attention())
+@pytest.mark.parametrize("model_type", [entry[0] for entry in _registered(registry._HF_SHARED_INPUT)])
 def test_every_registered_family_trains_the_same_with_the_shared_input_ops(model_type, monkeypatch, qkv):
     """A tiny model of each registered family (q/k/v groups and gate/up; Qwen2's q/k/v have biases):
     float64 loss and every gradient as the per-layer path."""

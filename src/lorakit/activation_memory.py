@@ -17,15 +17,16 @@ def saved_bytes(model: nn.Module, run: Callable[[], object]) -> int:
     """Bytes of the distinct storages autograd saves for backward while ``run()`` runs (views of one storage
     count once), ``model``'s parameters and buffers excluded. Works under FakeTensorMode too, where each fake
     storage is a distinct StorageImpl: a large model is counted without its memory or its compute."""
-    weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage._cdata not in weights:
-            seen[storage._cdata] = storage.nbytes()
+        seen[storage._cdata] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
-    return sum(seen.values())
+    # the weights' storages as they are after the run: a first forward may move weights into new storages
+    # (lorakit.widen), and the freed old ones' addresses may then be reused by activations
+    weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    return sum(n for key, n in seen.items() if key not in weights)
