@@ -72,12 +72,12 @@ def main() -> None:
         layer.use_fused_kernel = False
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
 
-    def step_fn(model, optimize: bool, fuse_blocks: bool = True):
+    def step_fn(model, optimize: bool, fuse_blocks: bool = True, shared: bool = True):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4) if optimize else None
 
         def step():
-            lk.blocks.ENABLED = fuse_blocks
+            lk.blocks.ENABLED, lk.blocks.SHARED_INPUT = fuse_blocks, shared
             model(input_ids=x, labels=x).loss.backward()
             if opt is not None:
                 opt.step()
@@ -92,6 +92,7 @@ def main() -> None:
         "lorakit (reference path)": step_fn(reference, True),
     }
     if args.family == "llama":
+        providers["lorakit, no shared-input ops"] = step_fn(copy.deepcopy(ours), True, shared=False)
         providers["lorakit, MLP block not fused"] = step_fn(copy.deepcopy(ours), True, fuse_blocks=False)
     for fn in providers.values():
         fn()
