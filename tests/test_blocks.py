@@ -515,3 +515,20 @@ def test_qkv_groups_are_off_by_default(monkeypatch):
     step(model)
     assert len(calls) == 2  # gate/up of both layers; q/k/v through their own layers
     assert model.model.layers[0].self_attn.q_proj.base_layer.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("with_qkv", [False, True])
+def test_a_first_call_under_inference_mode_leaves_the_model_trainable(with_qkv, monkeypatch):
+    """The weights are widened on first use: under torch.inference_mode they must still not become inference
+    tensors, or the next training step could not use them."""
+    monkeypatch.setattr(blocks, "SHARED_QKV", with_qkv)
+    calls = count_fused_calls(monkeypatch, ["shared"])
+    model = with_lora(tiny_llama(torch.float64), LLAMA_TARGETS)
+    fused, unfused = fused_and_unfused(model)
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.inference_mode():
+        out = fused(input_ids=ids).logits
+    assert len(calls) == (4 if with_qkv else 2)
+    torch.testing.assert_close(out, unfused(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
+    assert not any(p.is_inference() for p in fused.parameters())
+    torch.testing.assert_close(step(fused)[0], step(unfused)[0], rtol=1e-12, atol=0)

@@ -120,7 +120,7 @@ class SharedInputGroup:
     def __call__(self, name: str, x: torch.Tensor, args, kwargs) -> torch.Tensor:
         layer = getattr(self.owner, name)
         if not args and not kwargs and isinstance(x, torch.Tensor):
-            if x is self.pending_input and x._version == self.pending_version and name in self.pending:
+            if x is self.pending_input and _version(x) == self.pending_version and name in self.pending:
                 out = self.pending.pop(name)
                 if not self.pending:
                     self.pending_input = None
@@ -128,7 +128,7 @@ class SharedInputGroup:
             layers = [getattr(self.owner, n) for n in self.names]
             outs = shared_outputs(layers, x, self.widened) if SHARED_INPUT and SHARED_QKV else None
             if outs is not None:
-                self.pending_input, self.pending_version = x, x._version
+                self.pending_input, self.pending_version = x, _version(x)
                 self.pending = {n: o for n, o in zip(self.names, outs) if n != name}
                 return outs[self.names.index(name)]
         return type(layer).forward(layer, x, *args, **kwargs)
@@ -136,6 +136,11 @@ class SharedInputGroup:
     def release(self) -> None:
         self.pending_input, self.pending = None, {}
         self.widened.clear()
+
+
+def _version(x: torch.Tensor) -> int:
+    """x's version counter (in-place writes bump it); inference tensors have none."""
+    return -1 if x.is_inference() else x._version
 
 
 class _Member:

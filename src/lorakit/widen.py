@@ -34,9 +34,10 @@ class Widened:
         current = (record is not None and record[0]() is weight and record[1] == data.untyped_storage().data_ptr()
                    and data.stride() == (width, 1) and data.storage_offset() == 0)
         if not current:
-            buffer = torch.zeros(out_features, width, dtype=data.dtype, device=data.device)
-            buffer[:, :in_features].copy_(data)
-            weight.data = buffer[:, :in_features]
+            with torch.inference_mode(False):  # a first call under inference_mode must not make W an inference tensor
+                buffer = torch.zeros(out_features, width, dtype=data.dtype, device=data.device)
+                buffer[:, :in_features].copy_(data)
+                weight.data = buffer[:, :in_features]
             data = weight.data
             record = None
         buffer = data.as_strided((out_features, width), (width, 1))
