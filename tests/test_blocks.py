@@ -518,9 +518,11 @@ def test_qkv_groups_are_off_by_default(monkeypatch):
 
 
 @pytest.mark.parametrize("with_qkv", [False, True])
-def test_a_first_call_under_inference_mode_leaves_the_model_trainable(with_qkv, monkeypatch):
-    """The weights are widened on first use: under torch.inference_mode they must still not become inference
-    tensors, or the next training step could not use them."""
+def test_weights_are_widened_by_training_only(with_qkv, monkeypatch):
+    """An eval or inference pass first (no_grad / inference_mode) runs the per-layer ops and leaves the weights
+    contiguous (with dropout a model trains per layer, and would keep strided weights after an eval); after a
+    training step has widened them, inference uses the shared op too, and no weight becomes an inference
+    tensor."""
     monkeypatch.setattr(blocks, "SHARED_QKV", with_qkv)
     calls = count_fused_calls(monkeypatch, ["shared"])
     model = with_lora(tiny_llama(torch.float64), LLAMA_TARGETS)
@@ -528,7 +530,14 @@ def test_a_first_call_under_inference_mode_leaves_the_model_trainable(with_qkv, 
     ids = torch.randint(0, 100, (2, 12))
     with torch.inference_mode():
         out = fused(input_ids=ids).logits
-    assert len(calls) == (4 if with_qkv else 2)
-    torch.testing.assert_close(out, unfused(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        fused(input_ids=ids)
+    assert calls == [] and all(w.is_contiguous() for w in widened_weights(fused))
+    torch.testing.assert_close(step(fused)[0], step(unfused)[0], rtol=1e-12, atol=0)
+    per_step = 4 if with_qkv else 2
+    assert len(calls) == per_step and not widened_weights(fused)[0].is_contiguous()
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(input_ids=ids).logits, out, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 2 * per_step
     assert not any(p.is_inference() for p in fused.parameters())
     torch.testing.assert_close(step(fused)[0], step(unfused)[0], rtol=1e-12, atol=0)

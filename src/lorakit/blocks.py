@@ -174,6 +174,9 @@ def shared_outputs(layers, x: torch.Tensor, widened: widen.Widened) -> tuple[tor
             return None
         calls.append(c)
     ranks = tuple(c.A.shape[0] for c in calls)
+    if not torch.is_grad_enabled() and not all(widened.holds(c.weight, ranks) for c in calls):
+        return None  # weights are widened for training only: an eval or inference pass alone leaves them as
+        # they are (with dropout, training runs the per-layer ops, whose GEMMs prefer contiguous weights)
     return lora_shared_input(x, [(c.A, c.B, c.bias, c.scale, widened.buffer(c.weight, ranks, i, c.B, c.scale))
                                  for i, c in enumerate(calls)])
 

@@ -22,6 +22,14 @@ class Widened:
     def __init__(self):
         self.records: dict[int, tuple] = {}  # id(weight) -> (weakref, buffer storage pointer, ranks)
 
+    def holds(self, weight: nn.Parameter, ranks: tuple[int, ...]) -> bool:
+        """Whether ``weight`` is already widened for ``ranks`` (its buffer made here, not moved since)."""
+        width = padded_width(weight.shape[1], ranks)
+        data = weight.data
+        record = self.records.get(id(weight))
+        return (record is not None and record[0]() is weight and record[1] == data.untyped_storage().data_ptr()
+                and data.stride() == (width, 1) and data.storage_offset() == 0)
+
     def buffer(self, weight: nn.Parameter, ranks: tuple[int, ...], slot: int, B: torch.Tensor,
                scale: float) -> torch.Tensor:
         """The (out, padded_width(in, ranks)) buffer of ``weight`` with ``scale * B`` in projection ``slot``'s rank
@@ -31,9 +39,7 @@ class Widened:
         width = padded_width(in_features, ranks)
         data = weight.data
         record = self.records.get(id(weight))
-        current = (record is not None and record[0]() is weight and record[1] == data.untyped_storage().data_ptr()
-                   and data.stride() == (width, 1) and data.storage_offset() == 0)
-        if not current:
+        if not self.holds(weight, ranks):
             with torch.inference_mode(False):  # a first call under inference_mode must not make W an inference tensor
                 buffer = torch.zeros(out_features, width, dtype=data.dtype, device=data.device)
                 buffer[:, :in_features].copy_(data)
