@@ -25,7 +25,7 @@ if [ "$part" = 1 ]; then
     (cd bench && timeout 110 python3 ab_block.py --rounds 3 --steps 8 2>&1 | grep -v Warn | tail -5 | tee "$OUT/ab.txt")
     (cd bench && timeout 110 python3 ab_block.py --rounds 3 --steps 8 --pad-to 64 2>&1 | grep -v Warn | tail -5 \
         | tee "$OUT/ab_pad64.txt")
-    (cd bench && timeout 200 python3 train_gpu.py --shape llama-1b --only floor,lorakit --steps 8 --check 2>&1 \
+    (cd bench && timeout 300 python3 train_gpu.py --shape llama-1b --only floor,lorakit --steps 8 --rounds 2 --check 2>&1 \
         | grep -v Warn | tail -14 | tee "$OUT/train_1b.txt")
 elif [ "$part" = 2 ]; then
     (cd bench && timeout 240 python3 serve.py --only lorakit,nf4 2>&1 | tail -9 | tee "$OUT/serve_nf4.txt")

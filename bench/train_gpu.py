@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--grad-ckpt", action="store_true")
     parser.add_argument("--only", default="", help="comma list of setups to run (default: all)")
     parser.add_argument("--check", action="store_true", help="50-step loss curves: fused vs reference path")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every row this many times in turn and report the median (rows drift run to run)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--liger", action="store_true", help="also lower the floor with lorakit.fast (liger-kernel)")
     parser.add_argument("--graphs", action="store_true",
@@ -121,14 +123,14 @@ def main() -> None:
 
         return step
 
-    results = {}
+    runs: dict[str, list[dict]] = {}
     profiles: dict[str, dict[str, tuple[float, int]]] = {}
     only = set(filter(None, args.only.split(",")))
 
     def guarded(label, run):
         """A failing row (e.g. a step that cannot be captured as a CUDA graph) is reported, not fatal."""
         try:
-            results[label] = run()
+            runs.setdefault(label, []).append(run())
         except Exception as exc:  # noqa: BLE001
             print(f"{label} failed: {exc!r}"[:400], flush=True)
             gc.collect()
@@ -142,7 +144,7 @@ def main() -> None:
         handle = model.get_input_embeddings().register_forward_hook(lambda mod, i, o: o.requires_grad_(True))
         step = train_step_factory(model, [], False, graphed, compiled)
         guarded(label, lambda: measure(model, step, batch, args.steps, args.warmup, device))
-        if args.profile and label == "frozen base fwd+bwd (floor)":
+        if args.profile and label == "frozen base fwd+bwd (floor)" and "floor" not in profiles:
             profiles["floor"] = profile(step, "the floor")
         handle.remove()
 
@@ -157,57 +159,60 @@ def main() -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         step = train_step_factory(model, params, autocast, graphed, compiled)
         guarded(label, lambda: measure(model, step, batch, args.steps, args.warmup, device))
-        if args.profile and label == "lorakit bf16 adapters":
+        if args.profile and label == "lorakit bf16 adapters" and "lorakit" not in profiles:
             profiles["lorakit"] = profile(step, "one lorakit step")
         lk.unload(model, merge_adapters=False)
         lk.blocks.SHARED_INPUT = True
         gc.collect()
 
-    if want("floor"):
-        floor("frozen base fwd+bwd (floor)")
-        if args.graphs:
-            floor("floor, CUDA graph", graphed=True)
-        if args.compile:
-            floor("floor, torch.compile", compiled=True)
+    for _ in range(args.rounds):  # every row in turn, so drift over the run hits all alike
+        if want("floor"):
+            floor("frozen base fwd+bwd (floor)")
+            if args.graphs:
+                floor("floor, CUDA graph", graphed=True)
+            if args.compile:
+                floor("floor, torch.compile", compiled=True)
 
-    # --- PEFT, three settings
-    peft_rows = [
-        ("PEFT default (fp32 adapters)", False, {}, False),
-        ("PEFT under autocast(bf16)", True, {}, False),
-        ("PEFT bf16 adapters", False, {"autocast_adapter_dtype": False}, False),
-    ]
-    if args.graphs:
-        peft_rows.append(("PEFT bf16 adapters, CUDA graph", False, {"autocast_adapter_dtype": False}, True))
-    if args.compile:
-        peft_rows.append(("PEFT bf16 adapters, torch.compile", False, {"autocast_adapter_dtype": False}, "compile"))
-    for label, autocast, kwargs, graphed in peft_rows:
-        if only and "peft" not in only:
-            continue
-        cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
-        pm = peft.get_peft_model(model, cfg, **kwargs)
-        params = [p for p in pm.parameters() if p.requires_grad]
-        step = train_step_factory(pm, params, autocast, graphed is True, graphed == "compile")
-        guarded(label, lambda pm=pm, step=step: measure(pm, step, batch, args.steps, args.warmup, device))
-        model = pm.unload()
-        del pm, params
-        gc.collect()
-
-    # --- lorakit
-    if not only or "lorakit" in only:
-        lorakit_row("lorakit bf16 adapters")
-        lorakit_row("lorakit fp32 adapters + autocast", dtype=torch.float32, autocast=True)
-        lorakit_row("lorakit bf16, no shared-input ops", widen=False)
-        lorakit_row("lorakit bf16, MLP block not fused", block=False)
-        lorakit_row("lorakit reference path (no fused kernel)", fused=False)
+        # --- PEFT, three settings
+        peft_rows = [
+            ("PEFT default (fp32 adapters)", False, {}, False),
+            ("PEFT under autocast(bf16)", True, {}, False),
+            ("PEFT bf16 adapters", False, {"autocast_adapter_dtype": False}, False),
+        ]
         if args.graphs:
-            lorakit_row("lorakit bf16 adapters, CUDA graph", graphed=True)
+            peft_rows.append(("PEFT bf16 adapters, CUDA graph", False, {"autocast_adapter_dtype": False}, True))
         if args.compile:
-            lorakit_row("lorakit bf16 adapters, torch.compile", compiled=True)
+            peft_rows.append(("PEFT bf16 adapters, torch.compile", False, {"autocast_adapter_dtype": False}, "compile"))
+        for label, autocast, kwargs, graphed in peft_rows:
+            if only and "peft" not in only:
+                continue
+            cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
+            pm = peft.get_peft_model(model, cfg, **kwargs)
+            params = [p for p in pm.parameters() if p.requires_grad]
+            step = train_step_factory(pm, params, autocast, graphed is True, graphed == "compile")
+            guarded(label, lambda pm=pm, step=step: measure(pm, step, batch, args.steps, args.warmup, device))
+            model = pm.unload()
+            del pm, params
+            gc.collect()
+
+        # --- lorakit
+        if not only or "lorakit" in only:
+            lorakit_row("lorakit bf16 adapters")
+            lorakit_row("lorakit fp32 adapters + autocast", dtype=torch.float32, autocast=True)
+            lorakit_row("lorakit bf16, no shared-input ops", widen=False)
+            lorakit_row("lorakit bf16, MLP block not fused", block=False)
+            lorakit_row("lorakit reference path (no fused kernel)", fused=False)
+            if args.graphs:
+                lorakit_row("lorakit bf16 adapters, CUDA graph", graphed=True)
+            if args.compile:
+                lorakit_row("lorakit bf16 adapters, torch.compile", compiled=True)
     if args.liger:  # last: liger patches transformers' Llama module globally
         lk.fast.speed_up_base(model)
         floor("floor + liger kernels (new floor)")
         lorakit_row("lorakit bf16 adapters + liger kernels")
 
+    results = {label: {"tok_s": statistics.median(r["tok_s"] for r in rs), "all": [r["tok_s"] for r in rs],
+                       "peak_gib": max(r["peak_gib"] for r in rs)} for label, rs in runs.items()}
     floor_tok = results.get("frozen base fwd+bwd (floor)", {}).get("tok_s")
     new_floor = results.get("floor + liger kernels (new floor)", {}).get("tok_s")
     graphed_floor = results.get("floor, CUDA graph", {}).get("tok_s")
@@ -228,7 +233,8 @@ def main() -> None:
     print(f"|{'-' * 44}|{'-' * 11}|{'-' * 10}|" + "|".join("-" * 16 for _ in refs) + "|")
     for label, r in results.items():
         cells = " | ".join(f"{r['tok_s'] / v:>14.3f}" for _, v in refs)
-        print(f"| {label:<42} | {r['tok_s'] / 1e3:>8.1f}k | {r['peak_gib']:>8.1f} | {cells} |")
+        rounds = " (rounds: " + " ".join(f"{t / 1e3:.1f}k" for t in r["all"]) + ")" if args.rounds > 1 else ""
+        print(f"| {label:<42} | {r['tok_s'] / 1e3:>8.1f}k | {r['peak_gib']:>8.1f} | {cells} |{rounds}")
     if "floor" in profiles and "lorakit" in profiles:
         print_profile_diff(profiles["floor"], profiles["lorakit"])
     if args.check:
