@@ -61,19 +61,22 @@ class FusedMlpForward:
             return self.original(x)
         act = getattr(module, block.act)
         y = self._whole(x, call, act) if SHARED_INPUT else None
-        if y is not None:
-            return getattr(module, block.dropout)(y) if block.dropout is not None else y
-        gate = getattr(module, block.gate)(x) if block.gate is not None else None  # the class's call order
+        if y is None:  # gate and up as their own layers
+            y = self._down(x, call, act)
+        return getattr(module, block.dropout)(y) if block.dropout is not None else y
+
+    def _down(self, x: torch.Tensor, call, act: nn.Module) -> torch.Tensor:
+        """gate and up as their own layers (in the class's call order), then down's op."""
+        module, block = self.module, self.block
+        gate = getattr(module, block.gate)(x) if block.gate is not None else None
         up = getattr(module, block.up)(x)
         first, second = (gate, up) if gate is not None else (up, None)  # act's input, the other factor
         if first.dtype != x.dtype:  # the down projection's operands depend on its input's dtype
-            call = down.fused_call(first)
+            call = getattr(module, block.down).fused_call(first)
         if not self._applies(call, first, second):  # gate/up changed the dtype: the class's own ops
-            y = down(act(first) if second is None else act(first) * second)
-        else:
-            y = lora_mlp_down(first, second, act, call.weight, call.bias, call.A, call.B, call.scale,
-                              call.transposed, self.silu)
-        return getattr(module, block.dropout)(y) if block.dropout is not None else y
+            return getattr(module, block.down)(act(first) if second is None else act(first) * second)
+        return lora_mlp_down(first, second, act, call.weight, call.bias, call.A, call.B, call.scale,
+                             call.transposed, self.silu)
 
     def _whole(self, x: torch.Tensor, call, act: nn.Module) -> torch.Tensor | None:
         """gate and up as one shared-input op, then down's op; None (nothing computed) where it does not apply."""
@@ -125,8 +128,9 @@ class SharedInputGroup:
                 if not self.pending:
                     self.pending_input = None
                 return out
-            layers = [getattr(self.owner, n) for n in self.names]
-            outs = shared_outputs(layers, x, self.widened) if SHARED_INPUT and SHARED_QKV else None
+            outs = None
+            if SHARED_INPUT and SHARED_QKV:
+                outs = shared_outputs([getattr(self.owner, n) for n in self.names], x, self.widened)
             if outs is not None:
                 self.pending_input, self.pending_version = x, _version(x)
                 self.pending = {n: o for n, o in zip(self.names, outs) if n != name}

@@ -105,16 +105,22 @@ _HF_MLP_BLOCKS = {  # transformers module -> (class, block); exact classes whose
 _MLP_BLOCKS: dict[type, MlpBlock] = {}
 
 
-def mlp_block(module: nn.Module) -> MlpBlock | None:
-    """The MlpBlock of a module of a known MLP class (exact type: a subclass may compute something else)."""
-    _register_transformers()
-    for model_type, (cls_name, block) in _HF_MLP_BLOCKS.items():
+def _hf_entry(module: nn.Module, table: dict, resolved: dict):
+    """``module``'s entry in one of the Hugging Face tables above (model type -> (class name, entry)), by exact
+    type (a subclass may compute something else); ``resolved`` caches class -> entry as modules get imported."""
+    for model_type, (cls_name, entry) in table.items():
         module_name = f"transformers.models.{model_type}.modeling_{model_type}"
         if module_name in sys.modules:  # a model of that family exists only once its module is imported
             cls = getattr(sys.modules[module_name], cls_name, None)
             if cls is not None:
-                _MLP_BLOCKS.setdefault(cls, block)
-    return _MLP_BLOCKS.get(type(module))
+                resolved.setdefault(cls, entry)
+    return resolved.get(type(module))
+
+
+def mlp_block(module: nn.Module) -> MlpBlock | None:
+    """The MlpBlock of a module of a known MLP class."""
+    _register_transformers()
+    return _hf_entry(module, _HF_MLP_BLOCKS, _MLP_BLOCKS)
 
 
 _QKV = ("q_proj", "k_proj", "v_proj")
@@ -130,13 +136,7 @@ _SHARED_INPUT: dict[type, tuple[str, ...]] = {}
 def shared_input_projections(module: nn.Module) -> tuple[str, ...]:
     """Names of the projections a module of a known class applies to one and the same input in one forward
     (self-attention's q, k, v): lorakit.blocks may compute them as one op. Empty for other modules."""
-    for model_type, (cls_name, names) in _HF_SHARED_INPUT.items():
-        module_name = f"transformers.models.{model_type}.modeling_{model_type}"
-        if module_name in sys.modules:
-            cls = getattr(sys.modules[module_name], cls_name, None)
-            if cls is not None:
-                _SHARED_INPUT.setdefault(cls, names)
-    return _SHARED_INPUT.get(type(module), ())
+    return _hf_entry(module, _HF_SHARED_INPUT, _SHARED_INPUT) or ()
 
 
 _EQUIVALENT_FORWARDS = [  # (module, class) whose forward, bound on an instance, computes that instance's block
