@@ -3,7 +3,7 @@
 alternating rounds (so clocks and allocator state drift over both alike), wall time per step and the
 GPU time of the same steps from CUDA events.
 
-    python bench/ab_block.py --shape llama-1b --rounds 3 --steps 8 [--pad-to 64]
+    python bench/ab_block.py --shape llama-1b --rounds 3 --steps 8 [--pad-to 64] [--padded-modes]
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--pad-to", type=int, default=1, help="lorakit.widen.PAD_TO: pad widened rows to this multiple")
+    p.add_argument("--padded-modes", action="store_true",
+                   help="also the shared-input modes with rows padded to 64 (widen.PAD_TO), in the same rounds")
     args = p.parse_args()
-    lk.widen.PAD_TO = args.pad_to
     model = build(args.shape, "cuda")
     model.config.use_cache = False
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
@@ -42,12 +43,16 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    modes = {"shared-input ops": (True, True, True), "gate/up shared": (True, True, False),  # default: gate/up
-             "down op only": (True, False, False), "block not fused": (False, False, False)}
+    pad = args.pad_to
+    modes = {"shared-input ops": (True, True, True, pad), "gate/up shared": (True, True, False, pad),  # default
+             "down op only": (True, False, False, pad), "block not fused": (False, False, False, pad)}
+    if args.padded_modes:
+        modes |= {"shared, pad 64": (True, True, True, 64), "gate/up, pad 64": (True, True, False, 64)}
     res: dict[str, list[tuple[float, float]]] = {name: [] for name in modes}
     for _ in range(args.rounds):
-        for name, (fused, widen, qkv) in modes.items():
-            lk.blocks.unfuse(model)
+        for name, (fused, widen, qkv, pad_to) in modes.items():
+            lk.blocks.unfuse(model)  # gives the widened weights back: the next mode widens them anew
+            lk.widen.PAD_TO = pad_to
             if fused:
                 lk.blocks.sync(model)
             lk.blocks.SHARED_INPUT, lk.blocks.SHARED_QKV = widen, qkv

@@ -4,6 +4,8 @@
 #           default gate/up shared op, + q/k/v, down op only, unfused), the same with widened rows padded to 64
 #           (widen.PAD_TO: the untested guess for the q/k/v group's bimodal rounds), then the 1B speed rows;
 #           last measured 2026-12-01 on an H200 (README: gate/up shared 59.1-59.4k, ~0.92 of the floor);
+#           then the 1B rows with the GEMMs of one step by shapes (train_gpu --profile-shapes);
+#   part 5: the same profile of the 8B shape (batch 2, gradient checkpointing);
 #   part 2: serving with an NF4 base next to the 16-bit one, and `lorakit compare --fast` (lora, qlora) on 1B
 #           (not run yet: the machine stopped answering);
 #   part 3: the 8-bit base with the one-pass Triton int8 dequantization vs PEFT + bnb (done 2026-11-23, H200);
@@ -22,11 +24,14 @@ if [ "$part" = 1 ]; then
     X=""; python3 -c "import xdist" 2>/dev/null && X="-n 4"
     timeout 120 python3 -m pytest -q -p no:cacheprovider $X tests/test_blocks.py tests/test_kernels_swiglu.py \
         tests/test_kernels_lora_linear.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
-    (cd bench && timeout 110 python3 ab_block.py --rounds 3 --steps 8 2>&1 | grep -v Warn | tail -5 | tee "$OUT/ab.txt")
-    (cd bench && timeout 110 python3 ab_block.py --rounds 3 --steps 8 --pad-to 64 2>&1 | grep -v Warn | tail -5 \
-        | tee "$OUT/ab_pad64.txt")
-    (cd bench && timeout 300 python3 train_gpu.py --shape llama-1b --only floor,lorakit --steps 8 --rounds 2 --check 2>&1 \
-        | grep -v Warn | tail -14 | tee "$OUT/train_1b.txt")
+    (cd bench && timeout 150 python3 ab_block.py --rounds 3 --steps 8 --padded-modes 2>&1 | grep -v Warn | tail -7 \
+        | tee "$OUT/ab.txt")
+    (cd bench && timeout 200 python3 train_gpu.py --shape llama-1b --only floor,lorakit --steps 8 --profile \
+        --profile-shapes 2>&1 | grep -v Warn | tee "$OUT/train_1b_profile.txt" | tail -12)
+elif [ "$part" = 5 ]; then
+    (cd bench && timeout 500 python3 train_gpu.py --shape llama-8b --batch 2 --grad-ckpt --only floor,lorakit \
+        --steps 6 --warmup 2 --profile --profile-shapes 2>&1 | grep -v Warn | tee "$OUT/train_8b_profile.txt" \
+        | tail -12)
 elif [ "$part" = 2 ]; then
     (cd bench && timeout 240 python3 serve.py --only lorakit,nf4 2>&1 | tail -9 | tee "$OUT/serve_nf4.txt")
     timeout 300 python3 -m lorakit compare --model-config llama-1b --device cuda --dtype bf16 \

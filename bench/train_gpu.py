@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every row this many times in turn and report the median (rows drift run to run)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-shapes", action="store_true",
+                        help="with --profile: also the GEMMs (aten mm/addmm) of one step by input shapes")
     parser.add_argument("--liger", action="store_true", help="also lower the floor with lorakit.fast (liger-kernel)")
     parser.add_argument("--graphs", action="store_true",
                         help="also time the floor, PEFT bf16 and lorakit as whole-step CUDA graphs (GraphedTrainStep)")
@@ -145,7 +147,7 @@ def main() -> None:
         step = train_step_factory(model, [], False, graphed, compiled)
         guarded(label, lambda: measure(model, step, batch, args.steps, args.warmup, device))
         if args.profile and label == "frozen base fwd+bwd (floor)" and "floor" not in profiles:
-            profiles["floor"] = profile(step, "the floor")
+            profiles["floor"] = profile(step, "the floor", args.profile_shapes)
         handle.remove()
 
     def lorakit_row(label, dtype=None, autocast=False, fused=True, graphed=False, compiled=False, block=True,
@@ -160,7 +162,7 @@ def main() -> None:
         step = train_step_factory(model, params, autocast, graphed, compiled)
         guarded(label, lambda: measure(model, step, batch, args.steps, args.warmup, device))
         if args.profile and label == "lorakit bf16 adapters" and "lorakit" not in profiles:
-            profiles["lorakit"] = profile(step, "one lorakit step")
+            profiles["lorakit"] = profile(step, "one lorakit step", args.profile_shapes)
         lk.unload(model, merge_adapters=False)
         lk.blocks.SHARED_INPUT = True
         gc.collect()
@@ -258,20 +260,37 @@ def print_profile_diff(floor: dict, lora: dict, rows: int = 25) -> None:
         print(f"| {n[:90]:<90} | {f[0]:>8.2f} ({f[1]:>4}) | {l[0]:>10.2f} ({l[1]:>4}) | {l[0] - f[0]:>8.2f} |")
 
 
-def profile(step, what: str) -> dict[str, tuple[float, int]]:
+def profile(step, what: str, shapes: bool = False) -> dict[str, tuple[float, int]]:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     step()
     torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if shapes else [])
+    with torch_profile(activities=activities, record_shapes=shapes) as prof:
         step()
         torch.cuda.synchronize()
     print(f"\ntop CUDA kernels of {what}:")
     averages = prof.key_averages()
     print(averages.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+    if shapes:
+        print_gemm_shapes(prof, what)
     attr = "self_device_time_total" if hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
     return {e.key: (getattr(e, attr) / 1e3, e.count) for e in averages if getattr(e, attr) > 0}
+
+
+def print_gemm_shapes(prof, what: str) -> None:
+    """GPU time of one step's GEMMs by op and input shapes (which GEMM each kernel row of the diff is)."""
+    gemms = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+    rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in gemms]
+    attr = "device_time_total" if hasattr(rows[0], "device_time_total") else "cuda_time_total"
+    rows.sort(key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in rows) / 1e3
+    print(f"\nGEMMs of {what} by input shapes: {total:.2f} ms in all")
+    print("| op | input shapes | calls | ms | us/call |")
+    for e in rows[:40]:
+        t = getattr(e, attr) / 1e3
+        print(f"| {e.key} | {str(e.input_shapes)[:110]} | {e.count} | {t:.2f} | {t / e.count * 1e3:.1f} |")
 
 
 def check_numerics(shape: str, device: str) -> None:
