@@ -4,6 +4,7 @@ alternating rounds (so clocks and allocator state drift over both alike), wall t
 GPU time of the same steps from CUDA events.
 
     python bench/ab_block.py --shape llama-1b --rounds 3 --steps 8 [--pad-to 64] [--padded-modes]
+    python bench/ab_block.py --shape llama-8b --batch 2 --grad-ckpt --modes "gate/up shared,GEMM orders measured"
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from train_gpu import SHAPES, TARGETS, build
 
 import lorakit as lk
 import lorakit.widen
+from lorakit.kernels import gemm_choice
 
 
 def main() -> None:
@@ -28,11 +30,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--pad-to", type=int, default=1, help="lorakit.widen.PAD_TO: pad widened rows to this multiple")
+    p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--modes", default="", help="comma list of the modes to run (default: the first four)")
     p.add_argument("--padded-modes", action="store_true",
                    help="also the shared-input modes with rows padded to 64 (widen.PAD_TO), in the same rounds")
     args = p.parse_args()
     model = build(args.shape, "cuda")
     model.config.use_cache = False
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
     lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS))
     params = [q for q in model.parameters() if q.requires_grad]
@@ -43,16 +50,22 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    pad = args.pad_to
-    modes = {"shared-input ops": (True, True, True, pad), "gate/up shared": (True, True, False, pad),  # default
-             "down op only": (True, False, False, pad), "block not fused": (False, False, False, pad)}
+    pad = args.pad_to  # (fused MLP block, shared-input ops, q/k/v too, PAD_TO, GEMM orders measured)
+    modes = {"shared-input ops": (True, True, True, pad, False), "gate/up shared": (True, True, False, pad, False),
+             "down op only": (True, False, False, pad, False), "block not fused": (False, False, False, pad, False)}
+    every = modes | {"shared, pad 64": (True, True, True, 64, False), "gate/up, pad 64": (True, True, False, 64, False),
+                     "GEMM orders measured": (True, True, False, pad, True),  # the default since gemm_choice
+                     "+ q/k/v, measured": (True, True, True, pad, True)}
     if args.padded_modes:
-        modes |= {"shared, pad 64": (True, True, True, 64), "gate/up, pad 64": (True, True, False, 64)}
+        modes |= {k: every[k] for k in ("shared, pad 64", "gate/up, pad 64")}
+    if args.modes:
+        modes = {k: every[k] for k in args.modes.split(",")}
     res: dict[str, list[tuple[float, float]]] = {name: [] for name in modes}
     for _ in range(args.rounds):
-        for name, (fused, widen, qkv, pad_to) in modes.items():
+        for name, (fused, widen, qkv, pad_to, choose) in modes.items():
             lk.blocks.unfuse(model)  # gives the widened weights back: the next mode widens them anew
             lk.widen.PAD_TO = pad_to
+            gemm_choice.ENABLED = choose
             if fused:
                 lk.blocks.sync(model)
             lk.blocks.SHARED_INPUT, lk.blocks.SHARED_QKV = widen, qkv
@@ -75,8 +88,10 @@ def main() -> None:
           "tokens/s per round (wall)")
     for name, rounds in res.items():
         walls = " ".join(f"{tokens / w / 1e3:6.1f}k" for w, _ in rounds)
-        print(f"| {name:17s} | {walls} | step ms wall/events: "
+        print(f"| {name:20s} | {walls} | step ms wall/events: "
               + " ".join(f"{w * 1e3:.1f}/{g * 1e3:.1f}" for w, g in rounds) + " |")
+    if gemm_choice.chosen:
+        print("GEMM orders measured (lorakit.kernels.gemm_choice):\n" + gemm_choice.report())
 
 
 if __name__ == "__main__":

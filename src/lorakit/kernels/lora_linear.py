@@ -55,6 +55,8 @@ from typing import Protocol
 
 import torch
 
+from . import gemm_choice
+
 
 class PackedWeight(Protocol):
     """A frozen weight stored in another format (4- or 8-bit codes): the fused op materializes it on demand."""
@@ -135,16 +137,22 @@ def unmerged_forward(x2, xd2, dense, bias, A, B, args: LoraLinearArgs):
     """``(Y, XA)`` of the unmerged fused forward (module docstring) for 2-d ``x2`` and its dropout ``xd2``."""
     w_t = dense if args.transposed else dense.t()  # (in, out) view, no copy
     xa = xd2 @ A.t()
-    # the rank-r product (and the bias) first, then the big GEMM adds it in its epilogue: cheaper than
-    # y.addmm_(xa, B.T) after it, which reads and writes all of y once more (bench/lora_gemm.py)
-    # (the scale rides in a GEMM's alpha or beta: no separate multiply launched)
-    if bias is not None:
-        y = torch.addmm(bias, xa, B.t(), alpha=args.scale)
-        y.addmm_(x2, w_t)
-    else:
-        y = xa @ B.t()
-        y.addmm_(x2, w_t, beta=args.scale)
-    return y, xa
+    s = args.scale
+
+    def epilogue():
+        # the rank-r product (and the bias) first, then the big GEMM adds it in its epilogue: cheaper than
+        # y.addmm_(xa, B.T) after it, which reads and writes all of y once more (bench/lora_gemm.py), for
+        # most shapes (gemm_choice); the scale rides in a GEMM's alpha or beta: no separate multiply launched
+        if bias is not None:
+            return torch.addmm(bias, xa, B.t(), alpha=s).addmm_(x2, w_t)
+        return (xa @ B.t()).addmm_(x2, w_t, beta=s)
+
+    def after():  # the base GEMM alone (cuBLAS's kernel of the frozen model), then the rank-r term added
+        y = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
+        return y.addmm_(xa, B.t(), alpha=s)
+
+    key = (x2.shape[0], w_t.shape[1], x2.shape[1], A.shape[0], bias is not None, args.transposed, x2.dtype)
+    return gemm_choice.run("lora_forward", key, x2.device, (epilogue, after)), xa
 
 
 def unmerged_backward(g, xd2, xa, weight, A, B, args: LoraLinearArgs, need_x: bool, has_drop: bool,
@@ -166,9 +174,19 @@ def unmerged_backward(g, xd2, xa, weight, A, B, args: LoraLinearArgs, need_x: bo
 
 
 def grad_input(g, ga, weight, A, args: LoraLinearArgs):
-    """dX = s * GA @ A + G @ W for GA = G @ B: the rank-r term first, the big GEMM adds it in its epilogue
-    (scaled by beta), as in forward."""
-    return (ga @ A).addmm_(g, weight.t() if args.transposed else weight, beta=args.scale)
+    """dX = s * GA @ A + G @ W for GA = G @ B: by default the rank-r term first and the big GEMM adds it in its
+    epilogue (scaled by beta), as in forward; or after it, where that is measured faster (gemm_choice)."""
+    w = weight.t() if args.transposed else weight
+    s = args.scale
+
+    def epilogue():
+        return (ga @ A).addmm_(g, w, beta=s)
+
+    def after():
+        return (g @ w).addmm_(ga, A, alpha=s)
+
+    key = (g.shape[0], w.shape[1], g.shape[1], A.shape[0], args.transposed, g.dtype)
+    return gemm_choice.run("lora_grad_input", key, g.device, (epilogue, after))
 
 
 def _merged_backward(ctx, grad_out):

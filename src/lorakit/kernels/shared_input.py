@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import gemm_choice
+
 
 @dataclass(frozen=True)
 class SharedInputArgs:
@@ -65,17 +67,13 @@ class LoraSharedInputFunction(torch.autograd.Function):
         As, Bs = params[:n], params[n:]
         need = ctx.needs_input_grad[2:]
         grads2 = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
-        wide = None  # [dX_base | s_1 GA_1 | ... | s_n GA_n]
-        for g, p in zip(grads2, ctx.packed):
-            if g is not None:
-                wide = g @ p if wide is None else wide.addmm_(g, p)
         out: list[torch.Tensor | None] = [None] * (4 * n)
         grad_x = None
-        if wide is None:  # no output reached the loss
+        if all(g is None for g in grads2):  # no output reached the loss
             return (None, None, *out)
-        sga = wide[:, k:k + sum(args.ranks)]
+        dx_base, sga = _grad_wide(grads2, ctx.packed, k, args.ranks)
         if ctx.needs_input_grad[1]:
-            grad_x = torch.addmm(wide[:, :k], sga, torch.cat(As)).view(ctx.x_shape)
+            grad_x = torch.addmm(dx_base, sga, torch.cat(As)).view(ctx.x_shape)
         if any(need[4 * i] for i in range(n)):
             grad_A = sga.t() @ xc[:, :k]
         offset = k
@@ -89,6 +87,34 @@ class LoraSharedInputFunction(torch.autograd.Function):
                     out[4 * i + 2] = g.sum(0)
             offset += r
         return (None, grad_x, *out)
+
+
+def _grad_wide(grads, packed, k: int, ranks: tuple[int, ...]):
+    """``(dX_base, [s_1 GA_1 | ... | s_n GA_n])`` = sum_i dY_i @ P_i, split at column k. By default as chained
+    GEMMs over the widened weights (N = k + ranks + padding); or, where measured faster (gemm_choice: cuBLAS
+    may pick a slower kernel for the widened N), as chained GEMMs over W_i (N = k) and one rank-r GEMM each
+    for s_i GA_i = dY_i @ (s_i B_i). An output that reached no loss (its gradient None) takes the default."""
+    rank = sum(ranks)
+
+    def widened():
+        wide = None
+        for g, p in zip(grads, packed):
+            if g is not None:
+                wide = g @ p if wide is None else wide.addmm_(g, p)
+        return wide[:, :k], wide[:, k:k + rank]
+
+    def split():
+        base = None
+        for g, p in zip(grads, packed):
+            base = g @ p[:, :k] if base is None else base.addmm_(g, p[:, :k])
+        offsets = [k + sum(ranks[:i]) for i in range(len(ranks))]
+        return base, torch.cat([g @ p[:, o:o + r] for g, p, o, r in zip(grads, packed, offsets, ranks)], 1)
+
+    if any(g is None for g in grads):
+        return widened()
+    first = next(g for g in grads if g is not None)
+    key = (first.shape[0], k, packed[0].shape[1], ranks, tuple(g.shape[1] for g in grads), first.dtype)
+    return gemm_choice.run("shared_input_backward", key, first.device, (widened, split))
 
 
 def lora_shared_input(x: torch.Tensor, projections) -> tuple[torch.Tensor, ...]:

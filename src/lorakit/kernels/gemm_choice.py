@@ -1,0 +1,73 @@
+"""Which of equivalent GEMM orders to run for one shape: measured once on the GPU, at first use, then kept.
+
+The fused LoRA ops can add their rank-r term to a base GEMM in two ways: inside it (the rank-r product
+first, the base GEMM reads it in its epilogue: ``beta = 1``) or after it (a rank-r GEMM that adds into the
+output: one more pass over it). Which is faster depends on the shape, through cuBLAS's choice of kernel:
+on an H200 (2026-12-02, ``bench/train_gpu.py --profile-shapes``) the epilogue form of the Llama-3-8B down
+projection (4096 x 14336 -> 4096) ran at 612 us against 459 us for the plain GEMM, while for Llama-3.2-1B's
+shapes it costs 1-10%, less than the extra pass. Likewise the shared-input op's backward GEMM over the
+widened weight (N = in + ranks) picked a slower kernel than N = in for the 8B gate/up (617 vs 459 us).
+
+So each op names its variants (closures computing the same values, the first one the default) and this
+module times them once per shape key with CUDA events (after a synchronize, so nothing else is queued),
+keeping the fastest; a variant within 2% of the default does not replace it. Everything else - CPU tensors,
+CUDA graph capture, torch.compile tracing, ``ENABLED = False`` - runs the default. Results differ between
+variants only in rounding (the order of the sums); ``ENABLED = False`` makes runs repeat bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+ENABLED = True
+"""Measure and pick per shape (False: always the default variant, as before this module)."""
+
+FORCE: int | None = None
+"""Run this variant everywhere instead (tests: every variant against the reference on the CPU)."""
+
+REPEATS = 3
+
+chosen: dict[tuple, int] = {}
+"""(op, shape key) -> the variant measured fastest; ``chosen.clear()`` measures again."""
+
+
+def run(op: str, key: tuple, device: torch.device, variants: Sequence[Callable[[], object]]):
+    """The result of one of ``variants`` (equivalent computations, the default first) for shape ``key``."""
+    if FORCE is not None:
+        return variants[min(FORCE, len(variants) - 1)]()
+    if not ENABLED:
+        return variants[0]()
+    index = chosen.get((op, key))
+    if index is None:
+        if not _can_measure(device):
+            return variants[0]()
+        index = chosen[(op, key)] = _fastest(variants)
+    return variants[index]()
+
+
+def _can_measure(device: torch.device) -> bool:
+    return (device.type == "cuda" and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _fastest(variants: Sequence[Callable[[], object]]) -> int:
+    times = []
+    for fn in variants:
+        fn()  # warm-up: cuBLAS's heuristics, the allocator
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(REPEATS):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    best = min(range(len(times)), key=times.__getitem__)
+    return best if times[best] < 0.98 * times[0] else 0
+
+
+def report() -> str:
+    """The choices made so far, one line each (bench scripts print it)."""
+    return "\n".join(f"{op} {key}: variant {i}" for (op, key), i in sorted(chosen.items(), key=str))
