@@ -54,7 +54,7 @@ def main() -> None:
     modes = {"shared-input ops": (True, True, True, pad, False), "gate/up shared": (True, True, False, pad, False),
              "down op only": (True, False, False, pad, False), "block not fused": (False, False, False, pad, False)}
     every = modes | {"shared, pad 64": (True, True, True, 64, False), "gate/up, pad 64": (True, True, False, 64, False),
-                     "GEMM orders measured": (True, True, False, pad, True),  # the default since gemm_choice
+                     "GEMM orders measured": (True, True, False, pad, True),  # gemm_choice.ENABLED (off by default)
                      "+ q/k/v, measured": (True, True, True, pad, True)}
     if args.padded_modes:
         modes |= {k: every[k] for k in ("shared, pad 64", "gate/up, pad 64")}

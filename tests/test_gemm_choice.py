@@ -52,6 +52,7 @@ def test_shared_input_model_in_every_order(variant, monkeypatch):
 
 def test_the_choice_is_measured_once_per_shape_and_kept(monkeypatch):
     measured = []
+    monkeypatch.setattr(gemm_choice, "ENABLED", True)
     monkeypatch.setattr(gemm_choice, "chosen", {})
     monkeypatch.setattr(gemm_choice, "_can_measure", lambda device: True)
     monkeypatch.setattr(gemm_choice, "_fastest", lambda variants: measured.append(len(variants)) or 1)
@@ -65,6 +66,7 @@ def test_the_choice_is_measured_once_per_shape_and_kept(monkeypatch):
 
 
 def test_nothing_is_measured_or_kept_where_it_cannot_be(monkeypatch):
+    monkeypatch.setattr(gemm_choice, "ENABLED", True)
     monkeypatch.setattr(gemm_choice, "chosen", {})
     monkeypatch.setattr(gemm_choice, "_fastest", lambda variants: pytest.fail("measured"))
     variants = (lambda: "default", lambda: "other")

@@ -2,17 +2,23 @@
 
 The fused LoRA ops can add their rank-r term to a base GEMM in two ways: inside it (the rank-r product
 first, the base GEMM reads it in its epilogue: ``beta = 1``) or after it (a rank-r GEMM that adds into the
-output: one more pass over it). Which is faster depends on the shape, through cuBLAS's choice of kernel:
-on an H200 (2026-12-02, ``bench/train_gpu.py --profile-shapes``) the epilogue form of the Llama-3-8B down
-projection (4096 x 14336 -> 4096) ran at 612 us against 459 us for the plain GEMM, while for Llama-3.2-1B's
-shapes it costs 1-10%, less than the extra pass. Likewise the shared-input op's backward GEMM over the
-widened weight (N = in + ranks) picked a slower kernel than N = in for the 8B gate/up (617 vs 459 us).
+output: one more pass over it). Which is faster depends on the shape, through cuBLAS's choice of kernel.
+The per-shape GEMM table of one step on an H200 (2026-12-02, ``bench/train_gpu.py --profile-shapes``)
+pointed at two cases: the epilogue form of the Llama-3-8B down projection (4096 x 14336 -> 4096) averaged
+612 us a call where the floor's GEMMs of that shape averaged 459 us (a mean over two uses of the shape), and
+the shared-input op's backward GEMM over the widened weight (N = in + ranks) 617 us where N = in averaged
+459 us for the 8B gate/up.
 
-So each op names its variants (closures computing the same values, the first one the default) and this
-module times them once per shape key with CUDA events (after a synchronize, so nothing else is queued),
-keeping the fastest; a variant within 2% of the default does not replace it. Everything else - CPU tensors,
-CUDA graph capture, torch.compile tracing, ``ENABLED = False`` - runs the default. Results differ between
-variants only in rounding (the order of the sums); ``ENABLED = False`` makes runs repeat bit for bit.
+So each op names its variants (closures computing the same values, the first one the default) and, when
+``ENABLED``, this module times them once per shape key with CUDA events (after a synchronize, so nothing
+else is queued), keeping the fastest; a variant within 2% of the default does not replace it. CPU tensors,
+CUDA graph capture and torch.compile tracing run the default. Variants differ only in rounding (the order
+of the sums).
+
+Off by default, for what it measured: one step of the Llama-3.2-1B shape took 131.2 ms of GPU time with it
+against 132.0-133.2 ms without, the 8B shape 403.1 against 401.8-405.1 ms, and wall time did not move
+(these steps wait on the host; README). A choice made from timings can differ between runs, so runs
+would no longer repeat bit for bit; that is not worth under 1%.
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-ENABLED = True
-"""Measure and pick per shape (False: always the default variant, as before this module)."""
+ENABLED = False
+"""Measure and pick per shape (False, the default: always the default variant)."""
 
 FORCE: int | None = None
 """Run this variant everywhere instead (tests: every variant against the reference on the CPU)."""
