@@ -32,7 +32,8 @@ def gaps(trace: dict, min_us: float = 5.0, top: int = 18) -> str:
     events = trace["traceEvents"]
     kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
                      key=lambda e: e["ts"])
-    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime" and "args" in e}
+    launches = {e["args"].get("correlation"): e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "args" in e}
     ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e),
                  key=lambda e: e["ts"])
     starts = [e["ts"] for e in ops]
