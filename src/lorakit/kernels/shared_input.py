@@ -15,7 +15,8 @@ copy of W):
                [dA_1; ...; dA_n] = [s GA].T @ X                one read of X for every A
                dB_i = s_i dY_i.T @ XA_i                        XA_i: Xc's columns
 
-Saved for backward: Xc (the input the per-layer ops save too, plus the XA columns they save). Rounding
+Saved for backward: Xc (the input the per-layer ops save too, plus the XA columns they save) and the stacked
+[A_1; ...; A_n] (r x in, which dX needs again; stacking it anew would be one more op on the host). Rounding
 differs from the per-layer path only in the order of the sums (the rank-r term is accumulated inside the
 base GEMM, in its fp32 accumulator), so float64 results agree to 1e-12 (tests/test_blocks.py).
 """
@@ -49,22 +50,23 @@ class LoraSharedInputFunction(torch.autograd.Function):
         As, Bs, biases, packed = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
         x2 = x.reshape(-1, args.in_features)
         pad = packed[0].shape[1] - args.in_features - sum(args.ranks)  # the widened weights' zero columns
-        xc = torch.cat([x2, F.pad(x2 @ torch.cat(As).t(), (0, pad))], 1)
+        a_all = torch.cat(As) if n > 1 else As[0]  # [A_1; ...; A_n], saved: backward's dX needs it too
+        xa = x2 @ a_all.t()
+        xc = torch.cat([x2, F.pad(xa, (0, pad)) if pad else xa], 1)  # F.pad copies even with no padding
         outs = []
         for i in range(n):
             y = torch.addmm(biases[i], xc, packed[i].t()) if biases[i] is not None else xc @ packed[i].t()
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
         ctx.args, ctx.x_shape, ctx.packed = args, x.shape, packed  # frozen weights: not saved activations
         ctx.set_materialize_grads(False)  # an output that reaches no loss: its GEMMs are skipped, not zero-filled
-        ctx.save_for_backward(xc, *As, *Bs)
+        ctx.save_for_backward(xc, a_all, *Bs)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         args = ctx.args
         n, k = len(args.ranks), args.in_features
-        xc, *params = ctx.saved_tensors
-        As, Bs = params[:n], params[n:]
+        xc, a_all, *Bs = ctx.saved_tensors
         need = ctx.needs_input_grad[2:]
         grads2 = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
         out: list[torch.Tensor | None] = [None] * (4 * n)
@@ -73,7 +75,7 @@ class LoraSharedInputFunction(torch.autograd.Function):
             return (None, None, *out)
         dx_base, sga = _grad_wide(grads2, ctx.packed, k, args.ranks)
         if ctx.needs_input_grad[1]:
-            grad_x = torch.addmm(dx_base, sga, torch.cat(As)).view(ctx.x_shape)
+            grad_x = torch.addmm(dx_base, sga, a_all).view(ctx.x_shape)
         if any(need[4 * i] for i in range(n)):
             grad_A = sga.t() @ xc[:, :k]
         offset = k
