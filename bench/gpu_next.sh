@@ -3,8 +3,11 @@
 #   part 1: the GPU tests of the fused blocks, the interleaved A/B of the fused blocks (bench/ab_block.py: the
 #           default gate/up shared op, + q/k/v, down op only, unfused), the same with widened rows padded to 64
 #           (widen.PAD_TO: the untested guess for the q/k/v group's bimodal rounds), then the 1B speed rows;
-#           last measured 2026-12-01 on an H200 (README: gate/up shared 59.1-59.4k, ~0.92 of the floor);
+#           last measured 2026-12-02 on an H200 (README "Where a LoRA step waits": the fused modes within
+#           noise of each other, 0.84-0.92 of the floor's wall time, 0.93 of its GPU kernel time);
 #           then the 1B rows with the GEMMs of one step by shapes (train_gpu --profile-shapes);
+#           where the GPU waits on the host: python bench/step_gaps.py (--grad-ckpt --batch 2 --shape llama-8b),
+#           python bench/dispatch_cost.py, bench/op_cost.py, bench/layer_host_cost.py;
 #   part 5: the same profile of the 8B shape (batch 2, gradient checkpointing);
 #   part 2: serving with an NF4 base next to the 16-bit one, and `lorakit compare --fast` (lora, qlora) on 1B
 #           (not run yet: the machine stopped answering);
