@@ -14,7 +14,7 @@ import statistics
 import time
 
 import torch
-from train_gpu import SHAPES, TARGETS, build
+from train_gpu import SHAPES, TARGETS, build_for_training
 
 import lorakit as lk
 import lorakit.widen
@@ -35,11 +35,7 @@ def main() -> None:
     p.add_argument("--padded-modes", action="store_true",
                    help="also the shared-input modes with rows padded to 64 (widen.PAD_TO), in the same rounds")
     args = p.parse_args()
-    model = build(args.shape, "cuda")
-    model.config.use_cache = False
-    if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    model = build_for_training(args.shape, "cuda", args.grad_ckpt)
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
     lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS))
     params = [q for q in model.parameters() if q.requires_grad]

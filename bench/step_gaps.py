@@ -91,15 +91,11 @@ def main() -> None:
         return
 
     from torch.profiler import ProfilerActivity, profile, record_function
-    from train_gpu import TARGETS, build
+    from train_gpu import TARGETS, build_for_training
 
     import lorakit as lk
 
-    model = build(args.shape, "cuda")
-    model.config.use_cache = False
-    if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    model = build_for_training(args.shape, "cuda", args.grad_ckpt)
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
 
     def traced(name: str, step) -> None:

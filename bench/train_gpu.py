@@ -38,6 +38,17 @@ def build(shape: str, device: str):
     return build_llama(SHAPES[shape], device)
 
 
+def build_for_training(shape: str, device: str, grad_ckpt: bool):
+    """The model of ``shape`` set up for training steps: no KV cache, and (``grad_ckpt``) non-reentrant
+    gradient checkpointing with inputs that require grad, as the benches here run it."""
+    model = build(shape, device)
+    model.config.use_cache = False
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -92,11 +103,7 @@ def main() -> None:
     import lorakit.fast
 
     device = args.device
-    model = build(args.shape, device)
-    model.config.use_cache = False
-    if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    model = build_for_training(args.shape, device, args.grad_ckpt)
     vocab = model.config.vocab_size
     batch = torch.randint(0, vocab, (args.batch, args.seq), device=device, generator=None)
 
