@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What the next device session should run first, each part one device call of under 10 minutes:
 #   part 1: the GPU tests of the fused blocks, the interleaved A/B of the fused blocks (bench/ab_block.py: the
-#           default gate/up shared op, + q/k/v, down op only, unfused), the same with widened rows padded to 64
-#           (widen.PAD_TO: the untested guess for the q/k/v group's bimodal rounds), then the 1B speed rows;
+#           default gate/up shared op, + q/k/v, + q/k/v with the GEMM orders measured (gemm_choice: its split
+#           backward avoids the widened N that may make the q/k/v group slow), down op only), then the 1B rows;
 #           last measured 2026-12-02 on an H200 (README "Where a LoRA step waits": the fused modes within
 #           noise of each other, 0.84-0.92 of the floor's wall time, 0.93 of its GPU kernel time);
 #           then the 1B rows with the GEMMs of one step by shapes (train_gpu --profile-shapes);
@@ -27,7 +27,8 @@ if [ "$part" = 1 ]; then
     X=""; python3 -c "import xdist" 2>/dev/null && X="-n 4"
     timeout 120 python3 -m pytest -q -p no:cacheprovider $X tests/test_blocks.py tests/test_kernels_swiglu.py \
         tests/test_kernels_lora_linear.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
-    (cd bench && timeout 150 python3 ab_block.py --rounds 3 --steps 8 --padded-modes 2>&1 | grep -v Warn | tail -7 \
+    (cd bench && timeout 150 python3 ab_block.py --rounds 3 --steps 8 \
+        --modes "gate/up shared,shared-input ops,+ q/k/v, measured,down op only" 2>&1 | grep -v Warn | tail -12 \
         | tee "$OUT/ab.txt")
     (cd bench && timeout 200 python3 train_gpu.py --shape llama-1b --only floor,lorakit --steps 8 --profile \
         --profile-shapes 2>&1 | grep -v Warn | tee "$OUT/train_1b_profile.txt" | tail -12)
