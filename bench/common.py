@@ -1,5 +1,5 @@
-"""What several bench scripts share: building a random-weight Llama from a config, timing a call (wall clock
-or CUDA events).
+"""What several bench scripts share: building a random-weight Llama from a config, timing a call (wall clock,
+CUDA events, or the host's time per call).
 
 The scripts run as ``python bench/<name>.py``, so this file sits on their import path as ``common``.
 """
@@ -53,3 +53,21 @@ def cuda_event_us(fn, iters: int = 50, warmup: int = 10) -> float:
         stop.synchronize()
         times.append(start.elapsed_time(stop) * 1e3)
     return statistics.median(times)
+
+
+def host_us_per_call(fn, n: int = 1000, repeats: int = 5, warmup: int = 100) -> float:
+    """Host microseconds per call of ``fn()``: the best of ``repeats`` runs of ``n`` back-to-back calls, wall time
+    up to the last call's return (on CUDA a synchronize before each run, none inside: the launches are timed,
+    not the kernels; with tiny tensors the GPU keeps up)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n)
+    sync()
+    return best * 1e6

@@ -18,10 +18,9 @@ import time
 
 import torch
 from common import build_llama
+from train_gpu import TARGETS
 
 import lorakit as lk
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def timed_ms(step, device: str, steps: int = 20, warmup: int = 5) -> float:

@@ -9,54 +9,72 @@ the host ~370 us more than the frozen layer either way, most of it in the autogr
     python bench/layer_host_cost.py
 """
 
-import time, torch, lorakit as lk
-from torch import nn
-from lorakit.kernels import lora_linear as K
-dev = "cuda" if torch.cuda.is_available() else "cpu"
-sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-def bench(f, n=1000):
-    for _ in range(100): f()
-    best = 1e9
-    for _ in range(5):
-        sync(); t = time.perf_counter()
-        for _ in range(n): f()
-        sync(); best = min(best, (time.perf_counter() - t) / n * 1e6)
-    return best
-dt = torch.bfloat16 if dev == "cuda" else torch.float32
-x = torch.randn(8, 64, device=dev, dtype=dt, requires_grad=True)
-gy = torch.ones(8, 64, device=dev, dtype=dt)
-W = torch.randn(64, 64, device=dev, dtype=dt)
-A = torch.randn(16, 64, device=dev, dtype=dt, requires_grad=True)
-B = torch.randn(64, 16, device=dev, dtype=dt, requires_grad=True)
-class Noop(torch.autograd.Function):
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from common import host_us_per_call
+
+from lorakit.kernels import lora_linear
+
+
+class NoOp(torch.autograd.Function):
+    """A Python autograd node that does nothing: what the engine charges for one such node."""
+
     @staticmethod
     def forward(ctx, x, A, B):
         return x.view_as(x)
+
     @staticmethod
     def backward(ctx, g):
         return g, None, None
-class Noop2(torch.autograd.Function):  # returns grads for A and B too
+
+
+class NoOpWithGrads(NoOp):
+    """The same, returning (zero) gradients for A and B: the AccumulateGrad nodes run too."""
+
     @staticmethod
     def forward(ctx, x, A, B):
+        ctx.shapes = A.shape, B.shape
         return x.view_as(x)
+
     @staticmethod
     def backward(ctx, g):
-        return g, torch.zeros_like(A), torch.zeros_like(B)
-res = {}
-res["plain linear fwd+bwd"] = bench(lambda: torch.nn.functional.linear(x, W).backward(gy))
-res["Python Function, no-op backward (x only)"] = bench(lambda: Noop.apply(x, A, B).backward(gy))
-res["Python Function, backward returns dA, dB (zeros)"] = bench(lambda: Noop2.apply(x, A, B).backward(gy))
-def with_zero():
-    Noop2.apply(x, A, B).backward(gy); A.grad = None; B.grad = None
-res["  same, grads set to None each time"] = bench(with_zero)
-res["lorakit fused op fwd+bwd"] = bench(lambda: K.lora_linear_fused(x, W, None, A, B, 0.5).backward(gy))
-res["lorakit fused op fwd only"] = bench(lambda: K.lora_linear_fused(x, W, None, A, B, 0.5))
-xa = (x @ A.t()).detach(); g = gy
-args = K.LoraLinearArgs(0.5)
-res["raw backward ops (unmerged_backward)"] = bench(lambda: K.unmerged_backward(g, x.detach(), xa, W, A.detach(), B.detach(), args, True, False, True, True))
-def peft_like():
-    (torch.nn.functional.linear(x, W) + (x @ A.t()) @ B.t() * 0.5).backward(gy)
-res["PEFT-like autograd graph fwd+bwd"] = bench(peft_like)
-print(f"host us per call, {dev}, torch {torch.__version__}")
-for k, v in res.items():
-    print(f"| {k} | {v:.1f} us |")
+        a_shape, b_shape = ctx.shapes
+        return g, g.new_zeros(a_shape), g.new_zeros(b_shape)  # A's and B's dtype and device, which x shares
+
+
+def main() -> None:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+
+    def t(*shape, grad=False):
+        return torch.randn(*shape, device=dev, dtype=dt, requires_grad=grad)
+
+    x, W, A, B = t(8, 64, grad=True), t(64, 64), t(16, 64, grad=True), t(64, 16, grad=True)
+    gy = torch.ones(8, 64, device=dev, dtype=dt)
+    xa = (x @ A.t()).detach()
+    args = lora_linear.LoraLinearArgs(0.5)
+
+    def grads_set_to_none():
+        NoOpWithGrads.apply(x, A, B).backward(gy)
+        A.grad = B.grad = None
+
+    cases = {
+        "plain linear fwd+bwd": lambda: F.linear(x, W).backward(gy),
+        "Python Function, no-op backward (x only)": lambda: NoOp.apply(x, A, B).backward(gy),
+        "Python Function, backward returns dA, dB (zeros)": lambda: NoOpWithGrads.apply(x, A, B).backward(gy),
+        "  same, grads set to None each time": grads_set_to_none,
+        "lorakit fused op fwd+bwd": lambda: lora_linear.lora_linear_fused(x, W, None, A, B, 0.5).backward(gy),
+        "lorakit fused op fwd only": lambda: lora_linear.lora_linear_fused(x, W, None, A, B, 0.5),
+        "raw backward ops (unmerged_backward)": lambda: lora_linear.unmerged_backward(
+            gy, x.detach(), xa, W, A.detach(), B.detach(), args, True, False, True, True),
+        "PEFT-like autograd graph fwd+bwd": lambda: (F.linear(x, W) + (x @ A.t()) @ B.t() * 0.5).backward(gy),
+    }
+    print(f"host us per call, {dev}, torch {torch.__version__}")
+    for name, fn in cases.items():
+        print(f"| {name} | {host_us_per_call(fn):.1f} us |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,23 +6,8 @@ costs the CPU that launches it. Many back-to-back calls without a sync, wall tim
 
 from __future__ import annotations
 
-import time
-
 import torch
-
-
-def per_call_us(fn, n: int = 2000) -> float:
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / n)
-        torch.cuda.synchronize()
-    return best * 1e6
+from common import host_us_per_call
 
 
 def main() -> None:
@@ -67,7 +52,7 @@ def main() -> None:
     print("| op | us |")
     print("|---|---|")
     for name, fn in ops.items():
-        print(f"| {name} | {per_call_us(fn):.1f} |", flush=True)
+        print(f"| {name} | {host_us_per_call(fn, 2000, repeats=3, warmup=50):.1f} |", flush=True)
 
 
 if __name__ == "__main__":
