@@ -47,8 +47,10 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cpu":
         torch.set_num_threads(1)
-    print(f"host dispatch per step, ms (tiny widths: the GPU's work is negligible); {device}, torch {torch.__version__}")
-    print("| layers | grad ckpt | floor | PEFT bf16 fwd+bwd | lorakit fwd+bwd | PEFT + AdamW | lorakit + AdamW | lorakit extra per projection call, us |")
+    print(f"host dispatch per step, ms (tiny widths: the GPU's work is negligible); {device}, "
+          f"torch {torch.__version__}")
+    print("| layers | grad ckpt | floor | PEFT bf16 fwd+bwd | lorakit fwd+bwd | PEFT + AdamW | lorakit + AdamW "
+          "| lorakit extra per projection call, us |")
     print("|---|---|---|---|---|---|---|---|")
     import peft
 

@@ -58,10 +58,10 @@ def test_the_choice_is_measured_once_per_shape_and_kept(monkeypatch):
     monkeypatch.setattr(gemm_choice, "_fastest", lambda variants: measured.append(len(variants)) or 1)
     variants = (lambda: "default", lambda: "other")
     cpu = torch.device("cpu")
-    assert gemm_choice.run("op", (1, 2), cpu, variants) == "other"
-    assert gemm_choice.run("op", (1, 2), cpu, variants) == "other"
+    assert gemm_choice.run("op", lambda: (1, 2), cpu, variants) == "other"
+    assert gemm_choice.run("op", lambda: (1, 2), cpu, variants) == "other"
     assert measured == [2]  # once for this shape
-    assert gemm_choice.run("op", (3, 4), cpu, variants) == "other" and measured == [2, 2]
+    assert gemm_choice.run("op", lambda: (3, 4), cpu, variants) == "other" and measured == [2, 2]
     assert "op (1, 2): variant 1" in gemm_choice.report()
 
 
@@ -70,19 +70,25 @@ def test_nothing_is_measured_or_kept_where_it_cannot_be(monkeypatch):
     monkeypatch.setattr(gemm_choice, "chosen", {})
     monkeypatch.setattr(gemm_choice, "_fastest", lambda variants: pytest.fail("measured"))
     variants = (lambda: "default", lambda: "other")
-    assert gemm_choice.run("op", (1,), torch.device("cpu"), variants) == "default"  # CPU: the default
+    assert gemm_choice.run("op", lambda: (1,), torch.device("cpu"), variants) == "default"  # CPU: the default
     assert gemm_choice.chosen == {}  # nothing kept: a later measurable call still measures
     monkeypatch.setattr(gemm_choice, "_can_measure", lambda device: True)
     gemm_choice.chosen[("op", (1,))] = 1
     monkeypatch.setattr(gemm_choice, "ENABLED", False)
-    assert gemm_choice.run("op", (1,), torch.device("cuda"), variants) == "default"  # switched off: the default,
-    assert gemm_choice.run("op", (2,), torch.device("cuda"), variants) == "default"  # whatever was measured
+    cuda = torch.device("cuda")
+    assert gemm_choice.run("op", lambda: (1,), cuda, variants) == "default"  # switched off: the default,
+    assert gemm_choice.run("op", lambda: (2,), cuda, variants) == "default"  # whatever was measured
 
 
 def test_the_per_layer_op_asks_by_its_shape(monkeypatch):
     keys = []
     original = gemm_choice.run
-    monkeypatch.setattr(gemm_choice, "run", lambda op, key, device, v: keys.append((op, key)) or original(op, key, device, v))
+
+    def recording(op, key, device, variants):
+        keys.append((op, key()))
+        return original(op, key, device, variants)
+
+    monkeypatch.setattr(gemm_choice, "run", recording)
     x = torch.randn(3, 5, 16, requires_grad=True)
     W, A, B = torch.randn(8, 16), torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
     lora_linear.lora_linear_fused(x, W, None, A, B, 0.5).sum().backward()

@@ -39,12 +39,15 @@ chosen: dict[tuple, int] = {}
 """(op, shape key) -> the variant measured fastest; ``chosen.clear()`` measures again."""
 
 
-def run(op: str, key: tuple, device: torch.device, variants: Sequence[Callable[[], object]]):
-    """The result of one of ``variants`` (equivalent computations, the default first) for shape ``key``."""
+def run(op: str, shape_key: Callable[[], tuple], device: torch.device,
+        variants: Sequence[Callable[[], object]]):
+    """The result of one of ``variants`` (equivalent computations, the default first) for the shape
+    ``shape_key()`` names (a function: while switched off, as by default, no key is built on this hot path)."""
     if FORCE is not None:
         return variants[min(FORCE, len(variants) - 1)]()
     if not ENABLED:
         return variants[0]()
+    key = shape_key()
     index = chosen.get((op, key))
     if index is None:
         if not _can_measure(device):

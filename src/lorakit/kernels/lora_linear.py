@@ -151,7 +151,9 @@ def unmerged_forward(x2, xd2, dense, bias, A, B, args: LoraLinearArgs):
         y = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
         return y.addmm_(xa, B.t(), alpha=s)
 
-    key = (x2.shape[0], w_t.shape[1], x2.shape[1], A.shape[0], bias is not None, args.transposed, x2.dtype)
+    def key():
+        return x2.shape[0], w_t.shape[1], x2.shape[1], A.shape[0], bias is not None, args.transposed, x2.dtype
+
     return gemm_choice.run("lora_forward", key, x2.device, (epilogue, after)), xa
 
 
@@ -185,7 +187,9 @@ def grad_input(g, ga, weight, A, args: LoraLinearArgs):
     def after():
         return (g @ w).addmm_(ga, A, alpha=s)
 
-    key = (g.shape[0], w.shape[1], g.shape[1], A.shape[0], args.transposed, g.dtype)
+    def key():
+        return g.shape[0], w.shape[1], g.shape[1], A.shape[0], args.transposed, g.dtype
+
     return gemm_choice.run("lora_grad_input", key, g.device, (epilogue, after))
 
 

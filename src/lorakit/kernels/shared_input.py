@@ -115,7 +115,9 @@ def _grad_wide(grads, packed, k: int, ranks: tuple[int, ...]):
     if any(g is None for g in grads):
         return widened()
     first = next(g for g in grads if g is not None)
-    key = (first.shape[0], k, packed[0].shape[1], ranks, tuple(g.shape[1] for g in grads), first.dtype)
+    def key():
+        return first.shape[0], k, packed[0].shape[1], ranks, tuple(g.shape[1] for g in grads), first.dtype
+
     return gemm_choice.run("shared_input_backward", key, first.device, (widened, split))
 
 
