@@ -273,15 +273,17 @@ def profile(step, what: str, shapes: bool = False) -> dict[str, tuple[float, int
 
     step()
     torch.cuda.synchronize()
-    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if shapes else [])
-    with torch_profile(activities=activities, record_shapes=shapes) as prof:
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     print(f"\ntop CUDA kernels of {what}:")
     averages = prof.key_averages()
     print(averages.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
-    if shapes:
-        print_gemm_shapes(prof, what)
+    if shapes:  # a step of its own: with CPU ops recorded, their device time would count twice in the diff
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as by_shape:
+            step()
+            torch.cuda.synchronize()
+        print_gemm_shapes(by_shape, what)
     attr = "self_device_time_total" if hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
     return {e.key: (getattr(e, attr) / 1e3, e.count) for e in averages if getattr(e, attr) > 0}
 
