@@ -139,6 +139,23 @@ def shared_input_projections(module: nn.Module) -> tuple[str, ...]:
     return _hf_entry(module, _HF_SHARED_INPUT, _SHARED_INPUT) or ()
 
 
+_HF_DECODER_LAYERS = {  # transformers module -> decoder layer class whose forward is Llama's: (hidden_states,
+    # attention_mask=, position_embeddings=(cos, sin), ...) -> hidden_states (lorakit.graphs replays these)
+    model_type: (f"{prefix}DecoderLayer", True) for model_type, prefix in (
+        ("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
+}
+_DECODER_LAYERS: dict[type, bool] = {}
+
+
+def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The decoder layers of a known class in ``model``, in module order (the order a forward calls them)."""
+    return [(name, m) for name, m in model.named_modules() if _hf_entry(m, _HF_DECODER_LAYERS, _DECODER_LAYERS)]
+
+
+def known_decoder_layers() -> list[str]:
+    return sorted(cls for cls, _ in _HF_DECODER_LAYERS.values())
+
+
 _EQUIVALENT_FORWARDS = [  # (module, class) whose forward, bound on an instance, computes that instance's block
     ("liger_kernel.transformers.swiglu", "LigerSwiGLUMLP"),  # speed_up_base's SwiGLU: down(silu(gate) * up)
 ]

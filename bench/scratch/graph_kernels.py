@@ -1,0 +1,51 @@
+"""Which kernels a graphed decoder layer runs, against the eager layer (diagnosis; 8B shape, 4 layers)."""
+import sys
+import torch
+from torch.profiler import ProfilerActivity, profile
+from common import build_llama
+from train_gpu import SHAPES, TARGETS
+import lorakit as lk
+
+ckpt = "--ckpt" in sys.argv
+lora = "--lora" in sys.argv
+shape = dict(SHAPES["llama-8b"], num_hidden_layers=4)
+model = build_llama(shape, "cuda")
+model.config.use_cache = False
+if ckpt:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+if lora:
+    lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS))
+else:
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+batch = torch.randint(0, 1000, (2, 2048), device="cuda")
+
+def step():
+    model(input_ids=batch, labels=batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+def table(tag):
+    for _ in range(4):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    attr = "self_device_time_total" if hasattr(ev[0], "self_device_time_total") else "self_cuda_time_total"
+    rows = sorted(((getattr(e, attr) / 1e3, e.count, e.key) for e in ev if getattr(e, attr) > 0), reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"\n{tag}: {total:.2f} ms kernel time")
+    for t, n, k in rows[:14]:
+        print(f"  {t:8.2f} ms {n:5d}  {k[:110]}")
+    return {k: t for t, n, k in rows}
+
+e = table(f"eager ckpt={ckpt} lora={lora}")
+lk.graph_layers(model)
+g = table(f"graphed ckpt={ckpt} lora={lora}")
+print(f"replays {lk.graphed_replays(model)}")
+diff = sorted(set(e) | set(g), key=lambda k: abs(g.get(k, 0) - e.get(k, 0)), reverse=True)[:12]
+print("largest differences (graphed - eager, ms):")
+for k in diff:
+    print(f"  {g.get(k, 0) - e.get(k, 0):+8.2f}  {k[:110]}")

@@ -1,0 +1,260 @@
+"""CUDA graphs of a model's decoder layers for training steps of one fixed shape.
+
+Why: where the GPU's host is slow next to it, a LoRA step waits on the host's kernel launches (README, "Where
+a LoRA step waits": on the H200 a LoRA layer costs the host ~370 us a step more than the frozen layer, and a 1B
+step's forward sat idle 9 ms). Each graphed decoder layer replays its forward and its backward as one CUDA
+graph each: a few hundred launches become two.
+
+    lk.graph_layers(model)     # after inject; the first training calls run eagerly, the next one captures
+    ...train as usual...
+    lk.ungraph_layers(model)
+
+A call replays the layer's graphs only when everything it depends on is as at the capture (otherwise it runs
+eagerly, as without graphs, and nothing is lost):
+- training mode with grad enabled, on CUDA, not inside torch.compile or another capture;
+- the same shapes, dtypes and devices of the inputs (pack or pad batches to one length);
+- no attention mask (causal SDPA over full rows), no KV cache, no other keyword arguments;
+- the same parameters (storage and requires_grad) and the same LoRA state (active, merged, disabled adapters);
+- forward and backward alternating: a second forward before the first one's backward runs eagerly.
+With gradient checkpointing on the layer (transformers' ``gradient_checkpointing_enable``) the graphs hold
+torch's non-reentrant checkpoint of the layer: the forward keeps only the layer's input and the backward
+recomputes what it needs. That mode refuses layers with dropout (the recompute would draw other masks): they
+run eagerly.
+
+All graphed layers of one model share one memory pool, so their temporaries reuse each other's memory; a
+layer's saved activations stay allocated between steps. As with torch.cuda.make_graphed_callables, a graphed
+layer's output and its input's gradient live in that pool: they are valid until the step's backward has run
+past them (hidden states returned by ``output_hidden_states=True`` included). Parameter gradients are copies,
+so accumulating them over micro-batches is exact.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import registry
+from .errors import ConfigError
+from .layers import LoraLayer
+
+_ALLOWED_KWARGS = {"attention_mask", "position_embeddings", "position_ids", "cache_position", "cache",
+                   "past_key_values", "past_key_value", "use_cache"}
+"""Keyword arguments a decoder layer may get in a graphed call; the position ids only feed a KV cache, which a
+graphed call has none of. Any other keyword argument makes the call eager."""
+
+
+@dataclass
+class _Captured:
+    """One layer's two graphs and the static tensors they read and write."""
+
+    key: tuple
+    fwd: torch.cuda.CUDAGraph
+    bwd: torch.cuda.CUDAGraph
+    inputs: tuple[torch.Tensor, ...]  # hidden states, cos, sin
+    output: torch.Tensor
+    grad_output: torch.Tensor
+    grads: tuple[torch.Tensor | None, ...]  # the hidden states' (when they require grad), then the params'
+    params: tuple[nn.Parameter, ...]
+    keep_alive: object  # the captured forward's autograd graph: its saved tensors must stay allocated
+
+
+class _Pending:
+    """A replayed forward whose backward has not run yet; dies with the autograd graph that holds it."""
+
+    done = False
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, graphed, pending, hidden, cos, sin, *params):
+        cap = graphed.captured
+        for static, new in zip(cap.inputs, (hidden, cos, sin)):
+            if static.data_ptr() != new.data_ptr():
+                static.copy_(new)
+        cap.fwd.replay()
+        ctx.graphed, ctx.pending, ctx.hidden_grad = graphed, pending, hidden.requires_grad
+        return cap.output.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        if ctx.pending.done:
+            raise RuntimeError("a graphed decoder layer's backward ran twice for one forward (retain_graph=True); "
+                               "graphed layers keep one step's activations: call lk.ungraph_layers(model) first")
+        ctx.pending.done = True
+        cap = ctx.graphed.captured
+        if cap.grad_output.data_ptr() != grad_out.data_ptr():
+            cap.grad_output.copy_(grad_out)
+        cap.bwd.replay()
+        grads = list(cap.grads)
+        hidden_grad = grads.pop(0) if ctx.hidden_grad else None
+        # copies: a stolen alias of the static buffer would be overwritten (not added to) by the next replay
+        param_grads = [None if g is None else g.clone() for g in grads]
+        return (None, None, hidden_grad, None, None, *param_grads)
+
+
+def _lora_state(module: nn.Module) -> tuple:
+    return tuple((tuple(m.active.items()), tuple(m.merged.items()), m.disabled, m.mixed is None,
+                  getattr(m, "use_fused_kernel", None))
+                 for m in module.modules() if isinstance(m, LoraLayer))
+
+
+def _has_dropout(module: nn.Module) -> bool:
+    return any((isinstance(m, nn.Dropout) and m.p > 0) or getattr(m, "attention_dropout", 0) > 0
+               for m in module.modules())
+
+
+class GraphedLayer:
+    """Installed as ``layer.forward``: replays the layer's captured graphs where it can, else runs the layer's
+    own forward."""
+
+    def __init__(self, layer: nn.Module, pool, warmup: int):
+        self.layer = layer
+        self.pool = pool
+        self.warmup = warmup
+        self.calls = 0
+        self.checkpoint = bool(getattr(layer, "gradient_checkpointing", False))
+        self.checkpoint_func = getattr(layer, "_gradient_checkpointing_func", None)
+        layer.gradient_checkpointing = False  # this wrapper checkpoints (or graphs) the layer itself
+        self.captured: _Captured | None = None
+        self.pending = lambda: None  # weakref to the _Pending of the last replay
+        self.replays = 0
+
+    def eager_forward(self, *args, **kwargs):
+        forward = type(self.layer).forward.__get__(self.layer)
+        if self.checkpoint and self.layer.training and torch.is_grad_enabled():
+            func = self.checkpoint_func or (lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False))
+            return func(lambda *a: forward(*a, **kwargs), *args)
+        return forward(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        inputs = self._graph_inputs(args, kwargs)
+        if inputs is None:
+            return self.eager_forward(*args, **kwargs)
+        key = self._key(inputs)
+        if self.captured is None:
+            self.calls += 1
+            if self.calls <= self.warmup:  # lazy state first (e.g. the fused blocks widen their weights)
+                return self.eager_forward(*args, **kwargs)
+            self.captured = self._capture(inputs, key)
+        pending = self.pending()
+        if self.captured.key != key or (pending is not None and not pending.done):
+            return self.eager_forward(*args, **kwargs)
+        token = _Pending()
+        self.pending = weakref.ref(token)
+        self.replays += 1
+        return _Replay.apply(self, token, *inputs, *self.captured.params)
+
+    # ------------------------------------------------------------------ when a call can be graphed
+    def _graph_inputs(self, args, kwargs) -> tuple[torch.Tensor, ...] | None:
+        layer = self.layer
+        if not (layer.training and torch.is_grad_enabled()) or len(args) != 1 or not set(kwargs) <= _ALLOWED_KWARGS:
+            return None
+        hidden = args[0]
+        embeddings = kwargs.get("position_embeddings")
+        if (not isinstance(hidden, torch.Tensor) or not hidden.is_cuda or kwargs.get("attention_mask") is not None
+                or kwargs.get("use_cache") or any(kwargs.get(k) is not None for k in
+                                                  ("cache", "past_key_values", "past_key_value"))
+                or not isinstance(embeddings, tuple) or len(embeddings) != 2):
+            return None
+        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+            return None
+        if self.checkpoint and _has_dropout(layer):
+            return None
+        return (hidden, *embeddings)
+
+    def _key(self, inputs) -> tuple:
+        layer = self.layer
+        return (tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in inputs),
+                tuple((p.data_ptr(), p.requires_grad) for p in layer.parameters()),
+                _lora_state(layer), torch.is_autocast_enabled("cuda"))
+
+    # ------------------------------------------------------------------ capture
+    def _run(self, hidden, cos, sin):
+        forward = type(self.layer).forward.__get__(self.layer)
+        out = forward(hidden, attention_mask=None, position_embeddings=(cos, sin))
+        if not isinstance(out, torch.Tensor):
+            raise ConfigError(f"{type(self.layer).__name__}.forward returned {type(out).__name__}, not a tensor: "
+                              "graph_layers needs transformers >= 5 (decoder layers that return the hidden states)")
+        return out
+
+    def _capture(self, inputs, key) -> _Captured:
+        hidden, cos, sin = inputs
+        static = (hidden.detach().clone().requires_grad_(hidden.requires_grad), cos.detach().clone(),
+                  sin.detach().clone())
+        params = tuple(p for p in self.layer.parameters() if p.requires_grad)
+        wrt = ((static[0],) if hidden.requires_grad else ()) + params
+        if not wrt:
+            raise ConfigError("graph_layers: the layer has no trainable parameter and its input needs no grad")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # the capture stream's lazy state (cuBLAS workspace, ...) first
+            for _ in range(2):
+                out = self._forward(static)
+                torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
+                del out
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        grad_output = torch.empty_like(hidden)
+        fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(fwd, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
+            output = self._forward(static)
+        with torch.cuda.graph(bwd, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
+            # checkpointed: the forward saved only its inputs (static), so nothing needs to outlive the capture;
+            # else the saved activations must stay allocated for every replay
+            grads = torch.autograd.grad(output, wrt, grad_output, allow_unused=True, retain_graph=not self.checkpoint)
+        torch.cuda.synchronize()
+        return _Captured(key=key, fwd=fwd, bwd=bwd, inputs=static, output=output.detach(), grad_output=grad_output,
+                         grads=tuple(grads), params=params, keep_alive=None if self.checkpoint else output)
+
+    def _forward(self, static):
+        if not self.checkpoint:
+            return self._run(*static)
+        # torch's non-reentrant checkpoint: its recompute in backward stops after the last tensor backward needs
+        # (a frozen last projection's GEMM is not redone); no RNG state to restore, as no dropout is allowed here
+        return torch.utils.checkpoint.checkpoint(self._run, *static, use_reentrant=False, preserve_rng_state=False)
+
+
+def graph_layers(model: nn.Module, warmup: int = 2) -> int:
+    """Replay the decoder layers of a known Hugging Face causal LM (registry.decoder_layers) as CUDA graphs in
+    training steps; returns how many layers are graphed. Each layer runs ``warmup`` eager training calls before
+    it captures. Undo with ``ungraph_layers``."""
+    if warmup < 1:
+        raise ConfigError(f"warmup must be >= 1 (eager calls before the capture, for lazy state), got {warmup}")
+    layers = registry.decoder_layers(model)
+    if not layers:
+        raise ConfigError(f"no decoder layer of a known class in {type(model).__name__}; graph_layers knows "
+                          f"{registry.known_decoder_layers()}")
+    if not torch.cuda.is_available() or not any(p.is_cuda for p in model.parameters()):
+        raise ConfigError("graph_layers replays CUDA graphs: move the model to a CUDA device first")
+    pool = torch.cuda.graph_pool_handle()
+    count = 0
+    for _, layer in layers:
+        if isinstance(layer.__dict__.get("forward"), GraphedLayer):
+            continue
+        layer.forward = GraphedLayer(layer, pool, warmup)
+        count += 1
+    return count
+
+
+def ungraph_layers(model: nn.Module) -> int:
+    """Undo ``graph_layers``: the layers' own forwards (and gradient checkpointing) again; the graphs' memory is
+    freed once nothing holds their outputs. Returns how many layers were restored."""
+    count = 0
+    for _, layer in registry.decoder_layers(model):
+        graphed = layer.__dict__.get("forward")
+        if isinstance(graphed, GraphedLayer):
+            del layer.forward
+            layer.gradient_checkpointing = graphed.checkpoint
+            graphed.captured = None
+            count += 1
+    return count
+
+
+def graphed_replays(model: nn.Module) -> int:
+    """How many graphed calls the model's decoder layers have replayed (a run can check it is not eager)."""
+    return sum(f.replays for _, layer in registry.decoder_layers(model)
+               if isinstance(f := layer.__dict__.get("forward"), GraphedLayer))

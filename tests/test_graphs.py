@@ -1,0 +1,167 @@
+"""lorakit.graph_layers: decoder layers replayed as CUDA graphs in training steps.
+
+The capture and replay need a CUDA GPU (these run on the device machine); the refusals run everywhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorakit as lk
+from lorakit.errors import ConfigError
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(device="cpu", dtype=torch.float32, **extra):
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                      attn_implementation="sdpa", use_cache=False, **extra)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+
+
+def test_refuses_a_model_on_the_cpu():
+    with pytest.raises(ConfigError, match="CUDA device"):
+        lk.graph_layers(tiny_llama())
+
+
+def test_refuses_a_model_without_known_decoder_layers():
+    with pytest.raises(ConfigError, match="LlamaDecoderLayer"):
+        lk.graph_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_refuses_warmup_below_one():
+    with pytest.raises(ConfigError, match="warmup"):
+        lk.graph_layers(tiny_llama(), warmup=0)
+
+
+def lora_model(device="cuda", ckpt=False, dropout=0.0):
+    model = tiny_llama(device, torch.float32)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules=TARGETS, dropout=dropout))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def step_grads(model, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def batches(n, shape=(2, 16)):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 128, shape, generator=gen).cuda() for _ in range(n)]
+
+
+@cuda
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_graphed_steps_match_eager_steps(ckpt):
+    model = lora_model(ckpt=ckpt)
+    data = batches(5)
+    eager = [step_grads(model, ids) for ids in data]
+    assert lk.graph_layers(model, warmup=1) == 2
+    graphed = [step_grads(model, ids) for ids in data]
+    assert lk.graphed_replays(model) == 2 * 4  # call 1 eager (warm-up), call 2 captures and replays, ...
+    for (le, ge), (lg, gg) in zip(eager, graphed):
+        torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-6)
+        for name in ge:
+            torch.testing.assert_close(gg[name], ge[name], rtol=1e-4, atol=1e-6)
+    assert lk.ungraph_layers(model) == 2
+    assert model.model.layers[0].gradient_checkpointing == ckpt
+
+
+@cuda
+def test_gradients_accumulate_over_micro_batches():
+    model = lora_model()
+    a, b = batches(2)
+    lk.graph_layers(model, warmup=1)
+    step_grads(model, a)  # warm-up and capture
+    expected = {}
+    for ids in (a, b):
+        _, grads = step_grads(model, ids)
+        for n, g in grads.items():
+            expected[n] = expected.get(n, 0) + g
+    for ids in (a, b):  # no zero_grad between: the second adds to the first
+        model(input_ids=ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_calls_that_differ_from_the_capture_run_eagerly_and_correctly():
+    model = lora_model()
+    a, b = batches(2)
+    short = batches(1, (2, 8))[0]
+    lk.graph_layers(model, warmup=1)
+    step_grads(model, a)  # eager warm-up
+    step_grads(model, a)  # capture and replay
+    replays = lk.graphed_replays(model)
+    assert replays == 2
+    loss_eager_short = step_grads(model, short)[0]  # another shape: eager
+    assert lk.graphed_replays(model) == replays
+    for _, layer in lk.lora_layers(model):
+        layer.disabled = True
+    loss_off = model(input_ids=b, labels=b).loss  # LoRA disabled: not the captured state, eager
+    with torch.no_grad():
+        off = model(input_ids=b, labels=b).loss  # no grad: eager
+    assert lk.graphed_replays(model) == replays
+    torch.testing.assert_close(loss_off.detach(), off)
+    for _, layer in lk.lora_layers(model):
+        layer.disabled = False
+    step_grads(model, a)  # the captured state again: replays
+    assert lk.graphed_replays(model) == replays + 2
+    lk.ungraph_layers(model)
+    torch.testing.assert_close(step_grads(model, short)[0], loss_eager_short)
+
+
+@cuda
+def test_second_forward_before_backward_runs_eagerly():
+    model = lora_model()
+    a, b = batches(2)
+    lk.graph_layers(model, warmup=1)
+    step_grads(model, a)
+    la = model(input_ids=a, labels=a).loss  # replays
+    lb = model(input_ids=b, labels=b).loss  # a's backward pending: eager
+    (la + lb).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    lk.ungraph_layers(model)
+    (model(input_ids=a, labels=a).loss + model(input_ids=b, labels=b).loss).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+@cuda
+def test_backward_twice_is_refused():
+    model = lora_model()
+    a = batches(1)[0]
+    lk.graph_layers(model, warmup=1)
+    step_grads(model, a)
+    loss = model(input_ids=a, labels=a).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        loss.backward()
+
+
+@cuda
+def test_checkpointed_layers_with_dropout_run_eagerly():
+    model = lora_model(ckpt=True, dropout=0.1)
+    a = batches(1)[0]
+    lk.graph_layers(model, warmup=1)
+    for _ in range(3):
+        step_grads(model, a)
+    assert lk.graphed_replays(model) == 0
