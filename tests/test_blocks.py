@@ -69,10 +69,12 @@ def fused_and_unfused(model):
 
 
 def count_fused_calls(monkeypatch, which=("down",)):
-    """Calls of the blocks' ops: ``down`` (the MLP's LoraMlpDownFunction), ``shared`` (LoraSharedInputFunction:
+    """Calls of the blocks' ops: ``down`` (the MLP's LoraMlpDownFunction, the down op's GEMM node), ``down
+    inputs`` (its first node, LoraMlpDownInputs), ``shared`` (LoraSharedInputFunction:
     gate/up, q/k/v)."""
     calls = []
-    for name, fn in (("down", gated_mlp.LoraMlpDownFunction), ("shared", shared_input.LoraSharedInputFunction)):
+    for name, fn in (("down", gated_mlp.LoraMlpDownFunction), ("down inputs", gated_mlp.LoraMlpDownInputs),
+                     ("shared", shared_input.LoraSharedInputFunction)):
         if name in which:
             monkeypatch.setattr(fn, "apply", lambda *a, _o=fn.apply: calls.append(1) or _o(*a))
     return calls
@@ -111,9 +113,11 @@ def test_fused_block_under_gradient_checkpointing(monkeypatch):
     model = with_lora(tiny_llama(), LLAMA_TARGETS)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=lk.checkpoint_kwargs())
     fused, unfused = fused_and_unfused(model)
-    calls = count_fused_calls(monkeypatch)
+    gemm_calls = count_fused_calls(monkeypatch)
+    input_calls = count_fused_calls(monkeypatch, ("down inputs",))
     loss_f, grads_f = step(fused)
-    assert len(calls) == 4  # forward and recomputation, two layers
+    assert len(input_calls) == 4  # forward and recomputation, two layers
+    assert len(gemm_calls) == 2  # forward only: the recomputation stops once G, U, XA are saved again
     loss_u, grads_u = step(unfused)
     assert torch.equal(loss_f, loss_u)
     for name in grads_f:
@@ -194,6 +198,20 @@ def test_op_gradcheck_float64(gated, bias, transposed, act):
     h = module(gate) if up is None else module(gate) * up
     expected = F.linear(h, weight.t() if transposed else weight, b) + 0.7 * h @ A.t() @ B.t()
     torch.testing.assert_close(fn(*inputs), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_op_with_only_B_trainable_matches_autograd():
+    """Frozen A, inputs that need no gradient: only dB (the op then runs as one node)."""
+    g = torch.Generator().manual_seed(0)
+    gate, up, weight = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((4, 6), (4, 6), (3, 6)))
+    A = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    B = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    y = gated_mlp.lora_mlp_down(gate, up, nn.SiLU(), weight, None, A, B, 0.5, silu=True)
+    y.square().sum().backward()
+    B_ref = B.detach().clone().requires_grad_(True)
+    h = F.silu(gate) * up
+    (F.linear(h, weight) + 0.5 * h @ A.t() @ B_ref.t()).square().sum().backward()
+    torch.testing.assert_close(B.grad, B_ref.grad, rtol=1e-12, atol=1e-12)
 
 
 def saved_bytes(model, ids) -> int:

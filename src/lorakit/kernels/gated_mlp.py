@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._triton import load_kernels
-from .lora_linear import LoraLinearArgs, grad_input, unmerged_forward
+from .lora_linear import LoraLinearArgs, forward_from_xa, grad_input
 
 _triton = None
 _triton_loaded = False
@@ -67,9 +67,12 @@ class MlpArgs:
 
 
 def _use_triton(*tensors) -> bool:
+    # compiling first: loading the kernels imports a module, which torch.compile cannot trace (a graph break
+    # wherever the first use of the op is a compiled one)
+    if torch.compiler.is_compiling() or not tensors[0].is_cuda:
+        return False
     kernels = _kernels()
-    return kernels is not None and tensors[0].is_cuda and not torch.compiler.is_compiling() \
-        and kernels.supported(*tensors)
+    return kernels is not None and kernels.supported(*tensors)
 
 
 def activate(gate: torch.Tensor, up: torch.Tensor | None, args: MlpArgs) -> torch.Tensor:
@@ -106,43 +109,118 @@ def activation_backward(grad_h: torch.Tensor | None, gate: torch.Tensor, up: tor
     return h.detach(), grads[0], grads[1] if u is not None else None
 
 
+class _DownShared:
+    """The gradients of the first node's inputs, which the second node's backward forms. (The second node
+    reaches the first one's context, where G, U and XA are saved, through XA's grad_fn: no reference cycle
+    keeps either alive.)"""
+
+    __slots__ = ("grads",)
+
+
+class LoraMlpDownInputs(torch.autograd.Function):
+    """The op's first node: H = act(G) * U and XA = H @ A.T; saves G, U and XA, nothing after.
+
+    Why two nodes: a checkpoint's recompute stops once the last tensor that backward needs is saved again
+    (torch's early stop). Saved here, before the down projection's GEMM, they let the recompute skip that GEMM,
+    as the frozen model's recompute does (nothing after it is saved). As one node, the op ran its whole forward
+    before saving: one (tokens x intermediate x hidden) GEMM a layer too many, 32 x ~0.6 ms on Llama-3-8B's
+    checkpointed step (H200)."""
+
+    @staticmethod
+    def forward(ctx, shared, gate, up, A, args: MlpArgs):
+        h2 = activate(gate, up, args).reshape(-1, A.shape[1])
+        xa = h2 @ A.t()
+        ctx.save_for_backward(gate, up, xa)
+        ctx.set_materialize_grads(False)
+        ctx.shared = shared
+        return h2, xa  # H is not saved: the second node reads it in forward only
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_xa):  # both None: the second node's backward formed every gradient
+        grads, ctx.shared.grads = ctx.shared.grads, None
+        return (None, *grads, None)
+
+
 class LoraMlpDownFunction(torch.autograd.Function):
+    """The op's second node: Y = H @ W.T + b + s * XA @ B.T. It saves no tensor (the parameters ride on its
+    context: a checkpoint's recompute is not asked for them); its backward reads the first node's G, U, XA
+    and forms the gradients of both."""
+
+    @staticmethod
+    def forward(ctx, shared, h2, xa, weight, bias, A, B, args: MlpArgs):
+        y = forward_from_xa(h2, xa, weight, bias, B, args.lora)
+        ctx.shared, ctx.args, ctx.has_bias = shared, args, bias is not None
+        ctx.weight, ctx.A, ctx.B = weight, A, B
+        ctx.inputs_ctx = xa.grad_fn  # the first node (None when nothing before this op needs a gradient)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, xa = ctx.inputs_ctx.saved_tensors
+        _, need_gate, need_up, need_A, _ = ctx.inputs_ctx.needs_input_grad
+        grad_gate, grad_up, grad_A, grad_B, grad_bias = _backward(
+            grad_out, gate, up, xa, ctx.weight, ctx.A, ctx.B, ctx.args, need_gate, need_up, need_A,
+            ctx.needs_input_grad[6], ctx.has_bias and ctx.needs_input_grad[4])
+        ctx.shared.grads = (grad_gate, grad_up, grad_A)
+        return None, None, None, None, grad_bias, None, grad_B, None
+
+
+class LoraMlpDownOneNode(torch.autograd.Function):
+    """The same op as one node, for torch.compile (which traces it without a break; the two nodes' link
+    through a grad_fn would break the graph, and a compiled graph recomputes by its own rules)."""
+
     @staticmethod
     def forward(ctx, gate, up, weight, bias, A, B, args: MlpArgs):
-        h = activate(gate, up, args)
-        h2 = h.reshape(-1, A.shape[1])
-        y, xa = unmerged_forward(h2, h2, weight, bias, A, B, args.lora)
-        del h, h2  # recomputed in backward: this is the point
-        ctx.args = args
-        ctx.has_bias = bias is not None
+        h2 = activate(gate, up, args).reshape(-1, A.shape[1])
+        xa = h2 @ A.t()
+        y = forward_from_xa(h2, xa, weight, bias, B, args.lora)
+        del h2
+        ctx.args, ctx.has_bias = args, bias is not None
         ctx.save_for_backward(gate, up, xa, weight, A, B)
-        return y.view(*gate.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
         gate, up, xa, weight, A, B = ctx.saved_tensors
-        args = ctx.args
-        s = args.lora.scale
         need_gate, need_up, _, need_bias, need_A, need_B, _ = ctx.needs_input_grad
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        ga = g @ B  # (N, r), unscaled: s rides in the GEMMs' alpha/beta (as in lora_linear)
-        grad_B = torch.addmm(B, g.t(), xa, beta=0, alpha=s) if need_B else None
-        grad_h = None
-        if need_gate or need_up:
-            grad_h = grad_input(g, ga, weight, A, args.lora)
-        h, grad_gate, grad_up = activation_backward(grad_h, gate, up, args, want_h=need_A)
-        del grad_h
-        grad_A = torch.addmm(A, ga.t(), h.reshape(-1, A.shape[1]), beta=0, alpha=s) if need_A else None
-        grad_bias = g.sum(0) if ctx.has_bias and need_bias else None
-        return (grad_gate if need_gate else None, grad_up if need_up else None, None, grad_bias, grad_A, grad_B,
-                None)
+        grad_gate, grad_up, grad_A, grad_B, grad_bias = _backward(
+            grad_out, gate, up, xa, weight, A, B, ctx.args, need_gate, need_up, need_A, need_B,
+            ctx.has_bias and need_bias)
+        return grad_gate, grad_up, None, grad_bias, grad_A, grad_B, None
+
+
+def _backward(g, gate, up, xa, weight, A, B, args: MlpArgs, need_gate, need_up, need_A, need_B, need_bias):
+    """(dGate, dUp, dA, dB, dBias) for the 2-d output gradient ``g`` (module docstring), None where not needed."""
+    s = args.lora.scale
+    ga = g @ B  # (N, r), unscaled: s rides in the GEMMs' alpha/beta (as in lora_linear)
+    grad_B = torch.addmm(B, g.t(), xa, beta=0, alpha=s) if need_B else None
+    grad_h = None
+    if need_gate or need_up:
+        grad_h = grad_input(g, ga, weight, A, args.lora)
+    h, grad_gate, grad_up = activation_backward(grad_h, gate, up, args, want_h=need_A)
+    del grad_h
+    grad_A = torch.addmm(A, ga.t(), h.reshape(-1, A.shape[1]), beta=0, alpha=s) if need_A else None
+    grad_bias = g.sum(0) if need_bias else None
+    return grad_gate if need_gate else None, grad_up if need_up else None, grad_A, grad_B, grad_bias
+
+
+def _apply(gate, up, weight, bias, A, B, args: MlpArgs) -> torch.Tensor:
+    first_needs_grad = torch.is_grad_enabled() and (
+        gate.requires_grad or A.requires_grad or (up is not None and up.requires_grad))
+    if torch.compiler.is_compiling() or not first_needs_grad:  # (no first node then for the second to reach)
+        y = LoraMlpDownOneNode.apply(gate, up, weight, bias, A, B, args)
+    else:
+        shared = _DownShared()
+        h2, xa = LoraMlpDownInputs.apply(shared, gate, up, A, args)
+        y = LoraMlpDownFunction.apply(shared, h2, xa, weight, bias, A, B, args)
+    return y.view(*gate.shape[:-1], y.shape[-1])
 
 
 def lora_mlp_down(gate: torch.Tensor, up: torch.Tensor | None, act: nn.Module, weight: torch.Tensor,
                   bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, scale: float,
                   transposed: bool = False, silu: bool = False) -> torch.Tensor:
     """``down(act(gate) * up)`` for a LoRA ``down`` (dense frozen ``weight``, adapter A, B, ``scale``, no
-    dropout) as one autograd node that stores gate and up but not the product. ``up`` None: ``down(act(gate))``.
+    dropout) as one autograd op (two nodes) that stores gate and up but not the product. ``up`` None: ``down(act(gate))``.
     ``silu``: act computes exactly ``F.silu``. Under autocast every operand is cast to the autocast dtype first (as lora_linear_fused)."""
     args = MlpArgs(LoraLinearArgs(float(scale), transposed), act, silu)
     if torch.is_autocast_enabled(gate.device.type):
@@ -151,6 +229,6 @@ def lora_mlp_down(gate: torch.Tensor, up: torch.Tensor | None, act: nn.Module, w
         up = up.to(dtype) if up is not None else None
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(gate.device.type, enabled=False):
-            return LoraMlpDownFunction.apply(gate, up, weight, bias, A, B, args)
-    return LoraMlpDownFunction.apply(gate, up, weight, bias, A, B, args)
+            return _apply(gate, up, weight, bias, A, B, args)
+    return _apply(gate, up, weight, bias, A, B, args)
 

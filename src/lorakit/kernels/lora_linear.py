@@ -135,8 +135,13 @@ class LoraLinearFunction(torch.autograd.Function):
 
 def unmerged_forward(x2, xd2, dense, bias, A, B, args: LoraLinearArgs):
     """``(Y, XA)`` of the unmerged fused forward (module docstring) for 2-d ``x2`` and its dropout ``xd2``."""
-    w_t = dense if args.transposed else dense.t()  # (in, out) view, no copy
     xa = xd2 @ A.t()
+    return forward_from_xa(x2, xa, dense, bias, B, args), xa
+
+
+def forward_from_xa(x2, xa, dense, bias, B, args: LoraLinearArgs):
+    """Y = X @ W.T + b + s * XA @ B.T for a given XA: the base GEMM with the rank-r term."""
+    w_t = dense if args.transposed else dense.t()  # (in, out) view, no copy
     s = args.scale
 
     def epilogue():
@@ -152,9 +157,9 @@ def unmerged_forward(x2, xd2, dense, bias, A, B, args: LoraLinearArgs):
         return y.addmm_(xa, B.t(), alpha=s)
 
     def key():
-        return x2.shape[0], w_t.shape[1], x2.shape[1], A.shape[0], bias is not None, args.transposed, x2.dtype
+        return x2.shape[0], w_t.shape[1], x2.shape[1], xa.shape[1], bias is not None, args.transposed, x2.dtype
 
-    return gemm_choice.run("lora_forward", key, x2.device, (epilogue, after)), xa
+    return gemm_choice.run("lora_forward", key, x2.device, (epilogue, after))
 
 
 def unmerged_backward(g, xd2, xa, weight, A, B, args: LoraLinearArgs, need_x: bool, has_drop: bool,
