@@ -175,17 +175,20 @@ class LoraMlpDownOneNode(torch.autograd.Function):
         xa = h2 @ A.t()
         y = forward_from_xa(h2, xa, weight, bias, B, args.lora)
         del h2
-        ctx.args, ctx.has_bias = args, bias is not None
+        ctx.args = args
+        ctx.has_bias = bias is not None
         ctx.save_for_backward(gate, up, xa, weight, A, B)
-        return y
+        # shaped here, not by the caller: torch 2.11's dynamo computed wrong input gradients for a view of
+        # this node's 2-d output taken outside it (tests/test_blocks.py::test_compile_adds_no_graph_break)
+        return y.view(*gate.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         gate, up, xa, weight, A, B = ctx.saved_tensors
         need_gate, need_up, _, need_bias, need_A, need_B, _ = ctx.needs_input_grad
         grad_gate, grad_up, grad_A, grad_B, grad_bias = _backward(
-            grad_out, gate, up, xa, weight, A, B, ctx.args, need_gate, need_up, need_A, need_B,
-            ctx.has_bias and need_bias)
+            grad_out.reshape(-1, grad_out.shape[-1]), gate, up, xa, weight, A, B, ctx.args, need_gate, need_up,
+            need_A, need_B, ctx.has_bias and need_bias)
         return grad_gate, grad_up, None, grad_bias, grad_A, grad_B, None
 
 
@@ -208,11 +211,10 @@ def _apply(gate, up, weight, bias, A, B, args: MlpArgs) -> torch.Tensor:
     first_needs_grad = torch.is_grad_enabled() and (
         gate.requires_grad or A.requires_grad or (up is not None and up.requires_grad))
     if torch.compiler.is_compiling() or not first_needs_grad:  # (no first node then for the second to reach)
-        y = LoraMlpDownOneNode.apply(gate, up, weight, bias, A, B, args)
-    else:
-        shared = _DownShared()
-        h2, xa = LoraMlpDownInputs.apply(shared, gate, up, A, args)
-        y = LoraMlpDownFunction.apply(shared, h2, xa, weight, bias, A, B, args)
+        return LoraMlpDownOneNode.apply(gate, up, weight, bias, A, B, args)
+    shared = _DownShared()
+    h2, xa = LoraMlpDownInputs.apply(shared, gate, up, A, args)
+    y = LoraMlpDownFunction.apply(shared, h2, xa, weight, bias, A, B, args)
     return y.view(*gate.shape[:-1], y.shape[-1])
 
 
