@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # What the next device session should run first, each part one device call of under 10 minutes:
+#   part 6 (first): the GPU tests of the fused blocks and of graph_layers, then bench/graphed_layers.py on 1B and
+#           on 8B with checkpointing (last measured 2026-12-02 on an H200: lorakit 0.935-0.940 of the eager floor on
+#           1B and 0.949-0.953 on 8B with graphed layers, 0.936-0.941 eager on 8B; README "Decoder layers as
+#           CUDA graphs"); not yet tried: `lorakit train --packing` with graph_layers (autocast + fp32 adapters);
 #   part 1: the GPU tests of the fused blocks, the interleaved A/B of the fused blocks (bench/ab_block.py: the
 #           default gate/up shared op, + q/k/v, + q/k/v with the GEMM orders measured (gemm_choice: its split
 #           backward avoids the widened N that may make the q/k/v group slow), down op only), then the 1B rows;
@@ -18,12 +22,21 @@
 #   QLoRA (issue 3) as measured on 2026-12-01: bench/qlora.py (default rows) and bench/qlora.py --check.
 # Run from the repository root through the device tool, with the wheels carried (liger-kernel 0.8.5 is in .whl;
 # bitsandbytes 0.50.2 for py3.12 is 43 MB: keep it in an ignored folder such as .devwhl and carry that):
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; bash bench/gpu_next.sh 1
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; bash bench/gpu_next.sh 6
 set -u
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-.}
-part=${1:-1}
-if [ "$part" = 1 ]; then
+part=${1:-6}
+if [ "$part" = 6 ]; then
+    X=""; python3 -c "import xdist" 2>/dev/null && X="-n 4"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider $X tests/test_blocks.py tests/test_kernels_swiglu.py \
+        tests/test_kernels_lora_linear.py tests/test_graphs.py tests/test_compile.py 2>&1 | tail -2 \
+        | tee "$OUT/gpu_tests.txt"
+    (cd bench && timeout 200 python3 graphed_layers.py --shape llama-1b --rounds 3 2>&1 | grep -v Warn \
+        | tee "$OUT/graphed_1b.txt" | tail -7)
+    (cd bench && timeout 260 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
+        2>&1 | grep -v Warn | tee "$OUT/graphed_8b.txt" | tail -7)
+elif [ "$part" = 1 ]; then
     X=""; python3 -c "import xdist" 2>/dev/null && X="-n 4"
     timeout 120 python3 -m pytest -q -p no:cacheprovider $X tests/test_blocks.py tests/test_kernels_swiglu.py \
         tests/test_kernels_lora_linear.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
