@@ -19,7 +19,7 @@ eagerly, as without graphs, and nothing is lost):
 With gradient checkpointing on the layer (transformers' ``gradient_checkpointing_enable``) the graphs hold
 torch's non-reentrant checkpoint of the layer: the forward keeps only the layer's input and the backward
 recomputes what it needs. That mode refuses layers with dropout (the recompute would draw other masks): they
-run eagerly.
+run eagerly. Checkpointing is read when ``graph_layers`` is called: enable it before.
 
 All graphed layers of one model share one memory pool, so their temporaries reuse each other's memory; a
 layer's saved activations stay allocated between steps. As with torch.cuda.make_graphed_callables, a graphed
