@@ -7,10 +7,11 @@ as CUDA graphs"; bench/results/2026-12-02_h200_s17_graphed_kernels.txt).
     python bench/graph_kernels.py --ckpt [--lora]
 """
 import sys
+
 import torch
-from torch.profiler import ProfilerActivity, profile
 from common import build_llama
-from train_gpu import SHAPES, TARGETS
+from train_gpu import SHAPES, TARGETS, profile
+
 import lorakit as lk
 
 ckpt = "--ckpt" in sys.argv
@@ -33,20 +34,10 @@ def step():
     model.zero_grad(set_to_none=True)
 
 def table(tag):
-    for _ in range(4):
+    for _ in range(3):  # graphed: two eager calls per layer, then the capture
         step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    ev = prof.key_averages()
-    attr = "self_device_time_total" if hasattr(ev[0], "self_device_time_total") else "self_cuda_time_total"
-    rows = sorted(((getattr(e, attr) / 1e3, e.count, e.key) for e in ev if getattr(e, attr) > 0), reverse=True)
-    total = sum(r[0] for r in rows)
-    print(f"\n{tag}: {total:.2f} ms kernel time")
-    for t, n, k in rows[:14]:
-        print(f"  {t:8.2f} ms {n:5d}  {k[:110]}")
-    return {k: t for t, n, k in rows}
+    return {k: t for k, (t, n) in profile(step, tag).items()}  # train_gpu's per-kernel profile, ms
+
 
 e = table(f"eager ckpt={ckpt} lora={lora}")
 lk.graph_layers(model)

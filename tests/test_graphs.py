@@ -16,10 +16,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_llama(device="cpu", dtype=torch.float32, **extra):
+def tiny_llama(device="cpu", dtype=torch.float32):
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
-                      attn_implementation="sdpa", use_cache=False, **extra)
+                      attn_implementation="sdpa", use_cache=False)
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 

@@ -34,6 +34,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from . import registry
@@ -113,6 +114,7 @@ class GraphedLayer:
 
     def __init__(self, layer: nn.Module, pool, warmup: int):
         self.layer = layer
+        self.layer_forward = type(layer).forward.__get__(layer)  # the class's own, under this instance attribute
         self.pool = pool
         self.warmup = warmup
         self.calls = 0
@@ -124,7 +126,7 @@ class GraphedLayer:
         self.replays = 0
 
     def eager_forward(self, *args, **kwargs):
-        forward = type(self.layer).forward.__get__(self.layer)
+        forward = self.layer_forward
         if self.checkpoint and self.layer.training and torch.is_grad_enabled():
             func = self.checkpoint_func or (lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False))
             return func(lambda *a: forward(*a, **kwargs), *args)
@@ -174,8 +176,7 @@ class GraphedLayer:
 
     # ------------------------------------------------------------------ capture
     def _run(self, hidden, cos, sin):
-        forward = type(self.layer).forward.__get__(self.layer)
-        out = forward(hidden, attention_mask=None, position_embeddings=(cos, sin))
+        out = self.layer_forward(hidden, attention_mask=None, position_embeddings=(cos, sin))
         if not isinstance(out, torch.Tensor):
             raise ConfigError(f"{type(self.layer).__name__}.forward returned {type(out).__name__}, not a tensor: "
                               "graph_layers needs transformers >= 5 (decoder layers that return the hidden states)")

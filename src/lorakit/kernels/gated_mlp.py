@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._triton import load_kernels
-from .lora_linear import LoraLinearArgs, forward_from_xa, grad_input
+from .lora_linear import LoraLinearArgs, forward_from_xa, grad_input, unmerged_forward
 
 _triton = None
 _triton_loaded = False
@@ -172,8 +172,7 @@ class LoraMlpDownOneNode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, bias, A, B, args: MlpArgs):
         h2 = activate(gate, up, args).reshape(-1, A.shape[1])
-        xa = h2 @ A.t()
-        y = forward_from_xa(h2, xa, weight, bias, B, args.lora)
+        y, xa = unmerged_forward(h2, h2, weight, bias, A, B, args.lora)
         del h2
         ctx.args = args
         ctx.has_bias = bias is not None
