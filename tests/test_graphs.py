@@ -165,3 +165,61 @@ def test_checkpointed_layers_with_dropout_run_eagerly():
     for _ in range(3):
         step_grads(model, a)
     assert lk.graphed_replays(model) == 0
+
+
+@cuda
+def test_layers_are_chained_in_place_and_a_new_input_runs_eagerly():
+    model = lora_model()
+    a, b = batches(2)
+    lk.graph_layers(model, warmup=1)
+    step_grads(model, a)
+    step_grads(model, a)  # capture
+    first, second = (layer.forward.captured for layer in model.model.layers)
+    assert not first.chained and second.chained  # layer 1 reads layer 0's static output, no copy, no own buffer
+    assert second.inputs[0].data_ptr() == first.output.data_ptr()
+    assert first.grad_output is second.grad_output  # one input-gradient buffer for the model
+    _, expected = step_grads(model, b)
+    replays = lk.graphed_replays(model)
+    hook = model.model.layers[0].register_forward_hook(lambda mod, args, out: out * 1.0)  # a new tensor
+    loss, got = step_grads(model, b)
+    hook.remove()
+    assert lk.graphed_replays(model) == replays + 1  # layer 0 replayed; layer 1 got another input: eager
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+    step_grads(model, b)
+    assert lk.graphed_replays(model) == replays + 3
+
+
+@cuda
+def test_graphed_steps_under_autocast_match_eager_steps():
+    """fp32 adapters under autocast(bf16), as lorakit train runs them: the capture turns the weight cache off,
+    so the casts are in the graph and follow the optimizer's updates."""
+    model = lora_model()
+    data = batches(4)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def run():
+        out = []
+        for ids in data:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+            opt.step()  # the weights change in place between steps: a cached cast would go stale
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in start:
+                    p.copy_(start[n])
+        return out
+
+    eager = run()
+    lk.graph_layers(model, warmup=1)
+    graphed = run()
+    assert lk.graphed_replays(model) == 2 * 3
+    for (le, ge), (lg, gg) in zip(eager, graphed):
+        torch.testing.assert_close(lg, le, rtol=1e-3, atol=1e-3)
+        for name in ge:
+            scale = ge[name].abs().max().clamp_min(1e-6)
+            assert (gg[name] - ge[name]).abs().max() / scale < 2e-2, name

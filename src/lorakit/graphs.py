@@ -22,16 +22,20 @@ recomputes what it needs. That mode refuses layers with dropout (the recompute w
 run eagerly. Checkpointing is read when ``graph_layers`` is called: enable it before.
 
 All graphed layers of one model share one memory pool, so their temporaries reuse each other's memory; a
-layer's saved activations stay allocated between steps. As with torch.cuda.make_graphed_callables, a graphed
-layer's output and its input's gradient live in that pool: they are valid until the step's backward has run
-past them (hidden states returned by ``output_hidden_states=True`` included). Parameter gradients are copies,
-so accumulating them over micro-batches is exact.
+layer's saved activations stay allocated between steps. The layers are chained without copies or extra buffers:
+a layer whose input is the previous graphed layer's output reads that output in place, and every layer's backward
+leaves its input's gradient in one buffer per model, the one the previous layer's backward reads (a layer
+whose input is anything else than the captured one then runs eagerly). So, as with
+torch.cuda.make_graphed_callables, a graphed layer's output and its input's gradient are valid only until the
+step's backward has run past them (hidden states returned by ``output_hidden_states=True`` included).
+Parameter gradients are copies, so accumulating them over micro-batches is exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.utils.checkpoint
@@ -48,16 +52,34 @@ graphed call has none of. Any other keyword argument makes the call eager."""
 
 
 @dataclass
+class _Shared:
+    """What the graphed layers of one model share: the memory pool, the static outputs of their forward graphs
+    (by data pointer: a layer whose input is one of them reads it in place), and one input-gradient buffer per
+    shape and dtype (each backward graph writes its input's gradient there, the next backward reads it)."""
+
+    pool: tuple
+    outputs: dict = field(default_factory=dict)
+    grad_buffers: dict = field(default_factory=dict)
+
+    def grad_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.shape, like.dtype, like.device)
+        if key not in self.grad_buffers:
+            self.grad_buffers[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return self.grad_buffers[key]
+
+
+@dataclass
 class _Captured:
     """One layer's two graphs and the static tensors they read and write."""
 
     key: tuple
     fwd: torch.cuda.CUDAGraph
     bwd: torch.cuda.CUDAGraph
-    inputs: tuple[torch.Tensor, ...]  # hidden states, cos, sin
+    inputs: tuple[torch.Tensor, ...]  # hidden states (the previous graphed layer's output if chained), cos, sin
+    chained: bool  # inputs[0] is another graphed layer's static output: never copied into, a new input runs eagerly
     output: torch.Tensor
-    grad_output: torch.Tensor
-    grads: tuple[torch.Tensor | None, ...]  # the hidden states' (when they require grad), then the params'
+    grad_output: torch.Tensor  # the model's shared input-gradient buffer
+    grads: tuple[torch.Tensor | None, ...]  # the hidden states' (the shared buffer, when they require grad), params'
     params: tuple[nn.Parameter, ...]
     keep_alive: object  # the captured forward's autograd graph: its saved tensors must stay allocated
 
@@ -73,7 +95,7 @@ class _Replay(torch.autograd.Function):
     def forward(ctx, graphed, pending, hidden, cos, sin, *params):
         cap = graphed.captured
         for static, new in zip(cap.inputs, (hidden, cos, sin)):
-            if static.data_ptr() != new.data_ptr():
+            if static.data_ptr() != new.data_ptr():  # a chained input never differs here (GraphedLayer.__call__)
                 static.copy_(new)
         cap.fwd.replay()
         ctx.graphed, ctx.pending, ctx.hidden_grad = graphed, pending, hidden.requires_grad
@@ -103,6 +125,18 @@ def _lora_state(module: nn.Module) -> tuple:
                  for m in module.modules() if isinstance(m, LoraLayer))
 
 
+@contextlib.contextmanager
+def _no_autocast_cache():
+    """Captures under autocast with its weight cache off (as torch.cuda.make_graphed_callables needs): the
+    casts then are kernels of the graph, redone at every replay, and no cached cast outlives the capture in the
+    graphs' pool. Without autocast, nothing changes."""
+    if not torch.is_autocast_enabled("cuda"):
+        yield
+        return
+    with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False):
+        yield
+
+
 def _has_dropout(module: nn.Module) -> bool:
     return any((isinstance(m, nn.Dropout) and m.p > 0) or getattr(m, "attention_dropout", 0) > 0
                for m in module.modules())
@@ -112,10 +146,10 @@ class GraphedLayer:
     """Installed as ``layer.forward``: replays the layer's captured graphs where it can, else runs the layer's
     own forward."""
 
-    def __init__(self, layer: nn.Module, pool, warmup: int):
+    def __init__(self, layer: nn.Module, shared: _Shared, warmup: int):
         self.layer = layer
         self.layer_forward = type(layer).forward.__get__(layer)  # the class's own, under this instance attribute
-        self.pool = pool
+        self.shared = shared
         self.warmup = warmup
         self.calls = 0
         self.checkpoint = bool(getattr(layer, "gradient_checkpointing", False))
@@ -143,7 +177,9 @@ class GraphedLayer:
                 return self.eager_forward(*args, **kwargs)
             self.captured = self._capture(inputs, key)
         pending = self.pending()
-        if self.captured.key != key or (pending is not None and not pending.done):
+        cap = self.captured
+        if (cap.key != key or (pending is not None and not pending.done)
+                or (cap.chained and inputs[0].data_ptr() != cap.inputs[0].data_ptr())):
             return self.eager_forward(*args, **kwargs)
         token = _Pending()
         self.pending = weakref.ref(token)
@@ -184,10 +220,21 @@ class GraphedLayer:
 
     def _capture(self, inputs, key) -> _Captured:
         hidden, cos, sin = inputs
-        static = (hidden.detach().clone().requires_grad_(hidden.requires_grad), cos.detach().clone(),
-                  sin.detach().clone())
+        shared = self.shared
+        previous = shared.outputs.get(hidden.data_ptr())
+        chained = (previous is not None and previous.shape == hidden.shape and previous.dtype == hidden.dtype
+                   and previous.stride() == hidden.stride())
+        static_hidden = previous.detach() if chained else hidden.detach().clone()
+        static = (static_hidden.requires_grad_(hidden.requires_grad), cos.detach().clone(), sin.detach().clone())
+        with _no_autocast_cache():
+            captured = self._capture_graphs(static, hidden.requires_grad, key)
+        captured.chained = chained
+        return captured
+
+    def _capture_graphs(self, static, hidden_grad: bool, key) -> _Captured:
+        shared = self.shared
         params = tuple(p for p in self.layer.parameters() if p.requires_grad)
-        wrt = ((static[0],) if hidden.requires_grad else ()) + params
+        wrt = ((static[0],) if hidden_grad else ()) + params
         if not wrt:
             raise ConfigError("graph_layers: the layer has no trainable parameter and its input needs no grad")
         stream = torch.cuda.Stream()
@@ -199,17 +246,26 @@ class GraphedLayer:
                 del out
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        grad_output = torch.empty_like(hidden)
         fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(fwd, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(fwd, pool=shared.pool, stream=stream, capture_error_mode="thread_local"):
             output = self._forward(static)
-        with torch.cuda.graph(bwd, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
+        grad_buffer = shared.grad_buffer(output)
+        if hidden_grad and grad_buffer.shape != static[0].shape:
+            raise ConfigError(f"graph_layers: {type(self.layer).__name__} maps hidden states of shape "
+                              f"{tuple(static[0].shape)} to {tuple(output.shape)}; graphed layers keep the shape")
+        with torch.cuda.graph(bwd, pool=shared.pool, stream=stream, capture_error_mode="thread_local"):
             # checkpointed: the forward saved only its inputs (static), so nothing needs to outlive the capture;
             # else the saved activations must stay allocated for every replay
-            grads = torch.autograd.grad(output, wrt, grad_output, allow_unused=True, retain_graph=not self.checkpoint)
+            grads = list(torch.autograd.grad(output, wrt, grad_buffer, allow_unused=True,
+                                             retain_graph=not self.checkpoint))
+            if hidden_grad:  # read above, so it can be overwritten now: the previous layer's grad_output
+                grad_buffer.copy_(grads[0])
+                grads[0] = grad_buffer
         torch.cuda.synchronize()
-        return _Captured(key=key, fwd=fwd, bwd=bwd, inputs=static, output=output.detach(), grad_output=grad_output,
-                         grads=tuple(grads), params=params, keep_alive=None if self.checkpoint else output)
+        shared.outputs[output.data_ptr()] = output.detach()
+        return _Captured(key=key, fwd=fwd, bwd=bwd, inputs=static, chained=False, output=output.detach(),
+                         grad_output=grad_buffer, grads=tuple(grads), params=params,
+                         keep_alive=None if self.checkpoint else output)
 
     def _forward(self, static):
         if not self.checkpoint:
@@ -231,12 +287,12 @@ def graph_layers(model: nn.Module, warmup: int = 2) -> int:
                           f"{registry.known_decoder_layers()}")
     if not torch.cuda.is_available() or not any(p.is_cuda for p in model.parameters()):
         raise ConfigError("graph_layers replays CUDA graphs: move the model to a CUDA device first")
-    pool = torch.cuda.graph_pool_handle()
+    shared = _Shared(pool=torch.cuda.graph_pool_handle())
     count = 0
     for _, layer in layers:
         if isinstance(layer.__dict__.get("forward"), GraphedLayer):
             continue
-        layer.forward = GraphedLayer(layer, pool, warmup)
+        layer.forward = GraphedLayer(layer, shared, warmup)
         count += 1
     return count
 
@@ -251,6 +307,8 @@ def ungraph_layers(model: nn.Module) -> int:
             del layer.forward
             layer.gradient_checkpointing = graphed.checkpoint
             graphed.captured = None
+            graphed.shared.outputs.clear()
+            graphed.shared.grad_buffers.clear()
             count += 1
     return count
 
