@@ -99,7 +99,7 @@ def main() -> None:
     for label, rs in runs.items():
         tok = statistics.median(r["tok_s"] for r in rs)
         rounds = " ".join(f"{r['tok_s'] / 1e3:.1f}k" for r in rs)
-        print(f"| {label} | {tok / 1e3:.1f}k | {rounds} | {max(r['peak_gib'] for r in rs):.1f} | {tok / floor_tok:.3f} |")
+        print(f"| {label} | {tok / 1e3:.1f}k | {rounds} | {max(r["peak_gib"] for r in rs):.2f} | {tok / floor_tok:.3f} |")
 
 
 class OptimizerGraph:

@@ -376,3 +376,28 @@ def test_fast_on_a_gpu_follows_the_default_loss_curve(llama, tmp_path):
     fast = [r["loss"] for r in losses(tmp_path / "fast") if "loss" in r]
     assert len(fast) == 6 and fast == pytest.approx(plain, abs=5e-2)
     assert fast[-1] < fast[0]
+
+
+def test_cuda_graphs_need_a_gpu_and_lora_and_say_so_before_any_work(llama, tmp_path):
+    out = tmp_path / "graphs"
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        run(config(llama, out, cuda_graphs=True, device="cpu"), log=quiet)
+    assert not out.exists()
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="method lora"):
+            run(config(llama, out, cuda_graphs=True, method="full", device="cuda"), log=quiet)
+        assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graphs_follow_the_eager_loss_curve(llama, tmp_path):
+    """--cuda-graphs with --packing (one shape, no padding mask: the layers replay) trains the eager run's curve:
+    fp32 adapters under bf16 autocast, gradient accumulation, AdamW updating the weights the graphs read."""
+    kw = {"max_steps": 6, "batch_size": 2, "grad_accum": 2, "device": "cuda", "packing": True}
+    run(config(llama, tmp_path / "eager", **kw), log=quiet)
+    summary = run(config(llama, tmp_path / "graphs", cuda_graphs=True, **kw), log=quiet)
+    assert summary["graphed_layer_calls"] > 0
+    eager = [r["loss"] for r in losses(tmp_path / "eager") if "loss" in r]
+    graphed = [r["loss"] for r in losses(tmp_path / "graphs") if "loss" in r]
+    assert len(graphed) == 6 and graphed == pytest.approx(eager, abs=1e-2)
+    assert graphed[-1] < graphed[0] - 0.1

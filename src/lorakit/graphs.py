@@ -137,6 +137,29 @@ def _no_autocast_cache():
         yield
 
 
+@contextlib.contextmanager
+def _fresh_leaves(layer: nn.Module):
+    """The layer's trainable parameters replaced, in their modules, by new leaf Parameters on the same storage
+    (and version counter) for the capture; yields {id(original): alias}. Why: autograd keeps one gradient
+    accumulator node per leaf, made on the stream of its first use; a training loop that still holds the last
+    step's graph (``loss`` not yet reassigned) keeps the originals' nodes, made on the default stream, and the
+    captured backward would then have to wait on that stream, which a capture cannot. The replay hands the
+    gradients to the originals outside the capture."""
+    aliases: dict[int, nn.Parameter] = {}
+    swapped = []
+    for module in layer.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.requires_grad:
+                alias = aliases.setdefault(id(p), nn.Parameter(p.detach(), requires_grad=True))
+                swapped.append((module, name, p))
+                module._parameters[name] = alias
+    try:
+        yield aliases
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
 def _has_dropout(module: nn.Module) -> bool:
     return any((isinstance(m, nn.Dropout) and m.p > 0) or getattr(m, "attention_dropout", 0) > 0
                for m in module.modules())
@@ -232,9 +255,13 @@ class GraphedLayer:
         return captured
 
     def _capture_graphs(self, static, hidden_grad: bool, key) -> _Captured:
-        shared = self.shared
         params = tuple(p for p in self.layer.parameters() if p.requires_grad)
-        wrt = ((static[0],) if hidden_grad else ()) + params
+        with _fresh_leaves(self.layer) as aliases:
+            return self._capture_with(static, hidden_grad, key, params, tuple(aliases[id(p)] for p in params))
+
+    def _capture_with(self, static, hidden_grad: bool, key, params, aliases) -> _Captured:
+        shared = self.shared
+        wrt = ((static[0],) if hidden_grad else ()) + aliases
         if not wrt:
             raise ConfigError("graph_layers: the layer has no trainable parameter and its input needs no grad")
         stream = torch.cuda.Stream()

@@ -140,6 +140,10 @@ class TrainConfig:
     """Fused kernels for the frozen base where liger-kernel knows the architecture (Llama, Mistral, Qwen2/3,
     Gemma, ...; needs a CUDA GPU and pip install liger-kernel): RMSNorm, RoPE, SwiGLU, and the output layer
     fused with the cross-entropy so the (tokens x vocab) logits are never stored. LoRA layers are untouched."""
+    cuda_graphs: bool = False
+    """LoRA on a CUDA GPU: replay each decoder layer of a Llama, Mistral or Qwen2/3 model as CUDA graphs
+    (lorakit.graph_layers), so the host's kernel launches stop holding the step back. Only steps of one
+    shape without padding replay (use --packing); any other step runs eagerly. One process only."""
     distributed: str = "auto"
     """Under torchrun (several processes): ddp (replicated model, only adapter gradients all-reduced), fsdp
     (FSDP2: every weight sharded, the 4-bit base too), none, or auto (ddp). batch_size is the global

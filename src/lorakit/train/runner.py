@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..graphs import graph_layers, graphed_replays
 from . import distributed
 from .checkpoint import start_fresh
 from .config import TrainConfig
@@ -112,6 +113,17 @@ def check_fast(task: str, device: torch.device) -> None:
         raise ConfigError("--fast needs liger-kernel: pip install liger-kernel")
 
 
+def check_cuda_graphs(cfg: TrainConfig, task: str, device: torch.device, session) -> None:
+    """--cuda-graphs' preconditions, checked before any work: where graphed layers are tested, LoRA on a causal
+    LM in one CUDA process (DDP's and FSDP's hooks would run inside the backward a graph replays)."""
+    if device.type != "cuda":
+        raise ConfigError(f"--cuda-graphs replays CUDA graphs: it needs a CUDA GPU (this run is on {device})")
+    if cfg.method != "lora" or task != "causal-lm":
+        raise ConfigError(f"--cuda-graphs is for --method lora on a causal LM (this run: {cfg.method}, {task})")
+    if session.enabled:
+        raise ConfigError(f"--cuda-graphs runs in one process; this run has {session.world_size}")
+
+
 def fast_base(model) -> str:
     """--fast: liger-kernel's fused kernels on the (unwrapped) base model; returns its model_type. The training
     loop then takes the loss from the model (labels passed in), where the fused linear + cross-entropy lives."""
@@ -133,6 +145,8 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
     task, hf_config, raw = resolve_task(cfg)
     if cfg.fast:
         check_fast(task, device)
+    if cfg.cuda_graphs:
+        check_cuda_graphs(cfg, task, device, session)
     if cfg.method == "qlora":
         from .modeling import import_quant
 
@@ -165,6 +179,8 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
         log(f"fast: liger-kernel's fused kernels on the {fast_base(loaded.model)} base")
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
+    if cfg.cuda_graphs:  # after checkpointing, which graph_layers reads when it is called
+        log(f"cuda graphs: {graph_layers(loaded.model)} decoder layers graphed")
     total_params = base_params if cfg.method == "full" else base_params + info.trainable
     log(f"{cfg.method}: trainable params: {info.trainable:,} || all params: {total_params:,} || "
         f"trainable%: {100 * info.trainable / total_params:.4f}")
@@ -205,6 +221,7 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
         "data": [vars(s) for s in data.stats],
         "label_names": labels,
         "plot": plot_note,
+        **({"graphed_layer_calls": graphed_replays(loaded.model)} if cfg.cuda_graphs else {}),
         **result,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
