@@ -396,7 +396,7 @@ def test_cuda_graphs_follow_the_eager_loss_curve(llama, tmp_path):
     kw = {"max_steps": 6, "batch_size": 2, "grad_accum": 2, "device": "cuda", "packing": True}
     run(config(llama, tmp_path / "eager", **kw), log=quiet)
     summary = run(config(llama, tmp_path / "graphs", cuda_graphs=True, **kw), log=quiet)
-    assert summary["graphed_layer_calls"] > 0
+    assert summary["graphed_layer_calls"] > 0, summary["eager_layer_calls"]
     eager = [r["loss"] for r in losses(tmp_path / "eager") if "loss" in r]
     graphed = [r["loss"] for r in losses(tmp_path / "graphs") if "loss" in r]
     assert len(graphed) == 6 and graphed == pytest.approx(eager, abs=1e-2)

@@ -15,7 +15,7 @@ from .errors import (
     TargetError,
 )
 from .functional import lora_delta
-from .graphs import graph_layers, graphed_replays, ungraph_layers
+from .graphs import eager_calls, graph_layers, graphed_replays, ungraph_layers
 from .io import adapter_state_dict, load_adapter, read_adapter, save_adapter
 from .kernels.lora_linear import checkpoint_kwargs
 from .layers import Linear4bit, Linear8bit, LoraLayer
@@ -56,6 +56,7 @@ from .quant_loading import load_quantized
 __version__ = "0.1.0"
 
 __all__ = [
+    "eager_calls",
     "graph_layers",
     "graphed_replays",
     "ungraph_layers",

@@ -33,6 +33,7 @@ Parameter gradients are copies, so accumulating them over micro-batches is exact
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import weakref
 from dataclasses import dataclass, field
@@ -181,6 +182,7 @@ class GraphedLayer:
         self.captured: _Captured | None = None
         self.pending = lambda: None  # weakref to the _Pending of the last replay
         self.replays = 0
+        self.eager_calls: collections.Counter[str] = collections.Counter()  # why calls ran eagerly
 
     def eager_forward(self, *args, **kwargs):
         forward = self.layer_forward
@@ -190,42 +192,57 @@ class GraphedLayer:
         return forward(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
-        inputs = self._graph_inputs(args, kwargs)
+        inputs, why = self._graph_inputs(args, kwargs)
         if inputs is None:
-            return self.eager_forward(*args, **kwargs)
+            return self._eager(why, args, kwargs)
         key = self._key(inputs)
         if self.captured is None:
             self.calls += 1
             if self.calls <= self.warmup:  # lazy state first (e.g. the fused blocks widen their weights)
-                return self.eager_forward(*args, **kwargs)
+                return self._eager("warm-up before the capture", args, kwargs)
             self.captured = self._capture(inputs, key)
         pending = self.pending()
         cap = self.captured
-        if (cap.key != key or (pending is not None and not pending.done)
-                or (cap.chained and inputs[0].data_ptr() != cap.inputs[0].data_ptr())):
-            return self.eager_forward(*args, **kwargs)
+        why = ("not the captured shapes, parameters, LoRA state or autocast state" if cap.key != key else
+               "the previous forward's backward has not run" if pending is not None and not pending.done else
+               "the input is not the previous graphed layer's output"
+               if cap.chained and inputs[0].data_ptr() != cap.inputs[0].data_ptr() else None)
+        if why:
+            return self._eager(why, args, kwargs)
         token = _Pending()
         self.pending = weakref.ref(token)
         self.replays += 1
         return _Replay.apply(self, token, *inputs, *self.captured.params)
 
+    def _eager(self, why: str, args, kwargs):
+        self.eager_calls[why] += 1
+        return self.eager_forward(*args, **kwargs)
+
     # ------------------------------------------------------------------ when a call can be graphed
-    def _graph_inputs(self, args, kwargs) -> tuple[torch.Tensor, ...] | None:
+    def _graph_inputs(self, args, kwargs) -> tuple[tuple[torch.Tensor, ...] | None, str]:
+        """The tensors a graphed call reads, or None and why the call runs eagerly."""
         layer = self.layer
-        if not (layer.training and torch.is_grad_enabled()) or len(args) != 1 or not set(kwargs) <= _ALLOWED_KWARGS:
-            return None
+        if not (layer.training and torch.is_grad_enabled()):
+            return None, "not training with grad enabled"
+        if len(args) != 1 or not set(kwargs) <= _ALLOWED_KWARGS:
+            extra = sorted(set(kwargs) - _ALLOWED_KWARGS)
+            return None, f"other arguments ({len(args)} positional; keywords {extra})"
         hidden = args[0]
         embeddings = kwargs.get("position_embeddings")
-        if (not isinstance(hidden, torch.Tensor) or not hidden.is_cuda or kwargs.get("attention_mask") is not None
-                or kwargs.get("use_cache") or any(kwargs.get(k) is not None for k in
-                                                  ("cache", "past_key_values", "past_key_value"))
-                or not isinstance(embeddings, tuple) or len(embeddings) != 2):
-            return None
+        if not isinstance(hidden, torch.Tensor) or not hidden.is_cuda:
+            return None, "hidden states not a CUDA tensor"
+        if kwargs.get("attention_mask") is not None:
+            return None, "an attention mask (padding: pack the batches instead)"
+        if kwargs.get("use_cache") or any(kwargs.get(k) is not None for k in ("cache", "past_key_values",
+                                                                             "past_key_value")):
+            return None, "a KV cache"
+        if not isinstance(embeddings, tuple) or len(embeddings) != 2:
+            return None, "no (cos, sin) position embeddings"
         if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-            return None
+            return None, "inside torch.compile or another capture"
         if self.checkpoint and _has_dropout(layer):
-            return None
-        return (hidden, *embeddings)
+            return None, "dropout in a checkpointed layer"
+        return (hidden, *embeddings), ""
 
     def _key(self, inputs) -> tuple:
         layer = self.layer
@@ -338,6 +355,16 @@ def ungraph_layers(model: nn.Module) -> int:
             graphed.shared.grad_buffers.clear()
             count += 1
     return count
+
+
+def eager_calls(model: nn.Module) -> dict[str, int]:
+    """How many calls of the model's graphed decoder layers ran eagerly, by reason (where a run that should
+    replay does not, this says why: a padding mask, another shape, ...)."""
+    total: collections.Counter[str] = collections.Counter()
+    for _, layer in registry.decoder_layers(model):
+        if isinstance(f := layer.__dict__.get("forward"), GraphedLayer):
+            total.update(f.eager_calls)
+    return dict(total)
 
 
 def graphed_replays(model: nn.Module) -> int:

@@ -239,19 +239,21 @@ def train_loop(
             step_tokens = 0
             for batch in micro:
                 dist.grad_sync(model, batch is micro[-1])
-                batch = {k: v.to(device, non_blocking=True) for k, v in dist.shard(batch).items()}
+                batch = dist.shard(batch)
+                # no padding (packed rows): no mask, which is the same attention and lets graphed layers replay
+                padded = not bool(batch["attention_mask"].all())
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                mask = batch["attention_mask"] if padded else None
                 with ctx:
                     if model_loss:  # the model sums the shifted token losses itself (num_items_in_batch=1)
-                        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     labels=batch["labels"], num_items_in_batch=1).loss.float()
+                        loss = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"],
+                                     num_items_in_batch=1).loss.float()
                     elif head_loss:
                         with fused_head_loss(unwrap(model), IGNORE_INDEX):
-                            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            loss = model(input_ids=batch["input_ids"], attention_mask=mask,
                                          labels=batch["labels"]).loss
                     else:
-                        logits = model(
-                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                        ).logits
+                        logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
                 if not (model_loss or head_loss):
                     loss, _ = loss_sum(logits, batch["labels"], task)
                 scaled = loss * dist.grad_scale / max(targets, 1)
