@@ -198,6 +198,9 @@ def train_loop(
     # otherwise, for the usual causal LMs, lorakit's own fused head + loss (the logits never exist either)
     head_loss = (not model_loss and task == "causal-lm" and getattr(cfg, "fused_loss", True)
                  and fused_head_supported(unwrap(model)))
+    # a training step has no use for a KV cache (it would store every layer's keys and values, and graphed
+    # layers run eagerly with one)
+    no_cache = {"use_cache": False} if task == "causal-lm" else {}
     sampler = EpochSampler(len(data.train), cfg.batch_size, cfg.seed)
     total = cfg.max_steps or cfg.epochs * -(-sampler.batches_per_epoch() // cfg.grad_accum)
     ctx, amp = autocast_context(cfg.autocast, device)
@@ -247,13 +250,13 @@ def train_loop(
                 with ctx:
                     if model_loss:  # the model sums the shifted token losses itself (num_items_in_batch=1)
                         loss = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"],
-                                     num_items_in_batch=1).loss.float()
+                                     num_items_in_batch=1, **no_cache).loss.float()
                     elif head_loss:
                         with fused_head_loss(unwrap(model), IGNORE_INDEX):
                             loss = model(input_ids=batch["input_ids"], attention_mask=mask,
-                                         labels=batch["labels"]).loss
+                                         labels=batch["labels"], **no_cache).loss
                     else:
-                        logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+                        logits = model(input_ids=batch["input_ids"], attention_mask=mask, **no_cache).logits
                 if not (model_loss or head_loss):
                     loss, _ = loss_sum(logits, batch["labels"], task)
                 scaled = loss * dist.grad_scale / max(targets, 1)
