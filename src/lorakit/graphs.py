@@ -59,6 +59,8 @@ class _Shared:
     shape and dtype (each backward graph writes its input's gradient there, the next backward reads it)."""
 
     pool: tuple
+    stream: torch.cuda.Stream | None = None  # every capture's: its lazy state is warmed up once
+    warmed: bool = False
     outputs: dict = field(default_factory=dict)
     grad_buffers: dict = field(default_factory=dict)
 
@@ -281,13 +283,18 @@ class GraphedLayer:
         wrt = ((static[0],) if hidden_grad else ()) + aliases
         if not wrt:
             raise ConfigError("graph_layers: the layer has no trainable parameter and its input needs no grad")
-        stream = torch.cuda.Stream()
+        if shared.stream is None:
+            shared.stream = torch.cuda.Stream()
+        stream = shared.stream
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # the capture stream's lazy state (cuBLAS workspace, ...) first
-            for _ in range(2):
+        # the capture stream's lazy state (cuBLAS workspace, ...) first, once per model: a warm-up per layer
+        # adds that layer's activations and temporaries to the capturing step's peak, for every layer
+        with torch.cuda.stream(stream):
+            for _ in range(0 if shared.warmed else 2):
                 out = self._forward(static)
                 torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
                 del out
+        shared.warmed = True
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
