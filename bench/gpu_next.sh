@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # What the next device session should run first, each part one device call of under 10 minutes:
 #   part 6 (first): the GPU tests of the fused blocks and of graph_layers, then bench/graphed_layers.py on 1B and
-#           on 8B with checkpointing (last measured 2026-12-02 on an H200: lorakit 0.935-0.940 of the eager floor on
-#           1B and 0.949-0.953 on 8B with graphed layers, 0.936-0.941 eager on 8B; README "Decoder layers as
-#           CUDA graphs"); not yet tried: `lorakit train --packing` with graph_layers (autocast + fp32 adapters);
+#           on 8B with checkpointing (last measured 2026-12-02 on an H200, layers chained in place: lorakit graphed
+#           0.931-0.943 of the eager floor on 1B, 0.944-0.954 on 8B, +0.7 / +0.3 GiB over lorakit eager; README
+#           "Graphed layers chained in place"); lorakit train eager vs --cuda-graphs: bash bench/trainer_graphs.sh;
 #   part 1: the GPU tests of the fused blocks, the interleaved A/B of the fused blocks (bench/ab_block.py: the
 #           default gate/up shared op, + q/k/v, + q/k/v with the GEMM orders measured (gemm_choice: its split
 #           backward avoids the widened N that may make the q/k/v group slow), down op only), then the 1B rows;
@@ -30,7 +30,8 @@ part=${1:-6}
 if [ "$part" = 6 ]; then
     X=""; python3 -c "import xdist" 2>/dev/null && X="-n 4"
     timeout 200 python3 -m pytest -q -p no:cacheprovider $X tests/test_blocks.py tests/test_kernels_swiglu.py \
-        tests/test_kernels_lora_linear.py tests/test_graphs.py tests/test_compile.py 2>&1 | tail -2 \
+        tests/test_kernels_lora_linear.py tests/test_graphs.py tests/test_compile.py tests/test_train_loop.py 2>&1 \
+        | tail -2 \
         | tee "$OUT/gpu_tests.txt"
     (cd bench && timeout 200 python3 graphed_layers.py --shape llama-1b --rounds 3 2>&1 | grep -v Warn \
         | tee "$OUT/graphed_1b.txt" | tail -7)

@@ -75,7 +75,10 @@ class LoraSharedInputFunction(torch.autograd.Function):
             return (None, None, *out)
         dx_base, sga = _grad_wide(grads2, ctx.packed, k, args.ranks)
         if ctx.needs_input_grad[1]:
-            grad_x = torch.addmm(dx_base, sga, a_all).view(ctx.x_shape)
+            # in place where dX_base is a tensor of its own (the split backward): torch.addmm would copy it first
+            # (bench/skinny_addmm.py); a column slice of the widened gradient stays out of place (contiguous dX)
+            grad_x = (dx_base.addmm_(sga, a_all) if dx_base.is_contiguous()
+                      else torch.addmm(dx_base, sga, a_all)).view(ctx.x_shape)
         if any(need[4 * i] for i in range(n)):
             grad_A = sga.t() @ xc[:, :k]
         offset = k
