@@ -18,7 +18,7 @@ from train_gpu import SHAPES, TARGETS, build_for_training
 
 import lorakit as lk
 import lorakit.widen
-from lorakit.kernels import gemm_choice
+from lorakit.kernels import gemm_choice, shared_input
 
 
 def main() -> None:
@@ -46,22 +46,27 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    pad = args.pad_to  # (fused MLP block, shared-input ops, q/k/v too, PAD_TO, GEMM orders measured)
-    modes = {"shared-input ops": (True, True, True, pad, False), "gate/up shared": (True, True, False, pad, False),
-             "down op only": (True, False, False, pad, False), "block not fused": (False, False, False, pad, False)}
-    every = modes | {"shared, pad 64": (True, True, True, 64, False), "gate/up, pad 64": (True, True, False, 64, False),
-                     "GEMM orders measured": (True, True, False, pad, True),  # gemm_choice.ENABLED (off by default)
-                     "+ q/k/v, measured": (True, True, True, pad, True)}
+    pad = args.pad_to  # (fused MLP block, shared-input ops, q/k/v too, PAD_TO, GEMM orders measured, strided dX)
+    modes = {"shared-input ops": (True, True, True, pad, False, False),
+             "gate/up shared": (True, True, False, pad, False, False),
+             "down op only": (True, False, False, pad, False, False),
+             "block not fused": (False, False, False, pad, False, False)}
+    every = modes | {"shared, pad 64": (True, True, True, 64, False, False),
+                     "gate/up, pad 64": (True, True, False, 64, False, False),
+                     "GEMM orders measured": (True, True, False, pad, True, False),  # gemm_choice.ENABLED (off)
+                     "+ q/k/v, measured": (True, True, True, pad, True, False),
+                     "strided dX": (True, True, False, pad, False, True)}  # shared_input.STRIDED_GRAD_X (off)
     if args.padded_modes:
         modes |= {k: every[k] for k in ("shared, pad 64", "gate/up, pad 64")}
     if args.modes:
         modes = {k: every[k] for k in args.modes.split(",")}
     res: dict[str, list[tuple[float, float]]] = {name: [] for name in modes}
     for _ in range(args.rounds):
-        for name, (fused, widen, qkv, pad_to, choose) in modes.items():
+        for name, (fused, widen, qkv, pad_to, choose, strided) in modes.items():
             lk.blocks.unfuse(model)  # gives the widened weights back: the next mode widens them anew
             lk.widen.PAD_TO = pad_to
             gemm_choice.ENABLED = choose
+            shared_input.STRIDED_GRAD_X = strided
             if fused:
                 lk.blocks.sync(model)
             lk.blocks.SHARED_INPUT, lk.blocks.SHARED_QKV = widen, qkv

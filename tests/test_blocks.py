@@ -392,12 +392,14 @@ def widened_weights(model):
                                  (layer.self_attn, "k_proj"), (layer.self_attn, "v_proj"))]
 
 
-@pytest.mark.parametrize("pad_to", [1, 64])
+@pytest.mark.parametrize("pad_to,strided", [(1, False), (64, False), (1, True)])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_shared_input_ops_match_the_per_layer_path(dtype, rtol, pad_to, monkeypatch, qkv):
+def test_shared_input_ops_match_the_per_layer_path(dtype, rtol, pad_to, strided, monkeypatch, qkv):
     """Loss and every gradient as the unfused path, up to the order of the sums (the rank-r term is summed
-    inside the base GEMM); projections of one group with different ranks (rank_pattern)."""
+    inside the base GEMM); projections of one group with different ranks (rank_pattern); dX handed on as a
+    strided slice of the widened gradient too (shared_input.STRIDED_GRAD_X)."""
     monkeypatch.setattr(widen, "PAD_TO", pad_to)
+    monkeypatch.setattr(shared_input, "STRIDED_GRAD_X", strided)
     model = with_lora(tiny_llama(dtype), LLAMA_TARGETS, rank_pattern={"gate_proj": 2, "up_proj": 6, "k_proj": 3})
     fused, unfused = fused_and_unfused(model)
     calls = count_fused_calls(monkeypatch, ["shared"])
@@ -411,8 +413,10 @@ def test_shared_input_ops_match_the_per_layer_path(dtype, rtol, pad_to, monkeypa
         torch.testing.assert_close(grads_f[name], grads_u[name], rtol=0, atol=rtol * scale, msg=name)
 
 
+@pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_shared_input_op_gradcheck_float64(bias):
+def test_shared_input_op_gradcheck_float64(bias, strided, monkeypatch):
+    monkeypatch.setattr(shared_input, "STRIDED_GRAD_X", strided)
     g = torch.Generator().manual_seed(0)
     n, k, outs, ranks, scales = 5, 4, (6, 3, 3), (2, 3, 1), (0.5, 1.5, 2.0)
 

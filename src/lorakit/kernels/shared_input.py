@@ -31,6 +31,14 @@ import torch.nn.functional as F
 from . import gemm_choice
 
 
+STRIDED_GRAD_X = False
+"""The widened backward's dX: True adds the rank-r term in place into dX_base, the column slice of the widened
+gradient, and hands that strided view on (28 us a call on the H200 at the 1B gate/up shape against 71 us for
+torch.addmm, which first copies the slice into a new contiguous tensor: bench/skinny_addmm.py). Off until a
+whole step says so too: the ops that read the strided gradient next (the RMSNorm's backward) are not
+measured yet (bench/ab_block.py --modes "gate/up shared,strided dX")."""
+
+
 @dataclass(frozen=True)
 class SharedInputArgs:
     """Input features, the projections' ranks and scales, and which have a bias."""
@@ -76,9 +84,9 @@ class LoraSharedInputFunction(torch.autograd.Function):
         dx_base, sga = _grad_wide(grads2, ctx.packed, k, args.ranks)
         if ctx.needs_input_grad[1]:
             # in place where dX_base is a tensor of its own (the split backward): torch.addmm would copy it first
-            # (bench/skinny_addmm.py); a column slice of the widened gradient stays out of place (contiguous dX)
-            grad_x = (dx_base.addmm_(sga, a_all) if dx_base.is_contiguous()
-                      else torch.addmm(dx_base, sga, a_all)).view(ctx.x_shape)
+            # (bench/skinny_addmm.py); a column slice of the widened gradient only with STRIDED_GRAD_X
+            in_place = dx_base.is_contiguous() or STRIDED_GRAD_X
+            grad_x = (dx_base.addmm_(sga, a_all) if in_place else torch.addmm(dx_base, sga, a_all)).view(ctx.x_shape)
         if any(need[4 * i] for i in range(n)):
             grad_A = sga.t() @ xc[:, :k]
         offset = k
