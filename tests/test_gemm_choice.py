@@ -41,13 +41,13 @@ def test_mlp_down_op_in_every_order(variant, bias, transposed):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_shared_input_op_in_every_order(variant, bias):
-    test_blocks.test_shared_input_op_gradcheck_float64(bias)
+def test_shared_input_op_in_every_order(variant, bias, monkeypatch):
+    test_blocks.test_shared_input_op_gradcheck_float64(bias, strided=False, monkeypatch=monkeypatch)
 
 
 def test_shared_input_model_in_every_order(variant, monkeypatch):
     monkeypatch.setattr(blocks, "SHARED_QKV", True)
-    test_blocks.test_shared_input_ops_match_the_per_layer_path(torch.float64, 1e-12, 1, monkeypatch, None)
+    test_blocks.test_shared_input_ops_match_the_per_layer_path(torch.float64, 1e-12, 1, False, monkeypatch, None)
 
 
 def test_the_choice_is_measured_once_per_shape_and_kept(monkeypatch):
