@@ -94,13 +94,16 @@ def main() -> None:
     print(f"\n{args.shape}, batch {args.batch} x {args.seq}, grad ckpt {args.grad_ckpt}, bf16, r=16 on 7 projections; "
           f"{torch.cuda.get_device_name()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
     floor_tok = statistics.median(r["tok_s"] for r in runs.get("floor (eager)", [{"tok_s": float("nan")}]))
-    print("| setup | tokens/s (median of rounds) | rounds | peak GiB | timed steps' peak GiB | / eager floor |")
-    print("|---|---|---|---|---|---|")
+    print("| setup | tokens/s (median of rounds) | rounds | peak GiB | timed steps' peak GiB | timed steps' reserved "
+          "GiB | / eager floor |")
+    print("|---|---|---|---|---|---|---|")
     for label, rs in runs.items():
         tok = statistics.median(r["tok_s"] for r in rs)
         rounds = " ".join(f"{r['tok_s'] / 1e3:.1f}k" for r in rs)
         peak, steady = max(r["peak_gib"] for r in rs), max(r["steady_peak_gib"] for r in rs)
-        print(f"| {label} | {tok / 1e3:.1f}k | {rounds} | {peak:.2f} | {steady:.2f} | {tok / floor_tok:.3f} |")
+        reserved = max(r["reserved_gib"] for r in rs)
+        print(f"| {label} | {tok / 1e3:.1f}k | {rounds} | {peak:.2f} | {steady:.2f} | {reserved:.2f} | "
+              f"{tok / floor_tok:.3f} |")
 
 
 class OptimizerGraph:

@@ -74,8 +74,11 @@ def measure(model, step_fn, batch, steps: int, warmup: int, device: str) -> dict
         sync(device)
         times.append(time.perf_counter() - t0)
     steady = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    # a CUDA graph's temporaries are blocks of its pool, free (not allocated) after the capture although every
+    # replay writes them: only the reserved peak counts them
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else float("nan")
     return {"tok_s": batch.numel() / statistics.median(times), "peak_gib": max(warm_peak, steady),
-            "steady_peak_gib": steady}
+            "steady_peak_gib": steady, "reserved_gib": reserved}
 
 
 def main() -> None:
