@@ -112,6 +112,9 @@ class _Replay(torch.autograd.Function):
                                "graphed layers keep one step's activations: call lk.ungraph_layers(model) first")
         ctx.pending.done = True
         cap = ctx.graphed.captured
+        if cap is None:
+            raise RuntimeError("lk.ungraph_layers ran between a graphed decoder layer's forward and its backward; "
+                               "run the backward first")
         if cap.grad_output.data_ptr() != grad_out.data_ptr():
             cap.grad_output.copy_(grad_out)
         cap.bwd.replay()
