@@ -5,6 +5,7 @@ GPU time of the same steps from CUDA events.
 
     python bench/ab_block.py --shape llama-1b --rounds 3 --steps 8 [--pad-to 64] [--padded-modes]
     python bench/ab_block.py --shape llama-8b --batch 2 --grad-ckpt --modes "gate/up shared,GEMM orders measured"
+    python bench/ab_block.py --modes "gate/up shared,strided dX,fused dH,strided dX + fused dH"   # not yet run
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from train_gpu import SHAPES, TARGETS, build_for_training
 
 import lorakit as lk
 import lorakit.widen
-from lorakit.kernels import gemm_choice, shared_input
+from lorakit.kernels import gated_mlp, gemm_choice, shared_input
 
 
 def main() -> None:
@@ -46,27 +47,31 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    pad = args.pad_to  # (fused MLP block, shared-input ops, q/k/v too, PAD_TO, GEMM orders measured, strided dX)
-    modes = {"shared-input ops": (True, True, True, pad, False, False),
-             "gate/up shared": (True, True, False, pad, False, False),
-             "down op only": (True, False, False, pad, False, False),
-             "block not fused": (False, False, False, pad, False, False)}
-    every = modes | {"shared, pad 64": (True, True, True, 64, False, False),
-                     "gate/up, pad 64": (True, True, False, 64, False, False),
-                     "GEMM orders measured": (True, True, False, pad, True, False),  # gemm_choice.ENABLED (off)
-                     "+ q/k/v, measured": (True, True, True, pad, True, False),
-                     "strided dX": (True, True, False, pad, False, True)}  # shared_input.STRIDED_GRAD_X (off)
+    pad = args.pad_to
+    # (fused MLP block, shared-input ops, q/k/v too, PAD_TO, GEMM orders measured, strided dX, fused dH)
+    modes = {"shared-input ops": (True, True, True, pad, False, False, False),
+             "gate/up shared": (True, True, False, pad, False, False, False),
+             "down op only": (True, False, False, pad, False, False, False),
+             "block not fused": (False, False, False, pad, False, False, False)}
+    every = modes | {"shared, pad 64": (True, True, True, 64, False, False, False),
+                     "gate/up, pad 64": (True, True, False, 64, False, False, False),
+                     "GEMM orders measured": (True, True, False, pad, True, False, False),  # gemm_choice.ENABLED
+                     "+ q/k/v, measured": (True, True, True, pad, True, False, False),
+                     "strided dX": (True, True, False, pad, False, True, False),  # shared_input.STRIDED_GRAD_X
+                     "fused dH": (True, True, False, pad, False, False, True),  # gated_mlp.FUSED_DH_LORA
+                     "strided dX + fused dH": (True, True, False, pad, False, True, True)}
     if args.padded_modes:
         modes |= {k: every[k] for k in ("shared, pad 64", "gate/up, pad 64")}
     if args.modes:
         modes = {k: every[k] for k in args.modes.split(",")}
     res: dict[str, list[tuple[float, float]]] = {name: [] for name in modes}
     for _ in range(args.rounds):
-        for name, (fused, widen, qkv, pad_to, choose, strided) in modes.items():
+        for name, (fused, widen, qkv, pad_to, choose, strided, fused_dh) in modes.items():
             lk.blocks.unfuse(model)  # gives the widened weights back: the next mode widens them anew
             lk.widen.PAD_TO = pad_to
             gemm_choice.ENABLED = choose
             shared_input.STRIDED_GRAD_X = strided
+            gated_mlp.FUSED_DH_LORA = fused_dh
             if fused:
                 lk.blocks.sync(model)
             lk.blocks.SHARED_INPUT, lk.blocks.SHARED_QKV = widen, qkv

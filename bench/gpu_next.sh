@@ -5,7 +5,8 @@
 #           0.931-0.943 of the eager floor on 1B, 0.944-0.954 on 8B, +0.7 / +0.3 GiB over lorakit eager; README
 #           "Graphed layers chained in place"); lorakit train eager vs --cuda-graphs: bash bench/trainer_graphs.sh;
 #           new in part 6: the reserved peaks of graphed_layers (a graph's temporaries are not "allocated") and the
-#           whole-step A/B of shared_input.STRIDED_GRAD_X (bench/ab_block.py mode "strided dX": 71 -> 28 us a call);
+#           whole-step A/Bs of shared_input.STRIDED_GRAD_X (bench/ab_block.py mode "strided dX": 71 -> 28 us a call)
+#           and gated_mlp.FUSED_DH_LORA (mode "fused dH": dH's rank-r term inside the SiLU backward kernel);
 #   part 1: the GPU tests of the fused blocks, the interleaved A/B of the fused blocks (bench/ab_block.py: the
 #           default gate/up shared op, + q/k/v, + q/k/v with the GEMM orders measured (gemm_choice: its split
 #           backward avoids the widened N that may make the q/k/v group slow), down op only), then the 1B rows;
@@ -35,7 +36,7 @@ if [ "$part" = 6 ]; then
         tests/test_kernels_lora_linear.py tests/test_graphs.py tests/test_compile.py tests/test_train_loop.py 2>&1 \
         | tail -2 \
         | tee "$OUT/gpu_tests.txt"
-    (cd bench && timeout 150 python3 ab_block.py --rounds 3 --steps 8 --modes "gate/up shared,strided dX" 2>&1 \
+    (cd bench && timeout 150 python3 ab_block.py --rounds 3 --steps 8 --modes "gate/up shared,strided dX,fused dH,strided dX + fused dH" 2>&1 \
         | grep -v Warn | tail -4 | tee "$OUT/ab_strided_dx.txt")
     (cd bench && timeout 200 python3 graphed_layers.py --shape llama-1b --rounds 3 2>&1 | grep -v Warn \
         | tee "$OUT/graphed_1b.txt" | tail -7)

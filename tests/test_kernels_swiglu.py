@@ -87,6 +87,71 @@ def test_backward_matches_torch(dtype, shape, gated, want_h):
         assert h is None
 
 
+def lora_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """The fused kernel's rank-r sum runs in another order than torch's matmul: a 16-bit dH can land one unit
+    off where the fp32 sum sits on a rounding boundary, and the gradients after it a unit or two."""
+    if a.dtype == torch.float32:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -6, atol=2 ** -6 * b.float().abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape,r", [((70, 200), 5), ((2, 33, 130), 16), ((3, 129), 32)])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("want_h", [True, False])
+def test_backward_with_the_lora_term_matches_the_unfused_backward(dtype, shape, r, gated, want_h):
+    """silu_backward_lora(dH_base, ..., GA, A, s) = silu_backward(dH_base + s * GA @ A, ...), dH rounded to the
+    dtype as the unfused path stores it; ranks under 16 (padded inside), 16 and above."""
+    gate, up, base = operands(shape, dtype)
+    up = up if gated else None
+    g = torch.Generator().manual_seed(3)
+    rows = gate.numel() // shape[-1]
+    ga = torch.randn(rows, r, generator=g).to(dtype).to(DEVICE)
+    A = (torch.randn(r, shape[-1], generator=g) / r ** 0.5).to(dtype).to(DEVICE)
+    s = 0.75
+    grad_h = (base.float() + s * (ga.float() @ A.float()).view(shape)).to(dtype)
+    expected = tk.silu_backward(grad_h, gate, up, want_h)
+    got = tk.silu_backward_lora(base, gate, up, want_h, ga, A, s)
+    for e, o in zip(expected, got):
+        assert (e is None) == (o is None)
+        if e is not None:
+            lora_close(o, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_dh_op_matches_the_unfused_op(dtype, monkeypatch):
+    """lora_mlp_down with gated_mlp.FUSED_DH_LORA (the rank-r term of dH inside the SiLU backward kernel)
+    against the same op without it: output and every gradient (on the CPU the kernels run interpreted)."""
+    monkeypatch.setattr(gated_mlp, "_use_triton", lambda *t: True)
+    g = torch.Generator().manual_seed(0)
+    n, inter, out, r = 40, 96, 24, 8
+
+    def t(*shape, grad=False, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE).requires_grad_(grad)
+
+    gate, up = t(n, inter, grad=True), t(n, inter, grad=True)
+    weight, A, B = t(out, inter, scale=inter ** -0.5), t(r, inter, grad=True, scale=0.3), t(out, r, grad=True)
+    grad_y = t(n, out)
+
+    def run(fused):
+        monkeypatch.setattr(gated_mlp, "FUSED_DH_LORA", fused)
+        y = gated_mlp.lora_mlp_down(gate, up, nn.SiLU(), weight, None, A, B, 2.0, silu=True)
+        y.backward(grad_y)
+        res = [y.detach()] + [p.grad.clone() for p in (gate, up, A, B)]
+        for p in (gate, up, A, B):
+            p.grad = None
+        return res
+
+    calls = []
+    real = tk.silu_backward_lora
+    monkeypatch.setattr(tk, "silu_backward_lora", lambda *a: calls.append(1) or real(*a))
+    fused = run(True)
+    assert calls == [1] and gated_mlp._triton is not None  # the fused kernel ran (no fallback)
+    for a, b in zip(fused, run(False)):
+        lora_close(a, b)
+
+
 def test_supported_rejects_what_the_kernels_cannot_take():
     a = torch.zeros(4, 6, device=DEVICE)
     assert tk.supported(a, a.clone(), None)
@@ -139,6 +204,11 @@ AOT = textwrap.dedent("""
                 sig_b = {"dh_ptr": f"*{dt}", "g_ptr": f"*{dt}", "u_ptr": f"*{dt}", "h_ptr": f"*{dt}",
                          "dg_ptr": f"*{dt}", "du_ptr": f"*{dt}", "n": "i64"}
                 kernels.append((k._silu_bwd, sig_b, {**fixed, "WANT_H": want_h}))
+            sig_l = {name: f"*{dt}" for name in ("dh_ptr", "ga_ptr", "a_ptr", "g_ptr", "u_ptr", "h_ptr", "dg_ptr",
+                                                  "du_ptr")} | {"M": "i32", "N": "i32", "R": "i32", "scale": "fp32"}
+            kernels.append((k._silu_bwd_lora, sig_l, {"GATED": gated, "WANT_H": True, "DTYPE": tdt,
+                                                      "IEEE": dt == "fp32", "BLOCK_M": k._TILE[0],
+                                                      "BLOCK_N": k._TILE[1], "R_PAD": 16}))
             for fn, signature, constexprs in kernels:
                 signature = {**signature, **{name: "constexpr" for name in constexprs}}
                 compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),

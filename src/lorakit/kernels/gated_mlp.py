@@ -33,6 +33,13 @@ from .lora_linear import LoraLinearArgs, forward_from_xa, grad_input, unmerged_f
 _triton = None
 _triton_loaded = False
 
+FUSED_DH_LORA = False
+"""Backward: add the rank-r term s * GA @ A to dH inside the SiLU backward kernel (swiglu_triton's
+silu_backward_lora), which reads dH anyway, instead of forming it in the down projection's dX GEMM. That saves
+writing and reading back one (tokens x intermediate) tensor: 256 MiB a layer on the 1B shape, ~80 us at the
+H200's 3.3 TB/s if the kernel keeps its bandwidth with the tile's small dot. Off until measured: a whole-step
+A/B (bench/ab_block.py mode "fused dH") has not run on a GPU yet."""
+
 
 def _kernels():
     global _triton, _triton_loaded
@@ -196,14 +203,28 @@ def _backward(g, gate, up, xa, weight, A, B, args: MlpArgs, need_gate, need_up, 
     s = args.lora.scale
     ga = g @ B  # (N, r), unscaled: s rides in the GEMMs' alpha/beta (as in lora_linear)
     grad_B = torch.addmm(B, g.t(), xa, beta=0, alpha=s) if need_B else None
-    grad_h = None
-    if need_gate or need_up:
-        grad_h = grad_input(g, ga, weight, A, args.lora)
-    h, grad_gate, grad_up = activation_backward(grad_h, gate, up, args, want_h=need_A)
-    del grad_h
+    fused = _fused_dh_backward(g, ga, gate, up, weight, A, args, need_A) if need_gate or need_up else None
+    if fused is not None:
+        h, grad_gate, grad_up = fused
+    else:
+        grad_h = grad_input(g, ga, weight, A, args.lora) if need_gate or need_up else None
+        h, grad_gate, grad_up = activation_backward(grad_h, gate, up, args, want_h=need_A)
+        del grad_h
     grad_A = torch.addmm(A, ga.t(), h.reshape(-1, A.shape[1]), beta=0, alpha=s) if need_A else None
     grad_bias = g.sum(0) if need_bias else None
     return grad_gate if need_gate else None, grad_up if need_up else None, grad_A, grad_B, grad_bias
+
+
+def _fused_dh_backward(g, ga, gate, up, weight, A, args: MlpArgs, want_h: bool):
+    """With FUSED_DH_LORA, for SiLU on the Triton path: dH_base = dY @ W by one plain GEMM, and the SiLU backward
+    kernel adds s * GA @ A to it tile by tile; None where that does not apply (the caller then runs the
+    unfused path)."""
+    if not (FUSED_DH_LORA and args.silu and _use_triton(gate, up)) or ga.dtype != gate.dtype \
+            or A.dtype != gate.dtype:
+        return None
+    w = weight.t() if args.lora.transposed else weight
+    base = (g @ w).view(gate.shape)
+    return _launch("silu_backward_lora", base, gate, up, want_h, ga.contiguous(), A.contiguous(), args.lora.scale)
 
 
 def _apply(gate, up, weight, bias, A, B, args: MlpArgs) -> torch.Tensor:

@@ -13,6 +13,8 @@ They run on CUDA, and on the CPU under TRITON_INTERPRET=1 (how the tests check t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -57,7 +59,47 @@ def _silu_bwd(dh_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, n, GATED: tl.constexp
     tl.store(dg_ptr + offs, _to_dtype(dact * sig * (1.0 + g * (1.0 - sig)), DTYPE), mask=mask)
 
 
+@triton.jit
+def _silu_bwd_lora(dh_ptr, ga_ptr, a_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, M, N, R, scale,
+                   GATED: tl.constexpr, WANT_H: tl.constexpr, DTYPE: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr):
+    """_silu_bwd on a (BLOCK_M x BLOCK_N) tile of dH = dH_base + scale * GA @ A: the down projection's LoRA term
+    added here, where dH is read anyway, instead of written as a (tokens x intermediate) tensor and read back."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, R_PAD)
+    row_ok, col_ok, k_ok = rows < M, cols < N, ks < R
+    ga = tl.load(ga_ptr + rows[:, None].to(tl.int64) * R + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                 other=0.0)
+    a = tl.load(a_ptr + ks[:, None].to(tl.int64) * N + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0)
+    if IEEE:  # fp32 operands (and Triton's interpreter, whose dot mishandles 16-bit ones): exact fp32 products
+        lora = tl.dot(ga.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+    else:  # 16-bit operands on the tensor cores, fp32 accumulator
+        lora = tl.dot(ga, a)
+    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32) + scale * lora
+    dh = _to_dtype(dh, DTYPE).to(tl.float32)  # dH in the dtype, as the unfused path materializes it
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    act = _to_dtype(g / (1.0 + tl.exp(-g)), DTYPE).to(tl.float32)
+    if GATED:
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if WANT_H:
+            tl.store(h_ptr + offs, _to_dtype(act * u, DTYPE), mask=mask)
+        tl.store(du_ptr + offs, _to_dtype(dh * act, DTYPE), mask=mask)
+        dact = _to_dtype(dh * u, DTYPE).to(tl.float32)
+    else:
+        if WANT_H:
+            tl.store(h_ptr + offs, _to_dtype(act, DTYPE), mask=mask)
+        dact = dh
+    tl.store(dg_ptr + offs, _to_dtype(dact * sig * (1.0 + g * (1.0 - sig)), DTYPE), mask=mask)
+
+
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TILE = (64, 128)  # BLOCK_M, BLOCK_N of _silu_bwd_lora
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def supported(*tensors: torch.Tensor | None) -> bool:
@@ -94,4 +136,26 @@ def silu_backward(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | N
     _silu_bwd[_grid(n)](grad_h, gate, up if gated else dummy, h if want_h else dummy, grad_gate,
                         grad_up if gated else dummy, n, GATED=gated, WANT_H=want_h,
                         DTYPE=_DTYPES[gate.dtype], BLOCK=_BLOCK, **_LAUNCH)
+    return h, grad_gate, grad_up
+
+
+def silu_backward_lora(grad_h_base: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, want_h: bool,
+                       ga: torch.Tensor, A: torch.Tensor, scale: float):
+    """``silu_backward`` for dH = ``grad_h_base`` + ``scale`` * ga @ A (ga: tokens x r, A: r x intermediate), the
+    rank-r term formed inside the pass. The caller checks ``supported`` for the (tokens x intermediate)
+    operands and that ga and A are contiguous in their dtype."""
+    gated = up is not None
+    n = gate.shape[-1]
+    m = gate.numel() // n
+    r = A.shape[0]
+    h = torch.empty_like(gate) if want_h else None
+    grad_gate = torch.empty_like(gate)
+    grad_up = torch.empty_like(gate) if gated else None
+    dummy = grad_gate
+    block_m, block_n = _TILE
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _silu_bwd_lora[grid](grad_h_base, ga, A, gate, up if gated else dummy, h if want_h else dummy, grad_gate,
+                         grad_up if gated else dummy, m, n, r, float(scale), GATED=gated, WANT_H=want_h,
+                         DTYPE=_DTYPES[gate.dtype], IEEE=gate.dtype == torch.float32 or _INTERPRETED, BLOCK_M=block_m,
+                         BLOCK_N=block_n, R_PAD=max(16, triton.next_power_of_2(r)), **_LAUNCH)
     return h, grad_gate, grad_up
