@@ -7,23 +7,8 @@ the widened gradient (its widened backward). CUDA events, median of 50 calls eac
     python bench/skinny_addmm.py
 """
 
-import statistics
-
 import torch
-
-
-def timed(fn, reps=50):
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+from common import cuda_event_us as timed
 
 
 def main():

@@ -43,6 +43,13 @@ def _silu_bwd(dh_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, n, GATED: tl.constexp
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    _silu_grads(dh, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, offs, mask, GATED, WANT_H, DTYPE)
+
+
+@triton.jit
+def _silu_grads(dh, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, offs, mask, GATED: tl.constexpr, WANT_H: tl.constexpr,
+                DTYPE: tl.constexpr):
+    """For dH = ``dh`` (fp32, already rounded as stored): H (when WANT_H), dG and dU at ``offs``."""
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     sig = 1.0 / (1.0 + tl.exp(-g))  # as torch's silu_backward
     act = _to_dtype(g / (1.0 + tl.exp(-g)), DTYPE).to(tl.float32)  # silu(G) in the dtype, as the forward
@@ -81,20 +88,7 @@ def _silu_bwd_lora(dh_ptr, ga_ptr, a_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, M
     mask = row_ok[:, None] & col_ok[None, :]
     dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32) + scale * lora
     dh = _to_dtype(dh, DTYPE).to(tl.float32)  # dH in the dtype, as the unfused path materializes it
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    sig = 1.0 / (1.0 + tl.exp(-g))
-    act = _to_dtype(g / (1.0 + tl.exp(-g)), DTYPE).to(tl.float32)
-    if GATED:
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if WANT_H:
-            tl.store(h_ptr + offs, _to_dtype(act * u, DTYPE), mask=mask)
-        tl.store(du_ptr + offs, _to_dtype(dh * act, DTYPE), mask=mask)
-        dact = _to_dtype(dh * u, DTYPE).to(tl.float32)
-    else:
-        if WANT_H:
-            tl.store(h_ptr + offs, _to_dtype(act, DTYPE), mask=mask)
-        dact = dh
-    tl.store(dg_ptr + offs, _to_dtype(dact * sig * (1.0 + g * (1.0 - sig)), DTYPE), mask=mask)
+    _silu_grads(dh, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, offs, mask, GATED, WANT_H, DTYPE)
 
 
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
