@@ -87,6 +87,17 @@ def test_backward_matches_torch(dtype, shape, gated, want_h):
         assert h is None
 
 
+def op_output_and_grads(gate, up, weight, A, B, grad_y) -> list[torch.Tensor]:
+    """The fused SiLU MLP down op's output and the gradients of gate, up, A and B for ``grad_y`` (scale 2,
+    no bias); the gradients are cleared again."""
+    y = gated_mlp.lora_mlp_down(gate, up, nn.SiLU(), weight, None, A, B, 2.0, silu=True)
+    y.backward(grad_y)
+    out = [y.detach()] + [t.grad.clone() for t in (gate, up, A, B)]
+    for t in (gate, up, A, B):
+        t.grad = None
+    return out
+
+
 def lora_close(a: torch.Tensor, b: torch.Tensor) -> None:
     """The fused kernel's rank-r sum runs in another order than torch's matmul: a 16-bit dH can land one unit
     off where the fp32 sum sits on a rounding boundary, and the gradients after it a unit or two."""
@@ -136,12 +147,7 @@ def test_fused_dh_op_matches_the_unfused_op(dtype, monkeypatch):
 
     def run(fused):
         monkeypatch.setattr(gated_mlp, "FUSED_DH_LORA", fused)
-        y = gated_mlp.lora_mlp_down(gate, up, nn.SiLU(), weight, None, A, B, 2.0, silu=True)
-        y.backward(grad_y)
-        res = [y.detach()] + [p.grad.clone() for p in (gate, up, A, B)]
-        for p in (gate, up, A, B):
-            p.grad = None
-        return res
+        return op_output_and_grads(gate, up, weight, A, B, grad_y)
 
     calls = []
     real = tk.silu_backward_lora
@@ -171,17 +177,9 @@ def test_fused_op_on_cuda_matches_torch_path(monkeypatch):
     B = (torch.randn(out, r, device="cuda", dtype=torch.bfloat16) * 0.1).requires_grad_(True)
     grad_y = torch.randn(n, out, device="cuda", dtype=torch.bfloat16)
 
-    def run():
-        y = gated_mlp.lora_mlp_down(gate, up, nn.SiLU(), weight, None, A, B, 2.0, silu=True)
-        y.backward(grad_y)
-        out = [y.detach()] + [t.grad.clone() for t in (gate, up, A, B)]
-        for t in (gate, up, A, B):
-            t.grad = None
-        return out
-
-    fast = run()
+    fast = op_output_and_grads(gate, up, weight, A, B, grad_y)
     monkeypatch.setattr(gated_mlp, "_use_triton", lambda *t: False)
-    slow = run()
+    slow = op_output_and_grads(gate, up, weight, A, B, grad_y)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 

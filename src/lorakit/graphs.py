@@ -271,17 +271,12 @@ class GraphedLayer:
                    and previous.stride() == hidden.stride())
         static_hidden = previous.detach() if chained else hidden.detach().clone()
         static = (static_hidden.requires_grad_(hidden.requires_grad), cos.detach().clone(), sin.detach().clone())
-        with _no_autocast_cache():
-            captured = self._capture_graphs(static, hidden.requires_grad, key)
-        captured.chained = chained
-        return captured
-
-    def _capture_graphs(self, static, hidden_grad: bool, key) -> _Captured:
         params = tuple(p for p in self.layer.parameters() if p.requires_grad)
-        with _fresh_leaves(self.layer) as aliases:
-            return self._capture_with(static, hidden_grad, key, params, tuple(aliases[id(p)] for p in params))
+        with _no_autocast_cache(), _fresh_leaves(self.layer) as aliases:
+            return self._capture_with(static, chained, hidden.requires_grad, key, params,
+                                      tuple(aliases[id(p)] for p in params))
 
-    def _capture_with(self, static, hidden_grad: bool, key, params, aliases) -> _Captured:
+    def _capture_with(self, static, chained: bool, hidden_grad: bool, key, params, aliases) -> _Captured:
         shared = self.shared
         wrt = ((static[0],) if hidden_grad else ()) + aliases
         if not wrt:
@@ -316,8 +311,8 @@ class GraphedLayer:
                 grad_buffer.copy_(grads[0])
                 grads[0] = grad_buffer
         torch.cuda.synchronize()
-        shared.outputs[output.data_ptr()] = output.detach()
-        return _Captured(key=key, fwd=fwd, bwd=bwd, inputs=static, chained=False, output=output.detach(),
+        static_output = shared.outputs[output.data_ptr()] = output.detach()
+        return _Captured(key=key, fwd=fwd, bwd=bwd, inputs=static, chained=chained, output=static_output,
                          grad_output=grad_buffer, grads=tuple(grads), params=params,
                          keep_alive=None if self.checkpoint else output)
 
@@ -355,15 +350,13 @@ def ungraph_layers(model: nn.Module) -> int:
     """Undo ``graph_layers``: the layers' own forwards (and gradient checkpointing) again; the graphs' memory is
     freed once nothing holds their outputs. Returns how many layers were restored."""
     count = 0
-    for _, layer in registry.decoder_layers(model):
-        graphed = layer.__dict__.get("forward")
-        if isinstance(graphed, GraphedLayer):
-            del layer.forward
-            layer.gradient_checkpointing = graphed.checkpoint
-            graphed.captured = None
-            graphed.shared.outputs.clear()
-            graphed.shared.grad_buffers.clear()
-            count += 1
+    for layer, graphed in _graphed(model):
+        del layer.forward
+        layer.gradient_checkpointing = graphed.checkpoint
+        graphed.captured = None
+        graphed.shared.outputs.clear()
+        graphed.shared.grad_buffers.clear()
+        count += 1
     return count
 
 
@@ -371,13 +364,17 @@ def eager_calls(model: nn.Module) -> dict[str, int]:
     """How many calls of the model's graphed decoder layers ran eagerly, by reason (where a run that should
     replay does not, this says why: a padding mask, another shape, ...)."""
     total: collections.Counter[str] = collections.Counter()
-    for _, layer in registry.decoder_layers(model):
-        if isinstance(f := layer.__dict__.get("forward"), GraphedLayer):
-            total.update(f.eager_calls)
+    for _, graphed in _graphed(model):
+        total.update(graphed.eager_calls)
     return dict(total)
 
 
 def graphed_replays(model: nn.Module) -> int:
     """How many graphed calls the model's decoder layers have replayed (a run can check it is not eager)."""
-    return sum(f.replays for _, layer in registry.decoder_layers(model)
-               if isinstance(f := layer.__dict__.get("forward"), GraphedLayer))
+    return sum(graphed.replays for _, graphed in _graphed(model))
+
+
+def _graphed(model: nn.Module) -> list[tuple[nn.Module, GraphedLayer]]:
+    """(layer, its GraphedLayer) for the model's decoder layers that graph_layers graphed."""
+    return [(layer, f) for _, layer in registry.decoder_layers(model)
+            if isinstance(f := layer.__dict__.get("forward"), GraphedLayer)]

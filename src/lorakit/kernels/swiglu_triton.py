@@ -121,16 +121,21 @@ def silu_forward(gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
 
 def silu_backward(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, want_h: bool):
     """``(H or None, dGate, dUp or None)`` for dH = ``grad_h`` in one pass; H recomputed when ``want_h``."""
-    gated = up is not None
-    h = torch.empty_like(gate) if want_h else None
-    grad_gate = torch.empty_like(gate)
-    grad_up = torch.empty_like(gate) if gated else None
+    h, grad_gate, grad_up, pointers = _backward_outputs(gate, up, want_h)
     n = gate.numel()
-    dummy = grad_gate  # a pointer for the operands a constexpr branch never touches
-    _silu_bwd[_grid(n)](grad_h, gate, up if gated else dummy, h if want_h else dummy, grad_gate,
-                        grad_up if gated else dummy, n, GATED=gated, WANT_H=want_h,
+    _silu_bwd[_grid(n)](grad_h, gate, *pointers, n, GATED=up is not None, WANT_H=want_h,
                         DTYPE=_DTYPES[gate.dtype], BLOCK=_BLOCK, **_LAUNCH)
     return h, grad_gate, grad_up
+
+
+def _backward_outputs(gate: torch.Tensor, up: torch.Tensor | None, want_h: bool):
+    """(H or None, dGate, dUp or None) allocated, and the kernels' (u, h, dg, du) pointer arguments, with dGate
+    standing in for the operands a constexpr branch never touches."""
+    h = torch.empty_like(gate) if want_h else None
+    grad_gate = torch.empty_like(gate)
+    grad_up = torch.empty_like(gate) if up is not None else None
+    pointers = tuple(grad_gate if t is None else t for t in (up, h, grad_gate, grad_up))
+    return h, grad_gate, grad_up, pointers
 
 
 def silu_backward_lora(grad_h_base: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, want_h: bool,
@@ -138,18 +143,13 @@ def silu_backward_lora(grad_h_base: torch.Tensor, gate: torch.Tensor, up: torch.
     """``silu_backward`` for dH = ``grad_h_base`` + ``scale`` * ga @ A (ga: tokens x r, A: r x intermediate), the
     rank-r term formed inside the pass. The caller checks ``supported`` for the (tokens x intermediate)
     operands and that ga and A are contiguous in their dtype."""
-    gated = up is not None
     n = gate.shape[-1]
     m = gate.numel() // n
     r = A.shape[0]
-    h = torch.empty_like(gate) if want_h else None
-    grad_gate = torch.empty_like(gate)
-    grad_up = torch.empty_like(gate) if gated else None
-    dummy = grad_gate
+    h, grad_gate, grad_up, pointers = _backward_outputs(gate, up, want_h)
     block_m, block_n = _TILE
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _silu_bwd_lora[grid](grad_h_base, ga, A, gate, up if gated else dummy, h if want_h else dummy, grad_gate,
-                         grad_up if gated else dummy, m, n, r, float(scale), GATED=gated, WANT_H=want_h,
-                         DTYPE=_DTYPES[gate.dtype], IEEE=gate.dtype == torch.float32 or _INTERPRETED, BLOCK_M=block_m,
-                         BLOCK_N=block_n, R_PAD=max(16, triton.next_power_of_2(r)), **_LAUNCH)
+    _silu_bwd_lora[grid](grad_h_base, ga, A, gate, *pointers, m, n, r, float(scale), GATED=up is not None,
+                         WANT_H=want_h, DTYPE=_DTYPES[gate.dtype], IEEE=gate.dtype == torch.float32 or _INTERPRETED,
+                         BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=max(16, triton.next_power_of_2(r)), **_LAUNCH)
     return h, grad_gate, grad_up

@@ -193,9 +193,11 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
         dist=session,
     )
 
-    if cfg.cuda_graphs:
-        eager = ", ".join(f"{n} ({why})" for why, n in eager_calls(loaded.model).items()) or "none"
-        log(f"cuda graphs: {graphed_replays(loaded.model)} decoder-layer calls replayed; eager calls: {eager}")
+    graphs = ({"graphed_layer_calls": graphed_replays(loaded.model), "eager_layer_calls": eager_calls(loaded.model)}
+              if cfg.cuda_graphs else {})
+    if graphs:
+        eager = ", ".join(f"{n} ({why})" for why, n in graphs["eager_layer_calls"].items()) or "none"
+        log(f"cuda graphs: {graphs['graphed_layer_calls']} decoder-layer calls replayed; eager calls: {eager}")
     with distributed.gathered(loaded.model):  # full adapter tensors under FSDP (every rank joins)
         saved = save_outputs(loaded, cfg, task, labels, out) if session.is_main else out / "adapter"
     session.barrier()
@@ -224,8 +226,7 @@ def run(cfg: TrainConfig, hooks: Sequence[Any] = (), log: Callable[[str], None] 
         "data": [vars(s) for s in data.stats],
         "label_names": labels,
         "plot": plot_note,
-        **({"graphed_layer_calls": graphed_replays(loaded.model), "eager_layer_calls": eager_calls(loaded.model)}
-           if cfg.cuda_graphs else {}),
+        **graphs,
         **result,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
