@@ -12,6 +12,7 @@ against eager, from the same weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import statistics
 import time
@@ -32,7 +33,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--grad-ckpt", action="store_true")
     parser.add_argument("--only", default="floor,lorakit")
+    parser.add_argument("--variants", default="",
+                        help="comma list of extra graphed lorakit rows with an off-by-default path on: " +
+                        ", ".join(VARIANTS))
     args = parser.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            parser.error(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
     device = "cuda"
     model = build_for_training(args.shape, device, args.grad_ckpt)
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
@@ -55,7 +63,7 @@ def main() -> None:
             lk.ungraph_layers(model)
         handle.remove()
 
-    def lora(graphed: bool, graphed_opt: bool = False):
+    def lora(graphed: bool, graphed_opt: bool = False, variant: str = ""):
         lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=graphed_opt)
@@ -73,6 +81,8 @@ def main() -> None:
 
         label = "lorakit, graphed layers + AdamW step" if graphed_opt else (
             "lorakit, graphed layers" if graphed else "lorakit (eager)")
+        if variant:
+            label += f" + {variant}"
         runs.setdefault(label, []).append(measure(model, step, batch, args.steps, args.warmup, device))
         if graphed:
             print(f"  lorakit replays: {lk.graphed_replays(model)}", flush=True)
@@ -88,6 +98,9 @@ def main() -> None:
                 floor(graphed)
             if "lorakit" in only:
                 lora(graphed)
+        for v in variants:
+            with VARIANTS[v]():
+                lora(True, variant=v)
         if "lorakit-opt" in only:  # the optimizer step graphed as well
             lora(True, graphed_opt=True)
 
@@ -104,6 +117,28 @@ def main() -> None:
         reserved = max(r["reserved_gib"] for r in rs)
         print(f"| {label} | {tok / 1e3:.1f}k | {rounds} | {peak:.2f} | {steady:.2f} | {reserved:.2f} | "
               f"{tok / floor_tok:.3f} |")
+
+
+@contextlib.contextmanager
+def _flags(**flags):
+    """Module flags (module.NAME) set for the duration of one row, then restored."""
+    from lorakit.kernels import gated_mlp, shared_input
+    modules = {"STRIDED_GRAD_X": shared_input, "FUSED_DH_LORA": gated_mlp}
+    old = {name: getattr(modules[name], name) for name in flags}
+    for name, value in flags.items():
+        setattr(modules[name], name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(modules[name], name, value)
+
+
+VARIANTS = {
+    "strided dX": lambda: _flags(STRIDED_GRAD_X=True),
+    "fused dH": lambda: _flags(FUSED_DH_LORA=True),
+    "strided dX + fused dH": lambda: _flags(STRIDED_GRAD_X=True, FUSED_DH_LORA=True),
+}
 
 
 class OptimizerGraph:
