@@ -111,9 +111,11 @@ def lora_close(a: torch.Tensor, b: torch.Tensor) -> None:
 @pytest.mark.parametrize("shape,r", [((70, 200), 5), ((2, 33, 130), 16), ((3, 129), 32)])
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("want_h", [True, False])
-def test_backward_with_the_lora_term_matches_the_unfused_backward(dtype, shape, r, gated, want_h):
+@pytest.mark.parametrize("tile", [None, (16, 64, 3, 4)])
+def test_backward_with_the_lora_term_matches_the_unfused_backward(dtype, shape, r, gated, want_h, tile):
     """silu_backward_lora(dH_base, ..., GA, A, s) = silu_backward(dH_base + s * GA @ A, ...), dH rounded to the
-    dtype as the unfused path stores it; ranks under 16 (padded inside), 16 and above."""
+    dtype as the unfused path stores it; ranks under 16 (padded inside), 16 and above; the default launch and
+    one of several row tiles a program (the last program's tiles partly or wholly past the rows)."""
     gate, up, base = operands(shape, dtype)
     up = up if gated else None
     g = torch.Generator().manual_seed(3)
@@ -123,7 +125,7 @@ def test_backward_with_the_lora_term_matches_the_unfused_backward(dtype, shape, 
     s = 0.75
     grad_h = (base.float() + s * (ga.float() @ A.float()).view(shape)).to(dtype)
     expected = tk.silu_backward(grad_h, gate, up, want_h)
-    got = tk.silu_backward_lora(base, gate, up, want_h, ga, A, s)
+    got = tk.silu_backward_lora(base, gate, up, want_h, ga, A, s, tile=tile)
     for e, o in zip(expected, got):
         assert (e is None) == (o is None)
         if e is not None:
@@ -204,9 +206,11 @@ AOT = textwrap.dedent("""
                 kernels.append((k._silu_bwd, sig_b, {**fixed, "WANT_H": want_h}))
             sig_l = {name: f"*{dt}" for name in ("dh_ptr", "ga_ptr", "a_ptr", "g_ptr", "u_ptr", "h_ptr", "dg_ptr",
                                                   "du_ptr")} | {"M": "i32", "N": "i32", "R": "i32", "scale": "fp32"}
-            kernels.append((k._silu_bwd_lora, sig_l, {"GATED": gated, "WANT_H": True, "DTYPE": tdt,
-                                                      "IEEE": dt == "fp32", "BLOCK_M": k._TILE[0],
-                                                      "BLOCK_N": k._TILE[1], "R_PAD": 16}))
+            for row_steps in (k._TILE[2], 8):
+                kernels.append((k._silu_bwd_lora, sig_l, {"GATED": gated, "WANT_H": True, "DTYPE": tdt,
+                                                          "IEEE": dt == "fp32", "BLOCK_M": k._TILE[0],
+                                                          "BLOCK_N": k._TILE[1], "R_PAD": 16,
+                                                          "ROW_STEPS": row_steps}))
             for fn, signature, constexprs in kernels:
                 signature = {**signature, **{name: "constexpr" for name in constexprs}}
                 compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),

@@ -69,30 +69,35 @@ def _silu_grads(dh, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, offs, mask, GATED: tl.c
 @triton.jit
 def _silu_bwd_lora(dh_ptr, ga_ptr, a_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, M, N, R, scale,
                    GATED: tl.constexpr, WANT_H: tl.constexpr, DTYPE: tl.constexpr, IEEE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr):
-    """_silu_bwd on a (BLOCK_M x BLOCK_N) tile of dH = dH_base + scale * GA @ A: the down projection's LoRA term
-    added here, where dH is read anyway, instead of written as a (tokens x intermediate) tensor and read back."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, ROW_STEPS: tl.constexpr):
+    """_silu_bwd on ROW_STEPS (BLOCK_M x BLOCK_N) tiles, one under the other, of dH = dH_base + scale * GA @ A:
+    the down projection's LoRA term added here, where dH is read anyway, instead of written as a
+    (tokens x intermediate) tensor and read back. A's (r x BLOCK_N) slice is loaded once for all the tiles."""
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, R_PAD)
-    row_ok, col_ok, k_ok = rows < M, cols < N, ks < R
-    ga = tl.load(ga_ptr + rows[:, None].to(tl.int64) * R + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                 other=0.0)
+    col_ok, k_ok = cols < N, ks < R
     a = tl.load(a_ptr + ks[:, None].to(tl.int64) * N + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
                 other=0.0)
-    if IEEE:  # fp32 operands (and Triton's interpreter, whose dot mishandles 16-bit ones): exact fp32 products
-        lora = tl.dot(ga.to(tl.float32), a.to(tl.float32), input_precision="ieee")
-    else:  # 16-bit operands on the tensor cores, fp32 accumulator
-        lora = tl.dot(ga, a)
-    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32) + scale * lora
-    dh = _to_dtype(dh, DTYPE).to(tl.float32)  # dH in the dtype, as the unfused path materializes it
-    _silu_grads(dh, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, offs, mask, GATED, WANT_H, DTYPE)
+    if IEEE:
+        a = a.to(tl.float32)
+    for step in range(ROW_STEPS):
+        rows = (tl.program_id(0) * ROW_STEPS + step) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        ga = tl.load(ga_ptr + rows[:, None].to(tl.int64) * R + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        if IEEE:  # fp32 operands (and Triton's interpreter, whose dot mishandles 16-bit ones): exact fp32 products
+            lora = tl.dot(ga.to(tl.float32), a, input_precision="ieee")
+        else:  # 16-bit operands on the tensor cores, fp32 accumulator
+            lora = tl.dot(ga, a)
+        offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32) + scale * lora
+        dh = _to_dtype(dh, DTYPE).to(tl.float32)  # dH in the dtype, as the unfused path materializes it
+        _silu_grads(dh, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, offs, mask, GATED, WANT_H, DTYPE)
 
 
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-_TILE = (64, 128)  # BLOCK_M, BLOCK_N of _silu_bwd_lora
+_TILE = (16, 256, 1, 4)  # BLOCK_M, BLOCK_N, ROW_STEPS, num_warps of _silu_bwd_lora (bench/silu_lora_tiles.py)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -139,17 +144,20 @@ def _backward_outputs(gate: torch.Tensor, up: torch.Tensor | None, want_h: bool)
 
 
 def silu_backward_lora(grad_h_base: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, want_h: bool,
-                       ga: torch.Tensor, A: torch.Tensor, scale: float):
+                       ga: torch.Tensor, A: torch.Tensor, scale: float,
+                       tile: tuple[int, int, int, int] | None = None):
     """``silu_backward`` for dH = ``grad_h_base`` + ``scale`` * ga @ A (ga: tokens x r, A: r x intermediate), the
     rank-r term formed inside the pass. The caller checks ``supported`` for the (tokens x intermediate)
-    operands and that ga and A are contiguous in their dtype."""
+    operands and that ga and A are contiguous in their dtype. ``tile``: (BLOCK_M, BLOCK_N, ROW_STEPS, num_warps)
+    other than the default (bench/silu_lora_tiles.py sweeps them)."""
     n = gate.shape[-1]
     m = gate.numel() // n
     r = A.shape[0]
     h, grad_gate, grad_up, pointers = _backward_outputs(gate, up, want_h)
-    block_m, block_n = _TILE
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    block_m, block_n, row_steps, num_warps = tile or _TILE
+    grid = (triton.cdiv(m, block_m * row_steps), triton.cdiv(n, block_n))
     _silu_bwd_lora[grid](grad_h_base, ga, A, gate, *pointers, m, n, r, float(scale), GATED=up is not None,
                          WANT_H=want_h, DTYPE=_DTYPES[gate.dtype], IEEE=gate.dtype == torch.float32 or _INTERPRETED,
-                         BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=max(16, triton.next_power_of_2(r)), **_LAUNCH)
+                         BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=max(16, triton.next_power_of_2(r)),
+                         ROW_STEPS=row_steps, num_warps=num_warps, **_LAUNCH)
     return h, grad_gate, grad_up
