@@ -36,7 +36,13 @@ def main() -> None:
     parser.add_argument("--variants", default="",
                         help="comma list of extra graphed lorakit rows with an off-by-default path on: " +
                         ", ".join(VARIANTS))
+    parser.add_argument("--silu-tile", help="swiglu_triton._TILE for the fused dH rows: BLOCK_M,BLOCK_N,ROW_STEPS,"
+                        "num_warps (bench/silu_lora_tiles.py --best-out)")
     args = parser.parse_args()
+    if args.silu_tile:
+        from lorakit.kernels import swiglu_triton
+        swiglu_triton._TILE = tuple(int(v) for v in args.silu_tile.split(","))
+        print(f"silu_backward_lora tile {swiglu_triton._TILE}")
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:

@@ -31,6 +31,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
     p.add_argument("--r", type=int, default=16)
+    p.add_argument("--best-out", help="write the fastest tile here as BLOCK_M,BLOCK_N,ROW_STEPS,num_warps")
     args = p.parse_args()
     m, hidden, inter = SHAPES[args.shape]
     dt, dev, s = torch.bfloat16, "cuda", 2.0
@@ -65,6 +66,7 @@ def main():
     print("| BLOCK_M | BLOCK_N | row steps | warps | silu_backward_lora us | GB/s | GEMM + it, us | / unfused | "
           "max |diff| dG |")
     print("|---|---|---|---|---|---|---|---|---|")
+    best = (float("inf"), None)
     for tile in TILES:
         def fused_kernel():
             return swiglu_triton.silu_backward_lora(base, gate, up, True, ga, A, s, tile=tile)
@@ -77,9 +79,14 @@ def main():
         diff = (got[1].float() - ref[1].float()).abs().max().item()
         t_k = timed(fused_kernel)
         t_tot = timed(lambda: swiglu_triton.silu_backward_lora(g @ w, gate, up, True, ga, A, s, tile=tile))
+        best = min(best, (t_tot, tile))
         print("| " + " | ".join(map(str, tile)) + f" | {t_k:.0f} | {gbs / (t_k * 1e-6):.0f} | {t_tot:.0f} | "
               f"{t_tot / t_unfused:.3f} "
               f"| {diff:.3g} |")
+    print(f"fastest: {best[1]}, {best[0]:.0f} us = {best[0] / t_unfused:.3f} of the unfused path")
+    if args.best_out:
+        with open(args.best_out, "w") as f:
+            f.write(",".join(map(str, best[1])))
 
 
 if __name__ == "__main__":
