@@ -38,11 +38,16 @@ def main() -> None:
                         ", ".join(VARIANTS))
     parser.add_argument("--silu-tile", help="swiglu_triton._TILE for the fused dH rows: BLOCK_M,BLOCK_N,ROW_STEPS,"
                         "num_warps (bench/silu_lora_tiles.py --best-out)")
+    parser.add_argument("--silu-tile-da", help="swiglu_triton._TILE_DA, the same for the rows with dA folded in")
     args = parser.parse_args()
     if args.silu_tile:
         from lorakit.kernels import swiglu_triton
         swiglu_triton._TILE = tuple(int(v) for v in args.silu_tile.split(","))
         print(f"silu_backward_lora tile {swiglu_triton._TILE}")
+    if args.silu_tile_da:
+        from lorakit.kernels import swiglu_triton
+        swiglu_triton._TILE_DA = tuple(int(v) for v in args.silu_tile_da.split(","))
+        print(f"silu_backward_lora_da tile {swiglu_triton._TILE_DA}")
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:
@@ -129,7 +134,7 @@ def main() -> None:
 def _flags(**flags):
     """Module flags (module.NAME) set for the duration of one row, then restored."""
     from lorakit.kernels import gated_mlp, shared_input
-    modules = {"STRIDED_GRAD_X": shared_input, "FUSED_DH_LORA": gated_mlp}
+    modules = {"STRIDED_GRAD_X": shared_input, "FUSED_DH_LORA": gated_mlp, "FUSED_DA_LORA": gated_mlp}
     old = {name: getattr(modules[name], name) for name in flags}
     for name, value in flags.items():
         setattr(modules[name], name, value)
@@ -144,6 +149,8 @@ VARIANTS = {
     "strided dX": lambda: _flags(STRIDED_GRAD_X=True),
     "fused dH": lambda: _flags(FUSED_DH_LORA=True),
     "strided dX + fused dH": lambda: _flags(STRIDED_GRAD_X=True, FUSED_DH_LORA=True),
+    "fused dH + dA": lambda: _flags(FUSED_DH_LORA=True, FUSED_DA_LORA=True),
+    "strided dX + fused dH + dA": lambda: _flags(STRIDED_GRAD_X=True, FUSED_DH_LORA=True, FUSED_DA_LORA=True),
 }
 
 

@@ -26,12 +26,16 @@ TILES = [(16, 256, 1, 4), (16, 128, 1, 4), (16, 128, 1, 2), (16, 256, 1, 2), (32
          (16, 256, 4, 4), (16, 256, 8, 4), (16, 256, 16, 4), (16, 128, 8, 4), (16, 128, 8, 2), (16, 128, 16, 2),
          (32, 128, 8, 4), (16, 512, 8, 8), (16, 64, 16, 2), (32, 256, 4, 8)]
 
+TILES_DA = [(16, 128, 4, 4), (16, 128, 8, 4), (16, 128, 16, 4), (16, 128, 32, 4), (16, 64, 16, 2), (16, 64, 32, 4),
+            (16, 256, 8, 4), (16, 256, 16, 8), (32, 128, 8, 4), (32, 64, 16, 4)]
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--best-out", help="write the fastest tile here as BLOCK_M,BLOCK_N,ROW_STEPS,num_warps")
+    p.add_argument("--best-da-out", help="the same for the kernel with dA folded in")
     args = p.parse_args()
     m, hidden, inter = SHAPES[args.shape]
     dt, dev, s = torch.bfloat16, "cuda", 2.0
@@ -86,6 +90,35 @@ def main():
     print(f"fastest: {best[1]}, {best[0]:.0f} us = {best[0] / t_unfused:.3f} of the unfused path")
     if args.best_out:
         with open(args.best_out, "w") as f:
+            f.write(",".join(map(str, best[1])))
+
+    # dA folded in: against the unfused path with its dA GEMM over the written H
+    def unfused_da():
+        h, dg, du = unfused()
+        return dg, du, torch.addmm(A, ga.t(), h, beta=0, alpha=s)
+
+    ref_da = unfused_da()[2].float()
+    t_unfused_da = timed(unfused_da)
+    print(f"\nwith dA = s GA^T @ H: unfused (GEMM epilogue + silu_backward writing H + dA GEMM) {t_unfused_da:.0f} us")
+    print("| BLOCK_M | BLOCK_N | row steps | warps | silu_backward_lora_da us | GEMM + it, us | / unfused | "
+          "max |diff| dA / max |dA| |")
+    print("|---|---|---|---|---|---|---|---|")
+    best = (float("inf"), None)
+    for tile in TILES_DA:
+        try:
+            got = swiglu_triton.silu_backward_lora_da(base, gate, up, ga, A, s, tile=tile)
+        except Exception as e:  # noqa: BLE001
+            print("| " + " | ".join(map(str, tile)) + f" | failed: {type(e).__name__} | | | |")
+            continue
+        rel = ((got[2].float() - ref_da).abs().max() / ref_da.abs().max()).item()
+        t_k = timed(lambda: swiglu_triton.silu_backward_lora_da(base, gate, up, ga, A, s, tile=tile))
+        t_tot = timed(lambda: swiglu_triton.silu_backward_lora_da(g @ w, gate, up, ga, A, s, tile=tile))
+        best = min(best, (t_tot, tile))
+        print("| " + " | ".join(map(str, tile)) + f" | {t_k:.0f} | {t_tot:.0f} | {t_tot / t_unfused_da:.3f} | "
+              f"{rel:.2e} |")
+    print(f"fastest: {best[1]}, {best[0]:.0f} us = {best[0] / t_unfused_da:.3f} of the unfused path")
+    if args.best_da_out:
+        with open(args.best_da_out, "w") as f:
             f.write(",".join(map(str, best[1])))
 
 

@@ -132,8 +132,32 @@ def test_backward_with_the_lora_term_matches_the_unfused_backward(dtype, shape, 
             lora_close(o, e)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape,r", [((70, 200), 5), ((2, 33, 130), 16)])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("tile", [None, (16, 64, 2, 4)])
+def test_backward_with_da_folded_in_matches_the_unfused_backward(dtype, shape, r, gated, tile):
+    """silu_backward_lora_da: dG, dU as silu_backward_lora, and dA = s * GA^T @ H (H as silu_backward recomputes
+    it) summed over the row chunks; chunks of one and of several row tiles, the last partly past the rows."""
+    gate, up, base = operands(shape, dtype)
+    up = up if gated else None
+    g = torch.Generator().manual_seed(4)
+    rows = gate.numel() // shape[-1]
+    ga = torch.randn(rows, r, generator=g).to(dtype).to(DEVICE)
+    A = (torch.randn(r, shape[-1], generator=g) / r ** 0.5).to(dtype).to(DEVICE)
+    s = 0.75
+    h, dg, du = tk.silu_backward_lora(base, gate, up, True, ga, A, s)
+    expected_da = (s * ga.float().t() @ h.reshape(rows, -1).float()).to(dtype)
+    got_dg, got_du, got_da = tk.silu_backward_lora_da(base, gate, up, ga, A, s, tile=tile)
+    assert torch.equal(got_dg, dg) and (du is None) == (got_du is None)
+    if du is not None:
+        assert torch.equal(got_du, du)
+    lora_close(got_da, expected_da)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_dh_op_matches_the_unfused_op(dtype, monkeypatch):
+@pytest.mark.parametrize("fold_da", [False, True])
+def test_fused_dh_op_matches_the_unfused_op(dtype, fold_da, monkeypatch):
     """lora_mlp_down with gated_mlp.FUSED_DH_LORA (the rank-r term of dH inside the SiLU backward kernel)
     against the same op without it: output and every gradient (on the CPU the kernels run interpreted)."""
     monkeypatch.setattr(gated_mlp, "_use_triton", lambda *t: True)
@@ -152,8 +176,10 @@ def test_fused_dh_op_matches_the_unfused_op(dtype, monkeypatch):
         return op_output_and_grads(gate, up, weight, A, B, grad_y)
 
     calls = []
-    real = tk.silu_backward_lora
-    monkeypatch.setattr(tk, "silu_backward_lora", lambda *a: calls.append(1) or real(*a))
+    name = "silu_backward_lora_da" if fold_da else "silu_backward_lora"
+    real = getattr(tk, name)
+    monkeypatch.setattr(tk, name, lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(gated_mlp, "FUSED_DA_LORA", fold_da)
     fused = run(True)
     assert calls == [1] and gated_mlp._triton is not None  # the fused kernel ran (no fallback)
     for a, b in zip(fused, run(False)):
@@ -205,12 +231,13 @@ AOT = textwrap.dedent("""
                          "dg_ptr": f"*{dt}", "du_ptr": f"*{dt}", "n": "i64"}
                 kernels.append((k._silu_bwd, sig_b, {**fixed, "WANT_H": want_h}))
             sig_l = {name: f"*{dt}" for name in ("dh_ptr", "ga_ptr", "a_ptr", "g_ptr", "u_ptr", "h_ptr", "dg_ptr",
-                                                  "du_ptr")} | {"M": "i32", "N": "i32", "R": "i32", "scale": "fp32"}
-            for row_steps in (k._TILE[2], 8):
-                kernels.append((k._silu_bwd_lora, sig_l, {"GATED": gated, "WANT_H": True, "DTYPE": tdt,
-                                                          "IEEE": dt == "fp32", "BLOCK_M": k._TILE[0],
-                                                          "BLOCK_N": k._TILE[1], "R_PAD": 16,
-                                                          "ROW_STEPS": row_steps}))
+                                                  "du_ptr")} | {"da_ptr": "*fp32", "M": "i32", "N": "i32",
+                                                                "R": "i32", "scale": "fp32"}
+            for tile, fold_da in ((k._TILE, False), ((16, 128, 8, 4), False), (k._TILE_DA, True)):
+                kernels.append((k._silu_bwd_lora, sig_l, {"GATED": gated, "WANT_H": not fold_da, "DTYPE": tdt,
+                                                          "IEEE": dt == "fp32", "BLOCK_M": tile[0],
+                                                          "BLOCK_N": tile[1], "R_PAD": 16,
+                                                          "ROW_STEPS": tile[2], "FOLD_DA": fold_da}))
             for fn, signature, constexprs in kernels:
                 signature = {**signature, **{name: "constexpr" for name in constexprs}}
                 compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),

@@ -40,6 +40,11 @@ writing and reading back one (tokens x intermediate) tensor: 256 MiB a layer on 
 H200's 3.3 TB/s if the kernel keeps its bandwidth with the tile's small dot. Off until measured: a whole-step
 A/B (bench/ab_block.py mode "fused dH") has not run on a GPU yet."""
 
+FUSED_DA_LORA = False
+"""With FUSED_DH_LORA: the down projection's dA = s * GA^T @ H inside the same kernel, from H in registers
+(swiglu_triton's silu_backward_lora_da), so H (tokens x intermediate) is neither written nor read back for it:
+another 256 MiB a layer on the 1B shape. Off until measured (bench/graphed_layers.py --variants "fused dH + dA")."""
+
 
 def _kernels():
     global _triton, _triton_loaded
@@ -204,27 +209,34 @@ def _backward(g, gate, up, xa, weight, A, B, args: MlpArgs, need_gate, need_up, 
     ga = g @ B  # (N, r), unscaled: s rides in the GEMMs' alpha/beta (as in lora_linear)
     grad_B = torch.addmm(B, g.t(), xa, beta=0, alpha=s) if need_B else None
     fused = _fused_dh_backward(g, ga, gate, up, weight, A, args, need_A) if need_gate or need_up else None
+    grad_A = None
     if fused is not None:
-        h, grad_gate, grad_up = fused
+        h, grad_gate, grad_up, grad_A = fused
     else:
         grad_h = grad_input(g, ga, weight, A, args.lora) if need_gate or need_up else None
         h, grad_gate, grad_up = activation_backward(grad_h, gate, up, args, want_h=need_A)
         del grad_h
-    grad_A = torch.addmm(A, ga.t(), h.reshape(-1, A.shape[1]), beta=0, alpha=s) if need_A else None
+    if need_A and grad_A is None:
+        grad_A = torch.addmm(A, ga.t(), h.reshape(-1, A.shape[1]), beta=0, alpha=s)
     grad_bias = g.sum(0) if need_bias else None
     return grad_gate if need_gate else None, grad_up if need_up else None, grad_A, grad_B, grad_bias
 
 
 def _fused_dh_backward(g, ga, gate, up, weight, A, args: MlpArgs, want_h: bool):
     """With FUSED_DH_LORA, for SiLU on the Triton path: dH_base = dY @ W by one plain GEMM, and the SiLU backward
-    kernel adds s * GA @ A to it tile by tile; None where that does not apply (the caller then runs the
-    unfused path)."""
+    kernel adds s * GA @ A to it tile by tile: (H or None, dGate, dUp, dA or None), dA formed in the kernel
+    with FUSED_DA_LORA; None where that does not apply (the caller then runs the unfused path)."""
     if not (FUSED_DH_LORA and args.silu and _use_triton(gate, up)) or ga.dtype != gate.dtype \
             or A.dtype != gate.dtype:
         return None
     w = weight.t() if args.lora.transposed else weight
     base = (g @ w).view(gate.shape)
-    return _launch("silu_backward_lora", base, gate, up, want_h, ga.contiguous(), A.contiguous(), args.lora.scale)
+    ga, A = ga.contiguous(), A.contiguous()
+    if want_h and FUSED_DA_LORA:
+        out = _launch("silu_backward_lora_da", base, gate, up, ga, A, args.lora.scale)
+        return None if out is None else (None, *out)
+    out = _launch("silu_backward_lora", base, gate, up, want_h, ga, A, args.lora.scale)
+    return None if out is None else (*out, None)
 
 
 def _apply(gate, up, weight, bias, A, B, args: MlpArgs) -> torch.Tensor:
