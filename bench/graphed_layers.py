@@ -146,6 +146,7 @@ def _flags(**flags):
 
 
 VARIANTS = {
+    "contiguous dX": lambda: _flags(STRIDED_GRAD_X=False),  # the default before 2026-12-02
     "strided dX": lambda: _flags(STRIDED_GRAD_X=True),
     "fused dH": lambda: _flags(FUSED_DH_LORA=True),
     "strided dX + fused dH": lambda: _flags(STRIDED_GRAD_X=True, FUSED_DH_LORA=True),
