@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # What the next device session should run first, each part one device call of under 10 minutes:
 #   part 6 (first): the GPU tests of the fused blocks and of graph_layers, then bench/graphed_layers.py on 1B and
-#           on 8B with checkpointing (last measured 2026-12-02 on an H200, layers chained in place: lorakit graphed
-#           0.931-0.943 of the eager floor on 1B, 0.944-0.954 on 8B, +0.7 / +0.3 GiB over lorakit eager; README
-#           "Graphed layers chained in place"); lorakit train eager vs --cuda-graphs: bash bench/trainer_graphs.sh;
-#           new in part 6: the reserved peaks of graphed_layers (a graph's temporaries are not "allocated") and the
-#           whole-step A/Bs of shared_input.STRIDED_GRAD_X (bench/ab_block.py mode "strided dX": 71 -> 28 us a call)
-#           and gated_mlp.FUSED_DH_LORA (mode "fused dH": dH's rank-r term inside the SiLU backward kernel);
+#           on 8B with checkpointing (last measured 2026-12-02, session 19, H200, shared_input.STRIDED_GRAD_X on:
+#           lorakit graphed 0.943 / 0.950 of the eager floor on 1B, 0.957 on 8B; the folded SiLU backward kernels
+#           (gated_mlp.FUSED_DH_LORA / FUSED_DA_LORA, bench/silu_lora_tiles.py) measured and left off; README
+#           "The shared-input op's last dX pass"); lorakit train eager vs --cuda-graphs: bash bench/trainer_graphs.sh;
+#           the device's machine is released after 30 s idle: put a session's runs into as few calls as fit;
 #   part 1: the GPU tests of the fused blocks, the interleaved A/B of the fused blocks (bench/ab_block.py: the
 #           default gate/up shared op, + q/k/v, + q/k/v with the GEMM orders measured (gemm_choice: its split
 #           backward avoids the widened N that may make the q/k/v group slow), down op only), then the 1B rows;
@@ -36,8 +35,6 @@ if [ "$part" = 6 ]; then
         tests/test_kernels_lora_linear.py tests/test_graphs.py tests/test_compile.py tests/test_train_loop.py 2>&1 \
         | tail -2 \
         | tee "$OUT/gpu_tests.txt"
-    (cd bench && timeout 150 python3 ab_block.py --rounds 3 --steps 8 --modes "gate/up shared,strided dX,fused dH,strided dX + fused dH" 2>&1 \
-        | grep -v Warn | tail -4 | tee "$OUT/ab_strided_dx.txt")
     (cd bench && timeout 200 python3 graphed_layers.py --shape llama-1b --rounds 3 2>&1 | grep -v Warn \
         | tee "$OUT/graphed_1b.txt" | tail -7)
     (cd bench && timeout 260 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \

@@ -36,14 +36,17 @@ _triton_loaded = False
 FUSED_DH_LORA = False
 """Backward: add the rank-r term s * GA @ A to dH inside the SiLU backward kernel (swiglu_triton's
 silu_backward_lora), which reads dH anyway, instead of forming it in the down projection's dX GEMM. That saves
-writing and reading back one (tokens x intermediate) tensor: 256 MiB a layer on the 1B shape, ~80 us at the
-H200's 3.3 TB/s if the kernel keeps its bandwidth with the tile's small dot. Off until measured: a whole-step
-A/B (bench/ab_block.py mode "fused dH") has not run on a GPU yet."""
+writing and reading back one (tokens x intermediate) tensor: 256 MiB a layer on the 1B shape. Measured on the
+H200 (2026-12-02, bench/silu_lora_tiles.py and bench/graphed_layers.py --variants "fused dH"): the tiled kernel
+reaches 2.3-2.6 TB/s against the 1-D kernel's 3.1-3.5, so GEMM + kernel take 0.90-0.96 of the unfused pair at
+the best tile, and whole graphed steps do not move (1B 59.3k against 59.5k). Off."""
 
 FUSED_DA_LORA = False
 """With FUSED_DH_LORA: the down projection's dA = s * GA^T @ H inside the same kernel, from H in registers
 (swiglu_triton's silu_backward_lora_da), so H (tokens x intermediate) is neither written nor read back for it:
-another 256 MiB a layer on the 1B shape. Off until measured (bench/graphed_layers.py --variants "fused dH + dA")."""
+another 256 MiB a layer on the 1B shape. Measured on the H200 (2026-12-02): 1.03 of the unfused kernels' time at
+the best tile (the accumulation over row tiles costs more than H's traffic); whole graphed steps 59.2k against
+59.3k. Off."""
 
 
 def _kernels():
