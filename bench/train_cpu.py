@@ -2,7 +2,8 @@
 
 GPT-2-124M shape (random weights from a config), fp32, batch 4 x 256, LoRA r=16 on c_attn, c_proj, c_fc,
 AdamW. The floor is the frozen base's forward + backward to the inputs with no optimizer. Providers run
-in turn, step after step, so that drift on a shared machine hits all alike; figures are medians.
+in turn, step after step, so that drift on a shared machine hits all alike; figures are medians, and the
+"paired" ratio is the median of each round's floor step over the row's step in the same round.
 
     python bench/train_cpu.py [--steps 6 --batch 4 --seq 256 --layers 12]
     python bench/train_cpu.py --family llama --layers 8   # Llama's MLP: lorakit's fused block, A/B
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--family", choices=["gpt2", "llama"], default="gpt2")
+    parser.add_argument("--ab-db", action="store_true",
+                        help="add a row with dB formed directly (lora_linear.CPU_TRANSPOSED_GRAD_B off)")
     parser.add_argument("--malloc", choices=["default", "tuned"], default="tuned",
                         help="tuned: what lorakit train does on the CPU (lorakit/_malloc.py); default: glibc's")
     args = parser.parse_args()
@@ -72,12 +75,15 @@ def main() -> None:
         layer.use_fused_kernel = False
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
 
-    def step_fn(model, optimize: bool, fuse_blocks: bool = True, shared: bool = True):
+    from lorakit.kernels import lora_linear
+
+    def step_fn(model, optimize: bool, fuse_blocks: bool = True, shared: bool = True, transposed_db: bool = True):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4) if optimize else None
 
         def step():
             lk.blocks.ENABLED, lk.blocks.SHARED_INPUT = fuse_blocks, shared
+            lora_linear.CPU_TRANSPOSED_GRAD_B = transposed_db
             model(input_ids=x, labels=x).loss.backward()
             if opt is not None:
                 opt.step()
@@ -91,6 +97,8 @@ def main() -> None:
         "lorakit (fused kernel)": step_fn(ours, True),
         "lorakit (reference path)": step_fn(reference, True),
     }
+    if args.ab_db:
+        providers["lorakit, dB = s G^T @ XA"] = step_fn(copy.deepcopy(ours), True, transposed_db=False)
     if args.family == "llama":
         providers["lorakit, no shared-input ops"] = step_fn(copy.deepcopy(ours), True, shared=False)
         providers["lorakit, MLP block not fused"] = step_fn(copy.deepcopy(ours), True, fuse_blocks=False)
@@ -109,10 +117,16 @@ def main() -> None:
           f"AdamW; torch {torch.__version__} ({torch.get_num_threads()} threads), peft {peft.__version__}; "
           f"{os.cpu_count()} cores {platform.machine()}; {time.strftime('%Y-%m-%d')}; median of {args.steps}; "
           f"malloc {'tuned' if tuned else 'default'}")
-    print(f"| {'setup':<30} | {'s/step':>7} | {'tokens/s':>8} | {'/ floor':>7} | {'/ PEFT':>6} |")
-    print(f"|{'-' * 32}|{'-' * 9}|{'-' * 10}|{'-' * 9}|{'-' * 8}|")
+    floor_steps = times["frozen base fwd+bwd (floor)"]
+    print(f"| {'setup':<30} | {'s/step':>7} | {'tokens/s':>8} | {'/ floor':>7} | {'/ floor, paired':>15} | "
+          f"{'/ PEFT':>6} |")
+    print(f"|{'-' * 32}|{'-' * 9}|{'-' * 10}|{'-' * 9}|{'-' * 17}|{'-' * 8}|")
     for k, t in med.items():
-        print(f"| {k:<30} | {t:>7.3f} | {x.numel() / t:>8.0f} | {floor_t / t:>7.3f} | {peft_t / t:>6.3f} |")
+        # paired: the median over rounds of (that round's floor step) / (this row's step in the same round), so
+        # that a slow stretch of the shared machine hits both sides of each ratio
+        paired = statistics.median(f / s for f, s in zip(floor_steps, times[k]))
+        print(f"| {k:<30} | {t:>7.3f} | {x.numel() / t:>8.0f} | {floor_t / t:>7.3f} | {paired:>15.3f} | "
+              f"{peft_t / t:>6.3f} |")
 
 
 if __name__ == "__main__":

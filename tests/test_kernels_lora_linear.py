@@ -346,3 +346,19 @@ def test_checkpoint_recomputation_keeps_the_weight_for_backward(merge, monkeypat
     for name in grads:
         assert torch.equal(grads_torch[name], grads[name]) and torch.equal(grads_kept[name], grads[name]), name
     assert not kernel.keeping_weights()  # the recomputation's context is left again
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_grad_B_either_order_on_the_cpu_and_lands_in_B_layout(transposed, monkeypatch):
+    """dB formed as the transposed (r x out) product (the CPU default) or directly: the reference's values in
+    fp64, and the gradient autograd stores is contiguous like B (the transposed view is copied, not kept)."""
+    monkeypatch.setattr(kernel, "CPU_TRANSPOSED_GRAD_B", transposed)
+    model, reference = _pair(model_dtype=torch.float64)
+    x = torch.randn(4, 7, 16, dtype=torch.float64)
+    _, _, grads = _run(model, x)
+    _, _, grads_ref = _run(reference, x)
+    for name, g in grads.items():
+        assert torch.allclose(g, grads_ref[name], rtol=0, atol=1e-11), name
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            assert p.grad.is_contiguous() and p.grad.abs().sum() > 0, name

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._triton import load_kernels
-from .lora_linear import LoraLinearArgs, forward_from_xa, grad_input, unmerged_forward
+from .lora_linear import LoraLinearArgs, forward_from_xa, grad_input, grad_lora_B, unmerged_forward
 
 _triton = None
 _triton_loaded = False
@@ -210,7 +210,7 @@ def _backward(g, gate, up, xa, weight, A, B, args: MlpArgs, need_gate, need_up, 
     """(dGate, dUp, dA, dB, dBias) for the 2-d output gradient ``g`` (module docstring), None where not needed."""
     s = args.lora.scale
     ga = g @ B  # (N, r), unscaled: s rides in the GEMMs' alpha/beta (as in lora_linear)
-    grad_B = torch.addmm(B, g.t(), xa, beta=0, alpha=s) if need_B else None
+    grad_B = grad_lora_B(g, xa, B, s) if need_B else None
     fused = _fused_dh_backward(g, ga, gate, up, weight, A, args, need_A) if need_gate or need_up else None
     grad_A = None
     if fused is not None:

@@ -170,7 +170,7 @@ def unmerged_backward(g, xd2, xa, weight, A, B, args: LoraLinearArgs, need_x: bo
     ga = g @ B  # (N, r), unscaled: s is applied in the alpha/beta of the GEMMs that use it
     # addmm with beta=0 ignores its input (A, B: only a shape donor) and scales the product by alpha
     grad_A = torch.addmm(A, ga.t(), xd2, beta=0, alpha=s) if need_A else None
-    grad_B = torch.addmm(B, g.t(), xa, beta=0, alpha=s) if need_B else None
+    grad_B = grad_lora_B(g, xa, B, s) if need_B else None
     grad_x = grad_xd = None
     if need_x and has_drop:
         grad_x = g @ (weight.t() if args.transposed else weight)  # (N, in)
@@ -178,6 +178,20 @@ def unmerged_backward(g, xd2, xa, weight, A, B, args: LoraLinearArgs, need_x: bo
     elif need_x:
         grad_x = grad_input(g, ga, weight, A, args)
     return grad_x, grad_xd, grad_A, grad_B
+
+
+CPU_TRANSPOSED_GRAD_B = True
+"""grad_lora_B's CPU order (False: the direct one, as on CUDA; bench/train_cpu.py's A/B row)."""
+
+
+def grad_lora_B(g: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """dB = s * G^T @ XA (out x r). On the CPU formed as the transpose of the (r x out) product s * XA^T @ G,
+    which MKL's GEMM runs 1.6-1.8x faster at GPT-2's shapes with cold caches (bench/cpu_lora_gemms.py: ~12 ms
+    of a 2 s step); the result is that product's transposed view, and autograd copies it into B's layout
+    (r x out values). On CUDA the direct form."""
+    if g.device.type == "cpu" and CPU_TRANSPOSED_GRAD_B:
+        return torch.addmm(B.t(), xa.t(), g, beta=0, alpha=scale).t()
+    return torch.addmm(B, g.t(), xa, beta=0, alpha=scale)
 
 
 def grad_input(g, ga, weight, A, args: LoraLinearArgs):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gemm_choice
+from .lora_linear import grad_lora_B
 
 
 STRIDED_GRAD_X = True
@@ -95,7 +96,7 @@ class LoraSharedInputFunction(torch.autograd.Function):
                 out[4 * i] = grad_A[offset - k:offset - k + r]
             if g is not None:
                 if need[4 * i + 1]:
-                    out[4 * i + 1] = torch.addmm(Bs[i], g.t(), xc[:, offset:offset + r], beta=0, alpha=args.scales[i])
+                    out[4 * i + 1] = grad_lora_B(g, xc[:, offset:offset + r], Bs[i], args.scales[i])
                 if need[4 * i + 2] and args.biases[i]:
                     out[4 * i + 2] = g.sum(0)
             offset += r
