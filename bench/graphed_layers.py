@@ -133,8 +133,10 @@ def main() -> None:
 @contextlib.contextmanager
 def _flags(**flags):
     """Module flags (module.NAME) set for the duration of one row, then restored."""
+    from lorakit import blocks
     from lorakit.kernels import gated_mlp, shared_input
-    modules = {"STRIDED_GRAD_X": shared_input, "FUSED_DH_LORA": gated_mlp, "FUSED_DA_LORA": gated_mlp}
+    modules = {"STRIDED_GRAD_X": shared_input, "FUSED_DH_LORA": gated_mlp, "FUSED_DA_LORA": gated_mlp,
+               "SHARED_QKV": blocks}
     old = {name: getattr(modules[name], name) for name in flags}
     for name, value in flags.items():
         setattr(modules[name], name, value)
@@ -152,6 +154,8 @@ VARIANTS = {
     "strided dX + fused dH": lambda: _flags(STRIDED_GRAD_X=True, FUSED_DH_LORA=True),
     "fused dH + dA": lambda: _flags(FUSED_DH_LORA=True, FUSED_DA_LORA=True),
     "strided dX + fused dH + dA": lambda: _flags(STRIDED_GRAD_X=True, FUSED_DH_LORA=True, FUSED_DA_LORA=True),
+    # q/k/v as one shared-input op: measured eagerly only (bimodal rounds, blocks.SHARED_QKV), not graphed yet
+    "shared q/k/v": lambda: _flags(SHARED_QKV=True),
 }
 
 
