@@ -107,6 +107,16 @@ def lora_close(a: torch.Tensor, b: torch.Tensor) -> None:
         torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -6, atol=2 ** -6 * b.float().abs().max().item())
 
 
+def lora_operands(shape, dtype, r, gated, seed):
+    """gate, up (None unless gated), dH_base of ``shape``; GA (rows x r), A (r x intermediate); the scale."""
+    gate, up, base = operands(shape, dtype)
+    g = torch.Generator().manual_seed(seed)
+    rows = gate.numel() // shape[-1]
+    ga = torch.randn(rows, r, generator=g).to(dtype).to(DEVICE)
+    A = (torch.randn(r, shape[-1], generator=g) / r ** 0.5).to(dtype).to(DEVICE)
+    return gate, up if gated else None, base, ga, A, 0.75
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape,r", [((70, 200), 5), ((2, 33, 130), 16), ((3, 129), 32)])
 @pytest.mark.parametrize("gated", [True, False])
@@ -116,13 +126,7 @@ def test_backward_with_the_lora_term_matches_the_unfused_backward(dtype, shape, 
     """silu_backward_lora(dH_base, ..., GA, A, s) = silu_backward(dH_base + s * GA @ A, ...), dH rounded to the
     dtype as the unfused path stores it; ranks under 16 (padded inside), 16 and above; the default launch and
     one of several row tiles a program (the last program's tiles partly or wholly past the rows)."""
-    gate, up, base = operands(shape, dtype)
-    up = up if gated else None
-    g = torch.Generator().manual_seed(3)
-    rows = gate.numel() // shape[-1]
-    ga = torch.randn(rows, r, generator=g).to(dtype).to(DEVICE)
-    A = (torch.randn(r, shape[-1], generator=g) / r ** 0.5).to(dtype).to(DEVICE)
-    s = 0.75
+    gate, up, base, ga, A, s = lora_operands(shape, dtype, r, gated, seed=3)
     grad_h = (base.float() + s * (ga.float() @ A.float()).view(shape)).to(dtype)
     expected = tk.silu_backward(grad_h, gate, up, want_h)
     got = tk.silu_backward_lora(base, gate, up, want_h, ga, A, s, tile=tile)
@@ -139,15 +143,9 @@ def test_backward_with_the_lora_term_matches_the_unfused_backward(dtype, shape, 
 def test_backward_with_da_folded_in_matches_the_unfused_backward(dtype, shape, r, gated, tile):
     """silu_backward_lora_da: dG, dU as silu_backward_lora, and dA = s * GA^T @ H (H as silu_backward recomputes
     it) summed over the row chunks; chunks of one and of several row tiles, the last partly past the rows."""
-    gate, up, base = operands(shape, dtype)
-    up = up if gated else None
-    g = torch.Generator().manual_seed(4)
-    rows = gate.numel() // shape[-1]
-    ga = torch.randn(rows, r, generator=g).to(dtype).to(DEVICE)
-    A = (torch.randn(r, shape[-1], generator=g) / r ** 0.5).to(dtype).to(DEVICE)
-    s = 0.75
+    gate, up, base, ga, A, s = lora_operands(shape, dtype, r, gated, seed=4)
     h, dg, du = tk.silu_backward_lora(base, gate, up, True, ga, A, s)
-    expected_da = (s * ga.float().t() @ h.reshape(rows, -1).float()).to(dtype)
+    expected_da = (s * ga.float().t() @ h.reshape(ga.shape[0], -1).float()).to(dtype)
     got_dg, got_du, got_da = tk.silu_backward_lora_da(base, gate, up, ga, A, s, tile=tile)
     assert torch.equal(got_dg, dg) and (du is None) == (got_du is None)
     if du is not None:
