@@ -186,7 +186,7 @@ CPU_TRANSPOSED_GRAD_B = True
 
 def grad_lora_B(g: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """dB = s * G^T @ XA (out x r). On the CPU formed as the transpose of the (r x out) product s * XA^T @ G,
-    which MKL's GEMM runs 1.6-1.8x faster at GPT-2's shapes with cold caches (bench/cpu_lora_gemms.py: ~12 ms
+    which MKL's GEMM runs 1.6-1.9x faster at GPT-2's shapes with cold caches (bench/cpu_lora_gemms.py: ~12 ms
     of a 2 s step); the result is that product's transposed view, and autograd copies it into B's layout
     (r x out values). On CUDA the direct form."""
     if g.device.type == "cpu" and CPU_TRANSPOSED_GRAD_B:
