@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--variants", default="",
                         help="comma list of extra graphed lorakit rows with an off-by-default path on: " +
                         ", ".join(VARIANTS))
+    parser.add_argument("--eager-variants", action="store_true",
+                        help="also run each of --variants eagerly (an eager row per variant, in the same rounds)")
     parser.add_argument("--silu-tile", help="swiglu_triton._TILE for the fused dH rows: BLOCK_M,BLOCK_N,ROW_STEPS,"
                         "num_warps (bench/silu_lora_tiles.py --best-out)")
     parser.add_argument("--silu-tile-da", help="swiglu_triton._TILE_DA, the same for the rows with dA folded in")
@@ -111,6 +113,8 @@ def main() -> None:
                 lora(graphed)
         for v in variants:
             with VARIANTS[v]():
+                if args.eager_variants:
+                    lora(False, variant=v)
                 lora(True, variant=v)
         if "lorakit-opt" in only:  # the optimizer step graphed as well
             lora(True, graphed_opt=True)
@@ -154,8 +158,10 @@ VARIANTS = {
     "strided dX + fused dH": lambda: _flags(STRIDED_GRAD_X=True, FUSED_DH_LORA=True),
     "fused dH + dA": lambda: _flags(FUSED_DH_LORA=True, FUSED_DA_LORA=True),
     "strided dX + fused dH + dA": lambda: _flags(STRIDED_GRAD_X=True, FUSED_DH_LORA=True, FUSED_DA_LORA=True),
-    # q/k/v as one shared-input op: measured eagerly only (bimodal rounds, blocks.SHARED_QKV), not graphed yet
+    # q/k/v as one shared-input op (blocks.SHARED_QKV); graphed first on 2026-12-02 (session 20): +1.1% on 1B,
+    # +1.4% on 8B over gate/up alone
     "shared q/k/v": lambda: _flags(SHARED_QKV=True),
+    "gate/up only": lambda: _flags(SHARED_QKV=False),
 }
 
 

@@ -191,6 +191,45 @@ def test_layers_are_chained_in_place_and_a_new_input_runs_eagerly():
 
 
 @cuda
+def test_layers_share_gradient_buffers_and_position_embeddings():
+    """One set of parameter-gradient buffers and one static cos / sin for all layers; a layer handed other
+    position embeddings while an earlier layer's backward is pending runs eagerly, and the gradients stay right."""
+    model = lora_model()
+    a, b = batches(2)
+    lk.graph_layers(model, warmup=1)
+    step_grads(model, a)
+    step_grads(model, a)  # capture
+    first, second = (layer.forward.captured for layer in model.model.layers)
+    n = len(first.params)  # the parameters' gradients come last (layer 1's input gradient comes first)
+    assert n == len(second.params) == 14
+    assert [g.data_ptr() for g in first.grads[-n:]] == [g.data_ptr() for g in second.grads[-n:]]
+    assert first.inputs[1] is second.inputs[1] and first.inputs[2] is second.inputs[2]
+    _, expected = step_grads(model, b)
+    replays = lk.graphed_replays(model)
+
+    def other_rope(module, args, kwargs):  # the same values in new tensors, or shifted positions
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = (cos * scale, sin * scale)
+        return args, kwargs
+
+    scale = 1.0
+    hook = model.model.layers[1].register_forward_pre_hook(other_rope, with_kwargs=True)
+    loss, got = step_grads(model, b)
+    assert lk.graphed_replays(model) == replays + 1  # layer 0 replayed; layer 1 eager, layer 0's cos still read
+    assert lk.eager_calls(model)["other position embeddings than those of the graphed layers whose backward is "
+                                 "pending"] == 1
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+    scale = 0.5  # other values: compared with the same hook on the layers' own forwards
+    _, got = step_grads(model, b)
+    lk.ungraph_layers(model)
+    _, want = step_grads(model, b)
+    hook.remove()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
+@cuda
 def test_graphed_steps_under_autocast_match_eager_steps():
     """fp32 adapters under autocast(bf16), as lorakit train runs them: the capture turns the weight cache off,
     so the casts are in the graph and follow the optimizer's updates."""

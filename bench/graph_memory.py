@@ -1,0 +1,104 @@
+"""Where graphed decoder layers' memory goes: the live blocks of one LoRA step, eager against graphed.
+
+For each mode, after warm-up steps: the allocated memory between steps, right after the forward (loss computed,
+backward not yet run) and the step's peak; then the live blocks at the after-forward point grouped by size and
+by pool (the graphs' private pool or the caching allocator's general one), so that what graphs add shows up as
+a size class with more blocks. A graph's temporaries are free blocks of its pool after the capture, so they
+show up in the reserved figure only (the last column).
+
+    python bench/graph_memory.py --shape llama-8b --batch 2 --grad-ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+
+import torch
+from train_gpu import TARGETS, build_for_training
+
+import lorakit as lk
+
+GIB = 2**30
+
+
+def live_blocks() -> collections.Counter:
+    """(pool kind, block MiB) -> count of active blocks now."""
+    blocks: collections.Counter = collections.Counter()
+    for seg in torch.cuda.memory._snapshot()["segments"]:
+        kind = "graph pool" if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) else "general"
+        for b in seg["blocks"]:
+            if b["state"] == "active_allocated":
+                blocks[(kind, round(b["size"] / 2**20, 1))] += 1
+    return blocks
+
+
+def run(model, batch, graphed: bool, warmup: int) -> dict:
+    lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if graphed:
+        lk.graph_layers(model)
+    gc.collect()
+    torch.cuda.empty_cache()
+    for _ in range(warmup):
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    between = torch.cuda.memory_allocated() / GIB
+    torch.cuda.reset_peak_memory_stats()
+    loss = model(input_ids=batch, labels=batch).loss
+    torch.cuda.synchronize()
+    after_forward = torch.cuda.memory_allocated() / GIB
+    blocks = live_blocks()
+    loss.backward()
+    del loss
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    out = {"between": between, "after_forward": after_forward, "peak": torch.cuda.max_memory_allocated() / GIB,
+           "reserved": torch.cuda.max_memory_reserved() / GIB, "blocks": blocks}
+    if graphed:
+        lk.ungraph_layers(model)
+    del opt
+    lk.unload(model, merge_adapters=False)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama-8b")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--grad-ckpt", action="store_true")
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    model = build_for_training(args.shape, "cuda", args.grad_ckpt)
+    batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
+    results = {name: run(model, batch, graphed, args.warmup) for name, graphed in (("eager", False),
+                                                                                  ("graphed", True))}
+    print(f"\n{args.shape}, batch {args.batch} x {args.seq}, grad ckpt {args.grad_ckpt}; GiB allocated")
+    print("| mode | between steps | after forward | step peak | step reserved peak |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['between']:.3f} | {r['after_forward']:.3f} | {r['peak']:.3f} | {r['reserved']:.3f} |")
+    eager, graphed = results["eager"]["blocks"], results["graphed"]["blocks"]
+    sizes = sorted({s for _, s in eager} | {s for _, s in graphed}, reverse=True)
+    print("\nlive blocks after the forward, by size (MiB): count eager general / graphed general / graphed pool; "
+          "the MiB graphs add")
+    total = 0.0
+    for s in sizes:
+        e = eager[("general", s)] + eager[("graph pool", s)]
+        g, p = graphed[("general", s)], graphed[("graph pool", s)]
+        if e != g + p:
+            total += (g + p - e) * s
+            print(f"  {s:9.1f} MiB: {e:4d} / {g:4d} / {p:4d}   {(g + p - e) * s:+9.1f}")
+    print(f"  sum of the differences: {total:+.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
