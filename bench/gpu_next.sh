@@ -30,17 +30,19 @@ export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 HF_HUB_OFFLIN
 OUT=${OUT:-.}
 part=${1:-6}
 if [ "$part" = 7 ]; then
-    # session 20: graphs with one set of parameter-gradient buffers and one cos / sin; where graph memory goes;
-    # q/k/v shared, eager and graphed, in the same rounds
+    # session 20: q/k/v shared on by default (blocks.SHARED_QKV); graphs with one set of parameter-gradient buffers
+    # and one cos / sin; where graph memory goes (bench/graph_memory.py --stacks); the default against gate/up only,
+    # eager and graphed, in the same rounds
     X=""; python3 -c "import xdist" 2>/dev/null && X="-n 4"
-    timeout 120 python3 -m pytest -q -p no:cacheprovider $X tests/test_graphs.py tests/test_train_loop.py \
-        tests/test_blocks.py 2>&1 | tail -2 | tee "$OUT/gpu_tests.txt"
-    (cd bench && timeout 120 python3 graph_memory.py --shape llama-8b --batch 2 --grad-ckpt 2>&1 | grep -v Warn \
-        | tee "$OUT/graph_memory_8b.txt" | tail -30)
-    (cd bench && timeout 170 python3 graphed_layers.py --shape llama-1b --rounds 3 --variants "shared q/k/v" \
+    timeout 150 python3 -m pytest -q -p no:cacheprovider $X tests/test_blocks.py tests/test_kernels_swiglu.py \
+        tests/test_kernels_lora_linear.py tests/test_graphs.py tests/test_compile.py tests/test_train_loop.py 2>&1 \
+        | tail -2 | tee "$OUT/gpu_tests.txt"
+    (cd bench && timeout 150 python3 graph_memory.py --shape llama-8b --batch 2 --grad-ckpt --stacks 2>&1 \
+        | grep -v Warn | tee "$OUT/graph_memory_8b.txt" | tail -60)
+    (cd bench && timeout 170 python3 graphed_layers.py --shape llama-1b --rounds 3 --variants "gate/up only" \
         --eager-variants 2>&1 | grep -v Warn | tee "$OUT/graphed_1b.txt" | tail -8)
     (cd bench && timeout 200 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
-        --variants "shared q/k/v" --eager-variants 2>&1 | grep -v Warn | tee "$OUT/graphed_8b.txt" | tail -8)
+        --variants "gate/up only" --eager-variants 2>&1 | grep -v Warn | tee "$OUT/graphed_8b.txt" | tail -8)
 elif [ "$part" = 6 ]; then
     X=""; python3 -c "import xdist" 2>/dev/null && X="-n 4"
     timeout 150 python3 -m pytest -q -p no:cacheprovider $X tests/test_blocks.py tests/test_kernels_swiglu.py \

@@ -23,18 +23,26 @@ import lorakit as lk
 GIB = 2**30
 
 
-def live_blocks() -> collections.Counter:
-    """(pool kind, block MiB) -> count of active blocks now."""
+def live_blocks() -> tuple[collections.Counter, collections.Counter]:
+    """(pool kind, block MiB) -> count of active blocks now; and (pool kind, block MiB, where allocated) -> count,
+    where allocated being the innermost frames of lorakit, transformers or this bench (--stacks)."""
     blocks: collections.Counter = collections.Counter()
+    where: collections.Counter = collections.Counter()
     for seg in torch.cuda.memory._snapshot()["segments"]:
         kind = "graph pool" if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) else "general"
         for b in seg["blocks"]:
             if b["state"] == "active_allocated":
-                blocks[(kind, round(b["size"] / 2**20, 1))] += 1
-    return blocks
+                size = round(b["size"] / 2**20, 1)
+                blocks[(kind, size)] += 1
+                frames = [f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}" for f in b.get("frames", [])
+                          if any(k in f["filename"] for k in ("lorakit", "transformers", "bench"))][:3]
+                where[(kind, size, " < ".join(frames) or "?")] += 1
+    return blocks, where
 
 
-def run(model, batch, graphed: bool, warmup: int) -> dict:
+def run(model, batch, graphed: bool, warmup: int, stacks: bool) -> dict:
+    if stacks:
+        torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -52,14 +60,17 @@ def run(model, batch, graphed: bool, warmup: int) -> dict:
     loss = model(input_ids=batch, labels=batch).loss
     torch.cuda.synchronize()
     after_forward = torch.cuda.memory_allocated() / GIB
-    blocks = live_blocks()
+    blocks, where = live_blocks()
+    if stacks:
+        torch.cuda.memory._record_memory_history(enabled=None)
     loss.backward()
     del loss
     opt.step()
     opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     out = {"between": between, "after_forward": after_forward, "peak": torch.cuda.max_memory_allocated() / GIB,
-           "reserved": torch.cuda.max_memory_reserved() / GIB, "blocks": blocks}
+           "reserved": torch.cuda.max_memory_reserved() / GIB, "blocks": blocks,
+           "where": where}
     if graphed:
         lk.ungraph_layers(model)
     del opt
@@ -76,10 +87,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--grad-ckpt", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--stacks", action="store_true",
+                        help="record where the live blocks were allocated and print the blocks of the sizes that "
+                        "differ, by place")
     args = parser.parse_args()
     model = build_for_training(args.shape, "cuda", args.grad_ckpt)
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
-    results = {name: run(model, batch, graphed, args.warmup) for name, graphed in (("eager", False),
+    results = {name: run(model, batch, graphed, args.warmup, args.stacks) for name, graphed in (("eager", False),
                                                                                   ("graphed", True))}
     print(f"\n{args.shape}, batch {args.batch} x {args.seq}, grad ckpt {args.grad_ckpt}; GiB allocated")
     print("| mode | between steps | after forward | step peak | step reserved peak |")
@@ -98,6 +112,14 @@ def main() -> None:
             total += (g + p - e) * s
             print(f"  {s:9.1f} MiB: {e:4d} / {g:4d} / {p:4d}   {(g + p - e) * s:+9.1f}")
     print(f"  sum of the differences: {total:+.1f} MiB")
+    if args.stacks:
+        differ = {s for s in sizes if eager[("general", s)] + eager[("graph pool", s)]
+                  != graphed[("general", s)] + graphed[("graph pool", s)] and s >= 1}
+        for name, r in results.items():
+            print(f"\n{name}: live blocks of those sizes, by where they were allocated")
+            for (kind, size, place), n in sorted(r["where"].items(), key=lambda kv: (-kv[0][1], kv[0][2])):
+                if size in differ:
+                    print(f"  {size:7.1f} MiB x {n:3d}  {kind:10s}  {place}")
 
 
 if __name__ == "__main__":

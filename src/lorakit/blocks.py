@@ -35,9 +35,11 @@ SHARED_INPUT = True
 """Compute LoRA projections of one input (gate/up, q/k/v) as one op through their widened weights
 (kernels.shared_input; an A/B switch). Off, or where it does not apply, they run as their own LoRA layers."""
 
-SHARED_QKV = False
-"""Also q/k/v (SharedInputGroup). Off by default: on the H200 (Llama-3.2-1B shape) it was not faster than
-gate/up alone, and its rounds were bimodal (README); the groups are installed, so setting this is enough."""
+SHARED_QKV = True
+"""Also q/k/v (SharedInputGroup). On since 2026-12-02 (session 20): on the H200 it was faster than gate/up alone
+in every interleaved run, eager and with graphed layers (1B: 0.935 against 0.926 of the floor eagerly, 0.953
+against 0.941 graphed; 8B with checkpointing: 0.950 / 0.938 and 0.968 / 0.952; README). An earlier eager run
+(2026-12-01) had bimodal rounds and was not faster. False: q/k/v run as their own LoRA layers (an A/B switch)."""
 
 
 class FusedMlpForward:
