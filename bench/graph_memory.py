@@ -23,9 +23,9 @@ import lorakit as lk
 GIB = 2**30
 
 
-def live_blocks() -> tuple[collections.Counter, collections.Counter]:
-    """(pool kind, block MiB) -> count of active blocks now; and (pool kind, block MiB, where allocated) -> count,
-    where allocated being the innermost frames of lorakit, transformers or this bench (--stacks)."""
+def live_blocks(labels: dict[int, str]) -> tuple[collections.Counter, collections.Counter]:
+    """(pool kind, block MiB) -> count of active blocks now; and (pool kind, block MiB, label) -> count, the label
+    of the tensor whose storage starts at the block (``labels``: address -> what), or "?"."""
     blocks: collections.Counter = collections.Counter()
     where: collections.Counter = collections.Counter()
     for seg in torch.cuda.memory._snapshot()["segments"]:
@@ -34,15 +34,31 @@ def live_blocks() -> tuple[collections.Counter, collections.Counter]:
             if b["state"] == "active_allocated":
                 size = round(b["size"] / 2**20, 1)
                 blocks[(kind, size)] += 1
-                frames = [f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}" for f in b.get("frames", [])
-                          if any(k in f["filename"] for k in ("lorakit", "transformers", "bench"))][:3]
-                where[(kind, size, " < ".join(frames) or "?")] += 1
+                where[(kind, size, labels.get(b["address"], "?"))] += 1
     return blocks, where
 
 
-def run(model, batch, graphed: bool, warmup: int, stacks: bool) -> dict:
-    if stacks:
-        torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+def _labels(model, saved: dict[int, str]) -> dict[int, str]:
+    """Block address -> what lives there: parameters, buffers, the graphed layers' static tensors, and the
+    tensors autograd saved in the forward (``saved``)."""
+    labels = dict(saved)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        labels[t.untyped_storage().data_ptr()] = "parameter " + name.split(".")[-1]
+    for layer in model.model.layers:
+        cap = getattr(layer.__dict__.get("forward"), "captured", None)
+        if cap is None:
+            continue
+        for what, t in (("graph static input", cap.inputs[0]), ("graph static output", cap.output),
+                        ("graph input-grad buffer", cap.grad_output), ("graph cos", cap.inputs[1]),
+                        ("graph sin", cap.inputs[2])):
+            labels[t.untyped_storage().data_ptr()] = what
+        for g in cap.grads:
+            if g is not None:
+                labels.setdefault(g.untyped_storage().data_ptr(), "graph param-grad buffer")
+    return labels
+
+
+def run(model, batch, graphed: bool, warmup: int, labels_on: bool) -> dict:
     lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules=TARGETS))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -57,12 +73,20 @@ def run(model, batch, graphed: bool, warmup: int, stacks: bool) -> dict:
     torch.cuda.synchronize()
     between = torch.cuda.memory_allocated() / GIB
     torch.cuda.reset_peak_memory_stats()
-    loss = model(input_ids=batch, labels=batch).loss
+    saved: dict[int, str] = {}
+
+    def pack(t):  # what autograd saves outside the checkpointed layers (inside, checkpoint's own hooks apply)
+        saved.setdefault(t.untyped_storage().data_ptr(), f"saved {tuple(t.shape)}")
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=batch, labels=batch)
+    loss = out.loss
+    saved[out.logits.untyped_storage().data_ptr()] = "logits"
+    del out
     torch.cuda.synchronize()
     after_forward = torch.cuda.memory_allocated() / GIB
-    blocks, where = live_blocks()
-    if stacks:
-        torch.cuda.memory._record_memory_history(enabled=None)
+    blocks, where = live_blocks(_labels(model, saved) if labels_on else {})
     loss.backward()
     del loss
     opt.step()
@@ -87,13 +111,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--grad-ckpt", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--stacks", action="store_true",
-                        help="record where the live blocks were allocated and print the blocks of the sizes that "
-                        "differ, by place")
+    parser.add_argument("--labels", action="store_true",
+                        help="label the live blocks (parameters, graph statics, saved tensors) and print those of "
+                        "the sizes that differ, by label")
     args = parser.parse_args()
     model = build_for_training(args.shape, "cuda", args.grad_ckpt)
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
-    results = {name: run(model, batch, graphed, args.warmup, args.stacks) for name, graphed in (("eager", False),
+    results = {name: run(model, batch, graphed, args.warmup, args.labels) for name, graphed in (("eager", False),
                                                                                   ("graphed", True))}
     print(f"\n{args.shape}, batch {args.batch} x {args.seq}, grad ckpt {args.grad_ckpt}; GiB allocated")
     print("| mode | between steps | after forward | step peak | step reserved peak |")
@@ -112,11 +136,11 @@ def main() -> None:
             total += (g + p - e) * s
             print(f"  {s:9.1f} MiB: {e:4d} / {g:4d} / {p:4d}   {(g + p - e) * s:+9.1f}")
     print(f"  sum of the differences: {total:+.1f} MiB")
-    if args.stacks:
+    if args.labels:
         differ = {s for s in sizes if eager[("general", s)] + eager[("graph pool", s)]
                   != graphed[("general", s)] + graphed[("graph pool", s)] and s >= 1}
         for name, r in results.items():
-            print(f"\n{name}: live blocks of those sizes, by where they were allocated")
+            print(f"\n{name}: live blocks of those sizes, by what they hold")
             for (kind, size, place), n in sorted(r["where"].items(), key=lambda kv: (-kv[0][1], kv[0][2])):
                 if size in differ:
                     print(f"  {size:7.1f} MiB x {n:3d}  {kind:10s}  {place}")
