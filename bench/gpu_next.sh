@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # What the next device session should run first, each part one device call of under 10 minutes:
-#   part 6 (first): the GPU tests of the fused blocks and of graph_layers, then bench/graphed_layers.py on 1B and
+#   part 7 (first): session 20's run (q/k/v shared on by default: graphed lorakit 0.950-0.957 of the eager floor on
+#           1B, 0.964-0.968 on 8B; one set of gradient buffers in graphs.py; bench/graph_memory.py --labels: three
+#           hidden-sized tensors of the graphed 8B step not identified yet); next: find those (the 8B graphed
+#           allocated peak is 0.2-0.3 GiB over the allowance) and the graphs' reserved overhead (1.5-2.0 GiB even
+#           for the floor);
+#   part 6: the GPU tests of the fused blocks and of graph_layers, then bench/graphed_layers.py on 1B and
 #           on 8B with checkpointing (last measured 2026-12-02, session 19, H200, shared_input.STRIDED_GRAD_X on:
 #           lorakit graphed 0.943 / 0.950 of the eager floor on 1B, 0.957 on 8B; the folded SiLU backward kernels
 #           (gated_mlp.FUSED_DH_LORA / FUSED_DA_LORA, bench/silu_lora_tiles.py) measured and left off; README
