@@ -147,9 +147,12 @@ def test_backward_with_da_folded_in_matches_the_unfused_backward(dtype, shape, r
     h, dg, du = tk.silu_backward_lora(base, gate, up, True, ga, A, s)
     expected_da = (s * ga.float().t() @ h.reshape(ga.shape[0], -1).float()).to(dtype)
     got_dg, got_du, got_da = tk.silu_backward_lora_da(base, gate, up, ga, A, s, tile=tile)
-    assert torch.equal(got_dg, dg) and (du is None) == (got_du is None)
+    # close, not equal: another tile sums the rank-r term's products in another order (on the CPU the
+    # interpreter's numpy matmul; one AMD EPYC machine gave last-bit differences in fp32)
+    lora_close(got_dg, dg)
+    assert (du is None) == (got_du is None)
     if du is not None:
-        assert torch.equal(got_du, du)
+        lora_close(got_du, du)
     lora_close(got_da, expected_da)
 
 
