@@ -79,8 +79,20 @@ def run(model, batch, graphed: bool, warmup: int, labels_on: bool) -> dict:
         saved.setdefault(t.untyped_storage().data_ptr(), f"saved {tuple(t.shape)}")
         return t
 
+    def label(what):  # a module's output (and the norm's input) by storage, for the live-block labels
+        def hook(module, args, output):
+            for name, t in (("output", output), ("input", args[0] if args else None)):
+                if isinstance(t, torch.Tensor) and (name == "output" or what == "final norm"):
+                    saved.setdefault(t.untyped_storage().data_ptr(), f"{what} {name}")
+        return hook
+
+    handles = [model.model.embed_tokens.register_forward_hook(label("embedding")),
+               model.model.norm.register_forward_hook(label("final norm"))]
+    handles += [layer.register_forward_hook(label(f"layer {i}")) for i, layer in enumerate(model.model.layers)]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(input_ids=batch, labels=batch)
+    for h in handles:
+        h.remove()
     loss = out.loss
     saved[out.logits.untyped_storage().data_ptr()] = "logits"
     del out
