@@ -167,14 +167,21 @@ def test_checkpointed_layers_with_dropout_run_eagerly():
     assert lk.graphed_replays(model) == 0
 
 
-@cuda
-def test_layers_are_chained_in_place_and_a_new_input_runs_eagerly():
+def captured_two_layers():
+    """A LoRA model graphed, warmed up and captured (two steps on one batch), another batch, and its two layers'
+    captures."""
     model = lora_model()
     a, b = batches(2)
     lk.graph_layers(model, warmup=1)
     step_grads(model, a)
     step_grads(model, a)  # capture
     first, second = (layer.forward.captured for layer in model.model.layers)
+    return model, b, first, second
+
+
+@cuda
+def test_layers_are_chained_in_place_and_a_new_input_runs_eagerly():
+    model, b, first, second = captured_two_layers()
     assert not first.chained and second.chained  # layer 1 reads layer 0's static output, no copy, no own buffer
     assert second.inputs[0].data_ptr() == first.output.data_ptr()
     assert first.grad_output is second.grad_output  # one input-gradient buffer for the model
@@ -194,12 +201,7 @@ def test_layers_are_chained_in_place_and_a_new_input_runs_eagerly():
 def test_layers_share_gradient_buffers_and_position_embeddings():
     """One set of parameter-gradient buffers and one static cos / sin for all layers; a layer handed other
     position embeddings while an earlier layer's backward is pending runs eagerly, and the gradients stay right."""
-    model = lora_model()
-    a, b = batches(2)
-    lk.graph_layers(model, warmup=1)
-    step_grads(model, a)
-    step_grads(model, a)  # capture
-    first, second = (layer.forward.captured for layer in model.model.layers)
+    model, b, first, second = captured_two_layers()
     n = len(first.params)  # the parameters' gradients come last (layer 1's input gradient comes first)
     assert n == len(second.params) == 14
     assert [g.data_ptr() for g in first.grads[-n:]] == [g.data_ptr() for g in second.grads[-n:]]
@@ -214,7 +216,7 @@ def test_layers_share_gradient_buffers_and_position_embeddings():
 
     scale = 1.0
     hook = model.model.layers[1].register_forward_pre_hook(other_rope, with_kwargs=True)
-    loss, got = step_grads(model, b)
+    _, got = step_grads(model, b)
     assert lk.graphed_replays(model) == replays + 1  # layer 0 replayed; layer 1 eager, layer 0's cos still read
     assert lk.eager_calls(model)["other position embeddings than those of the graphed layers whose backward is "
                                  "pending"] == 1

@@ -67,8 +67,7 @@ class _Shared:
     outputs: dict = field(default_factory=dict)
     grad_buffers: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)  # the GraphedLayers
-    rope: dict = field(default_factory=dict)  # (shape, dtype, device, which) -> the layers' one static cos / sin
-    rope_sources: dict = field(default_factory=dict)  # the same key -> (weakref to the tensor copied in, version)
+    rope: dict = field(default_factory=dict)  # (shape, dtype, device, "cos" or "sin") -> _StaticRope
 
     def buffer(self, like: torch.Tensor, which: object = None) -> torch.Tensor:
         """One buffer per shape, dtype and ``which`` for all the layers: the input gradient (which None), and the
@@ -80,27 +79,43 @@ class _Shared:
             self.grad_buffers[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
         return self.grad_buffers[key]
 
-    def rope_static(self, like: torch.Tensor, which: str) -> torch.Tensor:
-        """The one static cos (or sin) all graphed layers read: the model computes them once per forward, so the
+    def rope_slots(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[_StaticRope, _StaticRope]:
+        """The one static cos and sin all graphed layers read: the model computes them once per forward, so the
         layers need no copy each (32 layers x 2 x 0.5 MiB on the 8B shape)."""
-        key = (like.shape, like.dtype, like.device, which)
-        if key not in self.rope:
-            self.rope[key] = like.detach().clone()
-        return self.rope[key]
+        slots = []
+        for which, like in (("cos", cos), ("sin", sin)):
+            key = (like.shape, like.dtype, like.device, which)
+            if key not in self.rope:
+                self.rope[key] = _StaticRope(like.detach().clone())
+            slots.append(self.rope[key])
+        return slots[0], slots[1]
 
-    def rope_is(self, static: torch.Tensor, new: torch.Tensor, which: str) -> bool:
-        """Whether ``static`` holds ``new`` already (the tensor last copied in, unchanged since)."""
-        source = self.rope_sources.get((static.shape, static.dtype, static.device, which))
-        return source is not None and source[0]() is new and source[1] == _version(new)
-
-    def load_rope(self, static: torch.Tensor, new: torch.Tensor, which: str) -> None:
-        if not self.rope_is(static, new, which):
-            static.copy_(new)
-            self.rope_sources[(static.shape, static.dtype, static.device, which)] = (weakref.ref(new), _version(new))
+    def rope_loadable(self, slots: tuple[_StaticRope, ...], new: tuple[torch.Tensor, ...]) -> bool:
+        """Whether ``new`` (cos, sin) may be loaded into ``slots``: they hold them already, or no layer's backward
+        still reads what they hold."""
+        return all(slot.holds(t) for slot, t in zip(slots, new)) or not self.backward_pending()
 
     def backward_pending(self) -> bool:
         """A graphed layer of the model has replayed its forward and not yet its backward."""
         return any((token := g.pending()) is not None and not token.done for g in self.layers)
+
+
+@dataclass
+class _StaticRope:
+    """A static cos (or sin) and the tensor last copied into it (a weakref and its version), so that a replay
+    copies only when the model hands a new one."""
+
+    static: torch.Tensor
+    source: object = None
+    version: int = -1
+
+    def holds(self, new: torch.Tensor) -> bool:
+        return self.source is not None and self.source() is new and self.version == _version(new)
+
+    def load(self, new: torch.Tensor) -> None:
+        if not self.holds(new):
+            self.static.copy_(new)
+            self.source, self.version = weakref.ref(new), _version(new)
 
 
 @dataclass
@@ -111,6 +126,7 @@ class _Captured:
     fwd: torch.cuda.CUDAGraph
     bwd: torch.cuda.CUDAGraph
     inputs: tuple[torch.Tensor, ...]  # hidden states (the previous graphed layer's output if chained), cos, sin
+    rope: tuple[_StaticRope, _StaticRope]  # inputs[1:], the statics shared by the layers
     chained: bool  # inputs[0] is another graphed layer's static output: never copied into, a new input runs eagerly
     output: torch.Tensor
     grad_output: torch.Tensor  # the model's shared input-gradient buffer
@@ -139,8 +155,8 @@ class _Replay(torch.autograd.Function):
         cap = graphed.captured
         if cap.inputs[0].data_ptr() != hidden.data_ptr():  # a chained input never differs (GraphedLayer.__call__)
             cap.inputs[0].copy_(hidden)
-        graphed.shared.load_rope(cap.inputs[1], cos, "cos")
-        graphed.shared.load_rope(cap.inputs[2], sin, "sin")
+        for slot, new in zip(cap.rope, (cos, sin)):
+            slot.load(new)
         cap.fwd.replay()
         ctx.graphed, ctx.pending, ctx.hidden_grad = graphed, pending, hidden.requires_grad
         return cap.output.detach()
@@ -247,7 +263,7 @@ class GraphedLayer:
             self.calls += 1
             if self.calls <= self.warmup:  # lazy state first (e.g. the fused blocks widen their weights)
                 return self._eager("warm-up before the capture", args, kwargs)
-            if not self._rope_loadable(inputs):
+            if not self.shared.rope_loadable(self.shared.rope_slots(*inputs[1:]), inputs[1:]):
                 return self._eager(_OTHER_ROPE, args, kwargs)
             self.captured = self._capture(inputs, key)
         pending = self.pending()
@@ -256,21 +272,13 @@ class GraphedLayer:
                "the previous forward's backward has not run" if pending is not None and not pending.done else
                "the input is not the previous graphed layer's output"
                if cap.chained and inputs[0].data_ptr() != cap.inputs[0].data_ptr() else
-               _OTHER_ROPE if not self._rope_loadable(inputs) else None)
+               _OTHER_ROPE if not self.shared.rope_loadable(cap.rope, inputs[1:]) else None)
         if why:
             return self._eager(why, args, kwargs)
         token = _Pending()
         self.pending = weakref.ref(token)
         self.replays += 1
         return _Replay.apply(self, token, *inputs, *self.captured.params)
-
-    def _rope_loadable(self, inputs) -> bool:
-        """Whether these cos / sin may be loaded into the layers' shared statics: they are there already, or no
-        layer's backward still reads the ones there."""
-        shared, (_, cos, sin) = self.shared, inputs
-        same = (shared.rope_is(shared.rope_static(cos, "cos"), cos, "cos")
-                and shared.rope_is(shared.rope_static(sin, "sin"), sin, "sin"))
-        return same or not shared.backward_pending()
 
     def _eager(self, why: str, args, kwargs):
         self.eager_calls[why] += 1
@@ -323,16 +331,16 @@ class GraphedLayer:
         chained = (previous is not None and previous.shape == hidden.shape and previous.dtype == hidden.dtype
                    and previous.stride() == hidden.stride())
         static_hidden = previous.detach() if chained else hidden.detach().clone()
-        static = (static_hidden.requires_grad_(hidden.requires_grad), shared.rope_static(cos, "cos"),
-                  shared.rope_static(sin, "sin"))
-        shared.load_rope(static[1], cos, "cos")
-        shared.load_rope(static[2], sin, "sin")
+        rope = shared.rope_slots(cos, sin)
+        for slot, new in zip(rope, (cos, sin)):
+            slot.load(new)
+        static = (static_hidden.requires_grad_(hidden.requires_grad), rope[0].static, rope[1].static)
         params = tuple(p for p in self.layer.parameters() if p.requires_grad)
         with _no_autocast_cache(), _fresh_leaves(self.layer) as aliases:
-            return self._capture_with(static, chained, hidden.requires_grad, key, params,
+            return self._capture_with(static, rope, chained, hidden.requires_grad, key, params,
                                       tuple(aliases[id(p)] for p in params))
 
-    def _capture_with(self, static, chained: bool, hidden_grad: bool, key, params, aliases) -> _Captured:
+    def _capture_with(self, static, rope, chained: bool, hidden_grad: bool, key, params, aliases) -> _Captured:
         shared = self.shared
         wrt = ((static[0],) if hidden_grad else ()) + aliases
         if not wrt:
@@ -376,7 +384,7 @@ class GraphedLayer:
                     grads[i] = buffer.copy_(grads[i])
         torch.cuda.synchronize()
         static_output = shared.outputs[output.data_ptr()] = output.detach()
-        return _Captured(key=key, fwd=fwd, bwd=bwd, inputs=static, chained=chained, output=static_output,
+        return _Captured(key=key, fwd=fwd, bwd=bwd, inputs=static, rope=rope, chained=chained, output=static_output,
                          grad_output=grad_buffer, grads=tuple(grads), params=params,
                          keep_alive=None if self.checkpoint else output)
 
@@ -419,8 +427,7 @@ def ungraph_layers(model: nn.Module) -> int:
         del layer.forward
         layer.gradient_checkpointing = graphed.checkpoint
         graphed.captured = None
-        for table in (graphed.shared.outputs, graphed.shared.grad_buffers, graphed.shared.rope,
-                      graphed.shared.rope_sources):
+        for table in (graphed.shared.outputs, graphed.shared.grad_buffers, graphed.shared.rope):
             table.clear()
         graphed.shared.layers.clear()
         count += 1
