@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import gc
 
 import torch
@@ -23,19 +24,24 @@ import lorakit as lk
 GIB = 2**30
 
 
-def live_blocks(labels: dict[int, str]) -> tuple[collections.Counter, collections.Counter]:
-    """(pool kind, block MiB) -> count of active blocks now; and (pool kind, block MiB, label) -> count, the label
-    of the tensor whose storage starts at the block (``labels``: address -> what), or "?"."""
-    blocks: collections.Counter = collections.Counter()
+def live_blocks(labels: dict[int, str]) -> collections.Counter:
+    """(pool kind, block MiB, label) -> count of the active blocks now; the label is that of the tensor whose
+    storage starts at the block (``labels``: address -> what), or "?"."""
     where: collections.Counter = collections.Counter()
     for seg in torch.cuda.memory._snapshot()["segments"]:
         kind = "graph pool" if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) else "general"
         for b in seg["blocks"]:
             if b["state"] == "active_allocated":
-                size = round(b["size"] / 2**20, 1)
-                blocks[(kind, size)] += 1
-                where[(kind, size, labels.get(b["address"], "?"))] += 1
-    return blocks, where
+                where[(kind, round(b["size"] / 2**20, 1), labels.get(b["address"], "?"))] += 1
+    return where
+
+
+def by_size(where: collections.Counter) -> collections.Counter:
+    """(pool kind, block MiB) -> count: live_blocks' counts summed over the labels."""
+    blocks: collections.Counter = collections.Counter()
+    for (kind, size, _), n in where.items():
+        blocks[(kind, size)] += n
+    return blocks
 
 
 def _labels(model, saved: dict[int, str]) -> dict[int, str]:
@@ -73,7 +79,7 @@ def run(model, batch, graphed: bool, warmup: int, labels_on: bool) -> dict:
     torch.cuda.synchronize()
     between = torch.cuda.memory_allocated() / GIB
     torch.cuda.reset_peak_memory_stats()
-    saved: dict[int, str] = {}
+    saved: dict[int, str] = {}  # address -> label, filled by the hooks below (--labels)
 
     def pack(t):  # what autograd saves outside the checkpointed layers (inside, checkpoint's own hooks apply)
         saved.setdefault(t.untyped_storage().data_ptr(), f"saved {tuple(t.shape)}")
@@ -86,10 +92,12 @@ def run(model, batch, graphed: bool, warmup: int, labels_on: bool) -> dict:
                     saved.setdefault(t.untyped_storage().data_ptr(), f"{what} {name}")
         return hook
 
-    handles = [model.model.embed_tokens.register_forward_hook(label("embedding")),
-               model.model.norm.register_forward_hook(label("final norm"))]
-    handles += [layer.register_forward_hook(label(f"layer {i}")) for i, layer in enumerate(model.model.layers)]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    handles = []
+    if labels_on:
+        handles = [model.model.embed_tokens.register_forward_hook(label("embedding")),
+                   model.model.norm.register_forward_hook(label("final norm"))]
+        handles += [layer.register_forward_hook(label(f"layer {i}")) for i, layer in enumerate(model.model.layers)]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if labels_on else contextlib.nullcontext():
         out = model(input_ids=batch, labels=batch)
     for h in handles:
         h.remove()
@@ -98,15 +106,14 @@ def run(model, batch, graphed: bool, warmup: int, labels_on: bool) -> dict:
     del out
     torch.cuda.synchronize()
     after_forward = torch.cuda.memory_allocated() / GIB
-    blocks, where = live_blocks(_labels(model, saved) if labels_on else {})
+    where = live_blocks(_labels(model, saved) if labels_on else {})
     loss.backward()
     del loss
     opt.step()
     opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     out = {"between": between, "after_forward": after_forward, "peak": torch.cuda.max_memory_allocated() / GIB,
-           "reserved": torch.cuda.max_memory_reserved() / GIB, "blocks": blocks,
-           "where": where}
+           "reserved": torch.cuda.max_memory_reserved() / GIB, "where": where}
     if graphed:
         lk.ungraph_layers(model)
     del opt
@@ -136,21 +143,22 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['between']:.3f} | {r['after_forward']:.3f} | {r['peak']:.3f} | {r['reserved']:.3f} |")
-    eager, graphed = results["eager"]["blocks"], results["graphed"]["blocks"]
+    eager, graphed = (by_size(results[name]["where"]) for name in ("eager", "graphed"))
     sizes = sorted({s for _, s in eager} | {s for _, s in graphed}, reverse=True)
     print("\nlive blocks after the forward, by size (MiB): count eager general / graphed general / graphed pool; "
           "the MiB graphs add")
     total = 0.0
+    differ = set()  # the sizes of >= 1 MiB whose counts differ
     for s in sizes:
         e = eager[("general", s)] + eager[("graph pool", s)]
         g, p = graphed[("general", s)], graphed[("graph pool", s)]
         if e != g + p:
             total += (g + p - e) * s
+            if s >= 1:
+                differ.add(s)
             print(f"  {s:9.1f} MiB: {e:4d} / {g:4d} / {p:4d}   {(g + p - e) * s:+9.1f}")
     print(f"  sum of the differences: {total:+.1f} MiB")
     if args.labels:
-        differ = {s for s in sizes if eager[("general", s)] + eager[("graph pool", s)]
-                  != graphed[("general", s)] + graphed[("graph pool", s)] and s >= 1}
         for name, r in results.items():
             print(f"\n{name}: live blocks of those sizes, by what they hold")
             for (kind, size, place), n in sorted(r["where"].items(), key=lambda kv: (-kv[0][1], kv[0][2])):
