@@ -26,13 +26,15 @@ GIB = 2**30
 
 def live_blocks(labels: dict[int, str]) -> collections.Counter:
     """(pool kind, block MiB, label) -> count of the active blocks now; the label is that of the tensor whose
-    storage starts at the block (``labels``: address -> what), or "?"."""
+    storage starts at the block (``labels``: address -> what), or "?" and the stream of its segment (a block
+    of a side stream's segment is, e.g., that stream's cuBLAS workspace)."""
     where: collections.Counter = collections.Counter()
     for seg in torch.cuda.memory._snapshot()["segments"]:
         kind = "graph pool" if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) else "general"
         for b in seg["blocks"]:
             if b["state"] == "active_allocated":
-                where[(kind, round(b["size"] / 2**20, 1), labels.get(b["address"], "?"))] += 1
+                what = labels.get(b["address"], f"? (stream {seg.get('stream', '?')})")
+                where[(kind, round(b["size"] / 2**20, 1), what)] += 1
     return where
 
 

@@ -146,6 +146,41 @@ def test_second_forward_before_backward_runs_eagerly():
 
 
 @cuda
+def test_embedding_output_is_written_into_the_first_layers_static_input():
+    """After the capture the embedding writes into layer 0's static input (no copy of its output kept); an eager
+    call of layer 0 reads a copy, so a second forward's embedding output does not change what its backward reads."""
+    model = lora_model()
+    a, b = batches(2)
+    lk.graph_layers(model, warmup=1)
+    step_grads(model, a)  # warm-up and capture
+    first = model.model.layers[0].forward.captured
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda mod, args, out: seen.append(out.data_ptr()))
+    replays = lk.graphed_replays(model)
+
+    def two_forwards():  # LoRA off for the first (not the captured state: eager), on for the second (replays)
+        for _, layer in lk.lora_layers(model):
+            layer.disabled = True
+        la = model(input_ids=a, labels=a).loss
+        for _, layer in lk.lora_layers(model):
+            layer.disabled = False
+        lb = model(input_ids=b, labels=b).loss
+        (la + lb).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    got = two_forwards()
+    assert seen == [first.inputs[0].data_ptr()] * 2
+    assert lk.graphed_replays(model) == replays + 2
+    hook.remove()
+    lk.ungraph_layers(model)
+    want = two_forwards()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
+@cuda
 def test_backward_twice_is_refused():
     model = lora_model()
     a = batches(1)[0]

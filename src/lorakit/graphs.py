@@ -31,7 +31,10 @@ step's backward has run past them (hidden states returned by ``output_hidden_sta
 Each backward graph leaves its parameters' gradients in buffers that all layers of one shape share (so the graphs
 hold one set of them, not one per layer); the replay hands copies of them on, so accumulating over micro-batches
 is exact. The layers also read one static cos and sin: a layer whose position embeddings differ from those of a
-layer whose backward is still pending runs eagerly.
+layer whose backward is still pending runs eagerly. Where the first layer's input is the model's input embedding
+output, the embedding's output is written straight into that layer's static input (a forward hook), so the
+model's ``inputs_embeds`` as the layers see them are valid until the next forward too; an eager call of the first
+layer reads a copy.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class _Shared:
     grad_buffers: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)  # the GraphedLayers
     rope: dict = field(default_factory=dict)  # (shape, dtype, device, "cos" or "sin") -> _StaticRope
+    feed: _EmbeddingFeed | None = None  # the forward hook on the model's input embedding
+    feed_handle: object = None  # its RemovableHandle
 
     def buffer(self, like: torch.Tensor, which: object = None) -> torch.Tensor:
         """One buffer per shape, dtype and ``which`` for all the layers: the input gradient (which None), and the
@@ -116,6 +121,39 @@ class _StaticRope:
         if not self.holds(new):
             self.static.copy_(new)
             self.source, self.version = weakref.ref(new), _version(new)
+
+
+class _EmbeddingFeed:
+    """A forward hook on the model's input embedding. Once the first layer's capture reads the embedding output,
+    the hook writes each later output straight into that layer's static input and hands on a new leaf on it, so
+    the embedding output itself is freed at once. Why: under gradient checkpointing the embedding output is a
+    leaf that requires grad (``enable_input_require_grads``) and its gradient accumulator keeps it alive until the
+    backward; beside the layer's static copy that is one hidden-sized tensor more than eager (32 MiB on the 8B
+    shape). An output with its own autograd history (a trainable embedding) is handed on as it is."""
+
+    def __init__(self, shared: _Shared):
+        self.shared = shared
+        self.static: torch.Tensor | None = None  # the first layer's static input, once its capture reads the output
+        self.last = lambda: None  # weakref to the output last handed on
+
+    def __call__(self, module: nn.Module, args, output):
+        if not isinstance(output, torch.Tensor):
+            return None
+        if not self._feeds(module, output):
+            self.last = weakref.ref(output)
+            return None
+        self.static.detach().copy_(output)
+        fed = self.static.detach().requires_grad_(output.requires_grad)
+        self.last = weakref.ref(fed)
+        return fed
+
+    def _feeds(self, module: nn.Module, output: torch.Tensor) -> bool:
+        static = self.static
+        return (static is not None and output.grad_fn is None and module.training and torch.is_grad_enabled()
+                and (output.shape, output.dtype, output.device, output.stride())
+                == (static.shape, static.dtype, static.device, static.stride())
+                and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+                and not self.shared.backward_pending())  # a pending replay's backward still reads the static
 
 
 @dataclass
@@ -224,6 +262,19 @@ def _fresh_leaves(layer: nn.Module):
             module._parameters[name] = p
 
 
+@contextlib.contextmanager
+def _workspace_in_pool():
+    """cuBLAS keeps a workspace per stream (on Hopper 32 MiB, for cuBLAS and cuBLASLt each), so the capture
+    stream's would stay allocated for good beside the default stream's. Cleared before the capture, the capture
+    allocates its own in the graphs' pool; cleared after it, that becomes a free block of the pool, which the
+    graph uses at its replays like its other temporaries (as torch.compile's CUDA graph trees do)."""
+    torch._C._cuda_clearCublasWorkspaces()
+    try:
+        yield
+    finally:
+        torch._C._cuda_clearCublasWorkspaces()
+
+
 def _has_dropout(module: nn.Module) -> bool:
     return any((isinstance(m, nn.Dropout) and m.p > 0) or getattr(m, "attention_dropout", 0) > 0
                for m in module.modules())
@@ -282,6 +333,10 @@ class GraphedLayer:
 
     def _eager(self, why: str, args, kwargs):
         self.eager_calls[why] += 1
+        feed = self.shared.feed
+        if (feed is not None and self.captured is not None and feed.static is self.captured.inputs[0] and args
+                and isinstance(args[0], torch.Tensor) and args[0].data_ptr() == feed.static.data_ptr()):
+            args = (args[0].clone(), *args[1:])  # the next forward's embedding output is written into the static
         return self.eager_forward(*args, **kwargs)
 
     # ------------------------------------------------------------------ when a call can be graphed
@@ -331,6 +386,9 @@ class GraphedLayer:
         chained = (previous is not None and previous.shape == hidden.shape and previous.dtype == hidden.dtype
                    and previous.stride() == hidden.stride())
         static_hidden = previous.detach() if chained else hidden.detach().clone()
+        feed = shared.feed
+        if not chained and feed is not None and feed.static is None and feed.last() is hidden:
+            feed.static = static_hidden  # the embedding writes its output here from the next forward on
         rope = shared.rope_slots(cos, sin)
         for slot, new in zip(rope, (cos, sin)):
             slot.load(new)
@@ -360,7 +418,8 @@ class GraphedLayer:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(fwd, pool=shared.pool, stream=stream, capture_error_mode="thread_local"):
+        with _workspace_in_pool(), torch.cuda.graph(fwd, pool=shared.pool, stream=stream,
+                                                    capture_error_mode="thread_local"):
             output = self._forward(static)
         grad_buffer = shared.buffer(output)
         ranks: collections.Counter = collections.Counter()
@@ -371,7 +430,8 @@ class GraphedLayer:
         if hidden_grad and grad_buffer.shape != static[0].shape:
             raise ConfigError(f"graph_layers: {type(self.layer).__name__} maps hidden states of shape "
                               f"{tuple(static[0].shape)} to {tuple(output.shape)}; graphed layers keep the shape")
-        with torch.cuda.graph(bwd, pool=shared.pool, stream=stream, capture_error_mode="thread_local"):
+        with _workspace_in_pool(), torch.cuda.graph(bwd, pool=shared.pool, stream=stream,
+                                                    capture_error_mode="thread_local"):
             # checkpointed: the forward saved only its inputs (static), so nothing needs to outlive the capture;
             # else the saved activations must stay allocated for every replay
             grads = list(torch.autograd.grad(output, wrt, grad_buffer, allow_unused=True,
@@ -416,7 +476,20 @@ def graph_layers(model: nn.Module, warmup: int = 2) -> int:
         layer.forward = GraphedLayer(layer, shared, warmup)
         shared.layers.append(layer.forward)
         count += 1
+    embedding = _input_embedding(model)
+    if count and embedding is not None:
+        shared.feed = _EmbeddingFeed(shared)
+        shared.feed_handle = embedding.register_forward_hook(shared.feed)
     return count
+
+
+def _input_embedding(model: nn.Module) -> nn.Module | None:
+    """The Hugging Face model's input embedding module, or None."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return embedding if isinstance(embedding, nn.Module) else None
 
 
 def ungraph_layers(model: nn.Module) -> int:
@@ -427,9 +500,13 @@ def ungraph_layers(model: nn.Module) -> int:
         del layer.forward
         layer.gradient_checkpointing = graphed.checkpoint
         graphed.captured = None
-        for table in (graphed.shared.outputs, graphed.shared.grad_buffers, graphed.shared.rope):
+        shared = graphed.shared
+        for table in (shared.outputs, shared.grad_buffers, shared.rope):
             table.clear()
-        graphed.shared.layers.clear()
+        shared.layers.clear()
+        if shared.feed_handle is not None:
+            shared.feed_handle.remove()
+            shared.feed_handle = shared.feed = None
         count += 1
     return count
 
