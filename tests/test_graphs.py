@@ -74,6 +74,8 @@ def test_graphed_steps_match_eager_steps(ckpt):
     assert lk.graph_layers(model, warmup=1) == 2
     graphed = [step_grads(model, ids) for ids in data]
     assert lk.graphed_replays(model) == 2 * 4  # call 1 eager (warm-up), call 2 captures and replays, ...
+    last = model.model.layers[-1].forward.captured  # checkpointed: its output lives in the input-gradient buffer
+    assert (last.output.data_ptr() == last.grad_output.data_ptr()) == ckpt
     for (le, ge), (lg, gg) in zip(eager, graphed):
         torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-6)
         for name in ge:

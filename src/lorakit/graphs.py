@@ -31,7 +31,8 @@ step's backward has run past them (hidden states returned by ``output_hidden_sta
 Each backward graph leaves its parameters' gradients in buffers that all layers of one shape share (so the graphs
 hold one set of them, not one per layer); the replay hands copies of them on, so accumulating over micro-batches
 is exact. The layers also read one static cos and sin: a layer whose position embeddings differ from those of a
-layer whose backward is still pending runs eagerly. Where the first layer's input is the model's input embedding
+layer whose backward is still pending runs eagerly. A checkpointed last layer leaves its output in the
+input-gradient buffer, which the backward overwrites. Where the first layer's input is the model's input embedding
 output, the embedding's output is written straight into that layer's static input (a forward hook), so the
 model's ``inputs_embeds`` as the layers see them are valid until the next forward too; an eager call of the first
 layer reads a copy.
@@ -296,6 +297,7 @@ class GraphedLayer:
         self.captured: _Captured | None = None
         self.pending = lambda: None  # weakref to the _Pending of the last replay
         self.replays = 0
+        self.last = False  # the model's last graphed layer (graph_layers sets it)
         self.eager_calls: collections.Counter[str] = collections.Counter()  # why calls ran eagerly
 
     def eager_forward(self, *args, **kwargs):
@@ -418,9 +420,17 @@ class GraphedLayer:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        # a checkpointed last layer leaves its output in the input-gradient buffer: nothing after the layer reads
+        # that output once the backward reaches the layer (the checkpoint recomputes from the layer's input), and
+        # the buffer is read only from then on; so the graphs hold one hidden-sized tensor less
+        into_buffer = shared.buffer(static[0]) if self.checkpoint and self.last else None
         with _workspace_in_pool(), torch.cuda.graph(fwd, pool=shared.pool, stream=stream,
                                                     capture_error_mode="thread_local"):
             output = self._forward(static)
+            if into_buffer is not None and (output.shape, output.dtype) == (into_buffer.shape, into_buffer.dtype):
+                into_buffer.copy_(output.detach())
+            else:
+                into_buffer = None
         grad_buffer = shared.buffer(output)
         ranks: collections.Counter = collections.Counter()
         param_buffers = []
@@ -443,7 +453,10 @@ class GraphedLayer:
                 if grads[i] is not None:
                     grads[i] = buffer.copy_(grads[i])
         torch.cuda.synchronize()
-        static_output = shared.outputs[output.data_ptr()] = output.detach()
+        if into_buffer is not None:  # not registered for chaining: a layer reading it would overwrite its input
+            static_output = into_buffer.detach()
+        else:
+            static_output = shared.outputs[output.data_ptr()] = output.detach()
         return _Captured(key=key, fwd=fwd, bwd=bwd, inputs=static, rope=rope, chained=chained, output=static_output,
                          grad_output=grad_buffer, grads=tuple(grads), params=params,
                          keep_alive=None if self.checkpoint else output)
@@ -476,6 +489,8 @@ def graph_layers(model: nn.Module, warmup: int = 2) -> int:
         layer.forward = GraphedLayer(layer, shared, warmup)
         shared.layers.append(layer.forward)
         count += 1
+    if count:
+        shared.layers[-1].last = True
     embedding = _input_embedding(model)
     if count and embedding is not None:
         shared.feed = _EmbeddingFeed(shared)
