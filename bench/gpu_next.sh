@@ -36,13 +36,18 @@ OUT=${OUT:-.}
 part=${1:-8}
 if [ "$part" = 8 ]; then
     # session 21: the capture stream's cuBLAS workspaces as graph temporaries, the embedding writing into layer
-    # 0's static input; the graph tests, where the 8B graphed step's memory goes, then floor and lorakit on 8B
+    # 0's static input, a checkpointed last layer's output in the input-gradient buffer; the graph tests, floor
+    # and lorakit on 8B, where the 8B graphed step's memory goes, then 1B if there is time left
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_train_loop.py -k "graph" \
         2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+    (cd bench && timeout 220 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
+        2>&1 | grep -v Warn | tee "$OUT/graphed_8b.txt" | tail -8)
     (cd bench && timeout 150 python3 graph_memory.py --shape llama-8b --batch 2 --grad-ckpt --labels 2>&1 \
         | grep -v Warn | tee "$OUT/graph_memory_8b.txt" | tail -50)
-    (cd bench && timeout 200 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
-        2>&1 | grep -v Warn | tee "$OUT/graphed_8b.txt" | tail -8)
+    if [ "$SECONDS" -lt 400 ]; then
+        (cd bench && timeout $((560 - SECONDS)) python3 graphed_layers.py --shape llama-1b --rounds 2 2>&1 \
+            | grep -v Warn | tee "$OUT/graphed_1b.txt" | tail -7)
+    fi
 elif [ "$part" = 7 ]; then
     # session 20: q/k/v shared on by default (blocks.SHARED_QKV); graphs with one set of parameter-gradient buffers
     # and one cos / sin; where graph memory goes (bench/graph_memory.py --stacks); the default against gate/up only,
