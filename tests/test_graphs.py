@@ -39,6 +39,38 @@ def test_refuses_warmup_below_one():
         lk.graph_layers(tiny_llama(), warmup=0)
 
 
+def test_embedding_feed_writes_only_a_frozen_embeddings_output_into_the_static():
+    """The forward hook graph_layers puts on the input embedding (runs on the CPU: only the hook's rules): a frozen
+    embedding's output is written into the first layer's static input and handed on as a new leaf on it; an
+    output with autograd history, another shape, or a pending graphed backward are handed on as they are."""
+    from lorakit.graphs import _EmbeddingFeed, _Pending, _Shared
+
+    shared = _Shared(pool=None)
+    feed = _EmbeddingFeed(shared)
+    embedding = torch.nn.Embedding(10, 4).requires_grad_(False)
+    embedding.register_forward_hook(feed)
+    ids = torch.tensor([[1, 2, 3]])
+    out = embedding(ids)  # no static yet: as it is
+    assert feed.last() is out
+    feed.static = torch.zeros(1, 3, 4).requires_grad_(True)
+    fed = embedding(ids)
+    assert fed.data_ptr() == feed.static.data_ptr() and not fed.requires_grad and fed.grad_fn is None
+    torch.testing.assert_close(feed.static.detach(), embedding.weight[ids], rtol=0, atol=0)
+    hook = embedding.register_forward_hook(lambda mod, args, o: o.requires_grad_(True))  # enable_input_require_grads
+    fed = embedding(ids)
+    assert fed.requires_grad and fed.is_leaf and feed.last() is fed
+    hook.remove()
+    assert embedding(torch.tensor([[1, 2]])).data_ptr() != feed.static.data_ptr()  # another shape
+    token = _Pending()
+    shared.layers.append(type("Layer", (), {"pending": lambda self: token})())
+    assert embedding(ids).data_ptr() != feed.static.data_ptr()  # a replay's backward still reads the static
+    token.done = True
+    assert embedding(ids).data_ptr() == feed.static.data_ptr()
+    embedding.requires_grad_(True)  # trainable: the output has autograd history, handed on
+    out = embedding(ids)
+    assert out.grad_fn is not None and out.data_ptr() != feed.static.data_ptr()
+
+
 def lora_model(device="cuda", ckpt=False, dropout=0.0):
     model = tiny_llama(device, torch.float32)
     if ckpt:
@@ -225,7 +257,7 @@ def test_layers_are_chained_in_place_and_a_new_input_runs_eagerly():
     _, expected = step_grads(model, b)
     replays = lk.graphed_replays(model)
     hook = model.model.layers[0].register_forward_hook(lambda mod, args, out: out * 1.0)  # a new tensor
-    loss, got = step_grads(model, b)
+    _, got = step_grads(model, b)
     hook.remove()
     assert lk.graphed_replays(model) == replays + 1  # layer 0 replayed; layer 1 got another input: eager
     for name in expected:

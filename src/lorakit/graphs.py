@@ -153,7 +153,8 @@ class _EmbeddingFeed:
         return (static is not None and output.grad_fn is None and module.training and torch.is_grad_enabled()
                 and (output.shape, output.dtype, output.device, output.stride())
                 == (static.shape, static.dtype, static.device, static.stride())
-                and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+                and not torch.compiler.is_compiling()
+                and not (output.is_cuda and torch.cuda.is_current_stream_capturing())
                 and not self.shared.backward_pending())  # a pending replay's backward still reads the static
 
 
