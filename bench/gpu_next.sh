@@ -33,8 +33,16 @@
 set -u
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-.}
-part=${1:-8}
-if [ "$part" = 8 ]; then
+part=${1:-9}
+if [ "$part" = 9 ]; then
+    # session 21's second run: the graph tests again (the feed test fixed), then more rounds of 8B and 1B
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_train_loop.py -k graph 2>&1 \
+        | tail -3 | tee "$OUT/gpu_tests.txt"
+    (cd bench && timeout 200 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
+        --rounds 3 2>&1 | grep -v Warn | tee "$OUT/graphed_8b.txt" | tail -7)
+    (cd bench && timeout 200 python3 graphed_layers.py --shape llama-1b --rounds 4 2>&1 | grep -v Warn \
+        | tee "$OUT/graphed_1b.txt" | tail -7)
+elif [ "$part" = 8 ]; then
     # session 21: the capture stream's cuBLAS workspaces as graph temporaries, the embedding writing into layer
     # 0's static input, a checkpointed last layer's output in the input-gradient buffer; the graph tests, floor
     # and lorakit on 8B, where the 8B graphed step's memory goes, then 1B if there is time left

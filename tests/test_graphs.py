@@ -186,7 +186,8 @@ def test_embedding_output_is_written_into_the_first_layers_static_input():
     model = lora_model()
     a, b = batches(2)
     lk.graph_layers(model, warmup=1)
-    step_grads(model, a)  # warm-up and capture
+    step_grads(model, a)  # warm-up
+    step_grads(model, a)  # capture
     first = model.model.layers[0].forward.captured
     seen = []
     hook = model.model.embed_tokens.register_forward_hook(lambda mod, args, out: seen.append(out.data_ptr()))
