@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # What the next device session should run first, each part one device call of under 10 minutes:
+#   part 9 (first, the default): session 21's run (graph tests; graphed_layers 8B, 3 rounds, and 1B, 4 rounds:
+#           graphed lorakit 0.966 / 0.953 of the eager floor, 8B allocated peak 22.30 GiB, 0.02 over the allowance;
+#           reserved 1.9-2.0 GiB over the eager floor's); part 8 adds graph_memory --labels on 8B; next: the last
+#           32 MiB (the input-gradient buffer, held through the loss) and the pool's reserved overhead;
 #   part 7 (first): session 20's run (q/k/v shared on by default: graphed lorakit 0.950-0.957 of the eager floor on
 #           1B, 0.964-0.968 on 8B; one set of gradient buffers in graphs.py; bench/graph_memory.py --labels: three
 #           hidden-sized tensors of the graphed 8B step not identified yet); next: find those (the 8B graphed
