@@ -264,17 +264,26 @@ def _fresh_leaves(layer: nn.Module):
             module._parameters[name] = p
 
 
+WORKSPACE_IN_POOL = True
+"""Clear cuBLAS's cached workspaces around each capture (``_workspace_in_pool``): 64 MiB less on the H200
+(bench/graph_memory.py). The clearing is global, as in torch.compile's CUDA graph trees: turn it off where a
+CUDA graph captured elsewhere, by hand, still relies on a workspace cached outside a graph pool."""
+
+
 @contextlib.contextmanager
 def _workspace_in_pool():
     """cuBLAS keeps a workspace per stream (on Hopper 32 MiB, for cuBLAS and cuBLASLt each), so the capture
     stream's would stay allocated for good beside the default stream's. Cleared before the capture, the capture
     allocates its own in the graphs' pool; cleared after it, that becomes a free block of the pool, which the
-    graph uses at its replays like its other temporaries (as torch.compile's CUDA graph trees do)."""
-    torch._C._cuda_clearCublasWorkspaces()
+    graph uses at its replays like its other temporaries (as torch.compile's CUDA graph trees do). Other
+    streams' workspaces are made again at their next use."""
+    if WORKSPACE_IN_POOL:
+        torch._C._cuda_clearCublasWorkspaces()
     try:
         yield
     finally:
-        torch._C._cuda_clearCublasWorkspaces()
+        if WORKSPACE_IN_POOL:
+            torch._C._cuda_clearCublasWorkspaces()
 
 
 def _has_dropout(module: nn.Module) -> bool:
