@@ -37,8 +37,16 @@
 set -u
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-.}
-part=${1:-9}
-if [ "$part" = 9 ]; then
+part=${1:-10}
+if [ "$part" = 10 ]; then
+    # session 21's third run: the final norm folded into the checkpointed last layer's graphs, A/B on 8B
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_train_loop.py -k graph 2>&1 \
+        | tail -3 | tee "$OUT/gpu_tests.txt"
+    (cd bench && timeout 240 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
+        --variants "norm not folded" 2>&1 | grep -v Warn | tee "$OUT/graphed_8b.txt" | tail -8)
+    (cd bench && timeout 150 python3 graph_memory.py --shape llama-8b --batch 2 --grad-ckpt 2>&1 \
+        | grep -v Warn | tee "$OUT/graph_memory_8b.txt" | tail -14)
+elif [ "$part" = 9 ]; then
     # session 21's second run: the graph tests again (the feed test fixed), then more rounds of 8B and 1B
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_train_loop.py -k graph 2>&1 \
         | tail -3 | tee "$OUT/gpu_tests.txt"

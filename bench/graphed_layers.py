@@ -137,10 +137,10 @@ def main() -> None:
 @contextlib.contextmanager
 def _flags(**flags):
     """Module flags (module.NAME) set for the duration of one row, then restored."""
-    from lorakit import blocks
+    from lorakit import blocks, graphs
     from lorakit.kernels import gated_mlp, shared_input
     modules = {"STRIDED_GRAD_X": shared_input, "FUSED_DH_LORA": gated_mlp, "FUSED_DA_LORA": gated_mlp,
-               "SHARED_QKV": blocks}
+               "SHARED_QKV": blocks, "FOLD_FINAL_NORM": graphs, "WORKSPACE_IN_POOL": graphs}
     old = {name: getattr(modules[name], name) for name in flags}
     for name, value in flags.items():
         setattr(modules[name], name, value)
@@ -162,6 +162,8 @@ VARIANTS = {
     # +1.4% on 8B over gate/up alone
     "shared q/k/v": lambda: _flags(SHARED_QKV=True),
     "gate/up only": lambda: _flags(SHARED_QKV=False),
+    # session 21: the final norm folded into a checkpointed last layer's graphs (graphs.FOLD_FINAL_NORM)
+    "norm not folded": lambda: _flags(FOLD_FINAL_NORM=False),
 }
 
 

@@ -71,6 +71,25 @@ def test_embedding_feed_writes_only_a_frozen_embeddings_output_into_the_static()
     assert out.grad_fn is not None and out.data_ptr() != feed.static.data_ptr()
 
 
+def test_folded_norm_hands_on_only_the_last_replays_output_once():
+    """The final norm's forward while the last layer's graphs hold it (runs on the CPU: only the rule): the last
+    replay's output, already normed, is handed on as it is, once; any other input is normed."""
+    import types
+    import weakref
+
+    from lorakit.graphs import _FoldedNorm
+
+    norm = tiny_llama().model.norm
+    last = types.SimpleNamespace(folded=lambda: None)
+    folded = _FoldedNorm(norm, last)
+    x = torch.randn(2, 3, 64) * 5
+    normed = type(norm).forward(norm, x)
+    torch.testing.assert_close(folded(x), normed, rtol=0, atol=0)
+    last.folded = weakref.ref(x)
+    assert folded(x) is x  # the replay's output: handed on
+    torch.testing.assert_close(folded(x), normed, rtol=0, atol=0)  # once only
+
+
 def lora_model(device="cuda", ckpt=False, dropout=0.0):
     model = tiny_llama(device, torch.float32)
     if ckpt:
@@ -213,6 +232,34 @@ def test_embedding_output_is_written_into_the_first_layers_static_input():
     want = two_forwards()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
+@cuda
+def test_final_norm_is_folded_into_the_checkpointed_last_layer():
+    """With checkpointing the last layer's graphs hold the final norm; the steps match eager ones, a hook on that
+    layer makes it run eagerly (and the norm then runs on its own), and ungraph_layers restores the norm."""
+    from lorakit.graphs import _FoldedNorm
+
+    model = lora_model(ckpt=True)
+    a, b = batches(2)
+    _, want = step_grads(model, b)
+    lk.graph_layers(model, warmup=1)
+    assert isinstance(model.model.norm.__dict__.get("forward"), _FoldedNorm)
+    step_grads(model, a)  # warm-up
+    step_grads(model, a)  # capture
+    replays = lk.graphed_replays(model)
+    _, got = step_grads(model, b)
+    assert lk.graphed_replays(model) == replays + 2
+    hook = model.model.layers[-1].register_forward_hook(lambda mod, args, out: None)
+    _, hooked = step_grads(model, b)
+    hook.remove()
+    assert lk.graphed_replays(model) == replays + 3  # layer 0 replayed, the hooked last layer eager
+    assert lk.eager_calls(model)["hooks on the last layer or the final norm, which its graphs hold"] == 1
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(hooked[name], want[name], rtol=1e-4, atol=1e-6)
+    lk.ungraph_layers(model)
+    assert "forward" not in model.model.norm.__dict__
 
 
 @cuda

@@ -31,8 +31,9 @@ step's backward has run past them (hidden states returned by ``output_hidden_sta
 Each backward graph leaves its parameters' gradients in buffers that all layers of one shape share (so the graphs
 hold one set of them, not one per layer); the replay hands copies of them on, so accumulating over micro-batches
 is exact. The layers also read one static cos and sin: a layer whose position embeddings differ from those of a
-layer whose backward is still pending runs eagerly. A checkpointed last layer leaves its output in the
-input-gradient buffer, which the backward overwrites. Where the first layer's input is the model's input embedding
+layer whose backward is still pending runs eagerly. A checkpointed last layer's graphs also hold the model's
+final norm (FOLD_FINAL_NORM; a call with hooks on that layer or the norm runs eagerly), and it leaves its output
+in the input-gradient buffer, which the backward overwrites. Where the first layer's input is the model's input embedding
 output, the embedding's output is written straight into that layer's static input (a forward hook), so the
 model's ``inputs_embeds`` as the layers see them are valid until the next forward too; an eager call of the first
 layer reads a copy.
@@ -50,6 +51,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import registry
+from .blocks import _has_hooks
 from .errors import ConfigError
 from .layers import LoraLayer
 
@@ -189,6 +191,32 @@ class _Pending:
     done = False
 
 
+def _dead() -> None:
+    """A weakref that holds nothing."""
+
+
+class _FoldedNorm:
+    """Installed as the final norm's ``forward`` where the last layer's graphs hold that norm (FOLD_FINAL_NORM):
+    the output of the last layer's replay is already normed and is handed on as it is, once; anything else is
+    normed."""
+
+    def __init__(self, norm: nn.Module, last: GraphedLayer):
+        self.norm_forward = type(norm).forward.__get__(norm)
+        self.last = last
+
+    def __call__(self, hidden, *args, **kwargs):
+        if not args and not kwargs and hidden is self.last.folded():
+            self.last.folded = _dead
+            return hidden
+        return self.norm_forward(hidden, *args, **kwargs)
+
+
+FOLD_FINAL_NORM = True
+"""Fold the model's final norm (registry.final_norm) into a checkpointed last layer's graphs, read by
+graph_layers: the checkpoint then recomputes the norm in the backward instead of keeping what it saved (Llama's
+RMSNorm keeps its input in fp32: 64 MiB on the 8B shape, the last of the graphs' extra memory there)."""
+
+
 class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graphed, pending, hidden, cos, sin, *params):
@@ -308,6 +336,9 @@ class GraphedLayer:
         self.pending = lambda: None  # weakref to the _Pending of the last replay
         self.replays = 0
         self.last = False  # the model's last graphed layer (graph_layers sets it)
+        self.norm: nn.Module | None = None  # the final norm folded into this (last, checkpointed) layer's graphs
+        self.norm_forward = None
+        self.folded = _dead  # weakref to the last replay's output when the norm is folded in (already normed)
         self.eager_calls: collections.Counter[str] = collections.Counter()  # why calls ran eagerly
 
     def eager_forward(self, *args, **kwargs):
@@ -341,7 +372,10 @@ class GraphedLayer:
         token = _Pending()
         self.pending = weakref.ref(token)
         self.replays += 1
-        return _Replay.apply(self, token, *inputs, *self.captured.params)
+        out = _Replay.apply(self, token, *inputs, *self.captured.params)
+        if self.norm is not None:
+            self.folded = weakref.ref(out)
+        return out
 
     def _eager(self, why: str, args, kwargs):
         self.eager_calls[why] += 1
@@ -375,12 +409,15 @@ class GraphedLayer:
             return None, "inside torch.compile or another capture"
         if self.checkpoint and _has_dropout(layer):
             return None, "dropout in a checkpointed layer"
+        if self.norm is not None and (_has_hooks(layer) or _has_hooks(self.norm)):
+            return None, "hooks on the last layer or the final norm, which its graphs hold"
         return (hidden, *embeddings), ""
 
     def _key(self, inputs) -> tuple:
         layer = self.layer
+        params = list(layer.parameters()) + (list(self.norm.parameters()) if self.norm is not None else [])
         return (tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in inputs),
-                tuple((p.data_ptr(), p.requires_grad) for p in layer.parameters()),
+                tuple((p.data_ptr(), p.requires_grad) for p in params),
                 _lora_state(layer), torch.is_autocast_enabled("cuda"))
 
     # ------------------------------------------------------------------ capture
@@ -389,7 +426,7 @@ class GraphedLayer:
         if not isinstance(out, torch.Tensor):
             raise ConfigError(f"{type(self.layer).__name__}.forward returned {type(out).__name__}, not a tensor: "
                               "graph_layers needs transformers >= 5 (decoder layers that return the hidden states)")
-        return out
+        return out if self.norm is None else self.norm_forward(out)
 
     def _capture(self, inputs, key) -> _Captured:
         hidden, cos, sin = inputs
@@ -500,7 +537,13 @@ def graph_layers(model: nn.Module, warmup: int = 2) -> int:
         shared.layers.append(layer.forward)
         count += 1
     if count:
-        shared.layers[-1].last = True
+        last = shared.layers[-1]
+        last.last = True
+        norm = registry.final_norm(model)
+        if (FOLD_FINAL_NORM and last.checkpoint and norm is not None and "forward" not in norm.__dict__
+                and not any(p.requires_grad for p in norm.parameters()) and not _has_hooks(norm)):
+            last.norm, last.norm_forward = norm, type(norm).forward.__get__(norm)
+            norm.forward = _FoldedNorm(norm, last)
     embedding = _input_embedding(model)
     if count and embedding is not None:
         shared.feed = _EmbeddingFeed(shared)
@@ -525,6 +568,9 @@ def ungraph_layers(model: nn.Module) -> int:
         del layer.forward
         layer.gradient_checkpointing = graphed.checkpoint
         graphed.captured = None
+        if graphed.norm is not None:
+            del graphed.norm.forward
+            graphed.norm = graphed.norm_forward = None
         shared = graphed.shared
         for table in (shared.outputs, shared.grad_buffers, shared.rope):
             table.clear()

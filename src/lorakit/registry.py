@@ -156,6 +156,24 @@ def known_decoder_layers() -> list[str]:
     return sorted(cls for cls, _ in _HF_DECODER_LAYERS.values())
 
 
+_HF_DECODER_MODELS = {  # transformers module -> base model class whose forward applies ``self.norm`` to the last
+    # decoder layer's output and to nothing else (``hidden_states = self.norm(hidden_states)`` after the loop)
+    model_type: (f"{prefix}Model", "norm") for model_type, prefix in (
+        ("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
+}
+_DECODER_MODELS: dict[type, str] = {}
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm a base model of a known class applies to its last decoder layer's output (LlamaModel.norm),
+    or None (lorakit.graphs may fold it into the last layer's graph)."""
+    for _, m in model.named_modules():
+        attr = _hf_entry(m, _HF_DECODER_MODELS, _DECODER_MODELS)
+        if attr is not None and isinstance(getattr(m, attr, None), nn.Module):
+            return getattr(m, attr)
+    return None
+
+
 _EQUIVALENT_FORWARDS = [  # (module, class) whose forward, bound on an instance, computes that instance's block
     ("liger_kernel.transformers.swiglu", "LigerSwiGLUMLP"),  # speed_up_base's SwiGLU: down(silu(gate) * up)
 ]
