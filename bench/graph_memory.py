@@ -114,7 +114,10 @@ def run(model, batch, graphed: bool, warmup: int, labels_on: bool) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    out = {"between": between, "after_forward": after_forward, "peak": torch.cuda.max_memory_allocated() / GIB,
+    held: collections.Counter = collections.Counter()  # reserved bytes by pool kind now (segments are kept)
+    for seg in torch.cuda.memory._snapshot()["segments"]:
+        held["graph pool" if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) else "general"] += seg["total_size"]
+    out = {"held": {k: v / GIB for k, v in held.items()}, "between": between, "after_forward": after_forward, "peak": torch.cuda.max_memory_allocated() / GIB,
            "reserved": torch.cuda.max_memory_reserved() / GIB, "where": where}
     if graphed:
         lk.ungraph_layers(model)
@@ -132,10 +135,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--grad-ckpt", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-fold", action="store_true", help="graphs.FOLD_FINAL_NORM off")
     parser.add_argument("--labels", action="store_true",
                         help="label the live blocks (parameters, graph statics, saved tensors) and print those of "
                         "the sizes that differ, by label")
     args = parser.parse_args()
+    if args.no_fold:
+        from lorakit import graphs
+        graphs.FOLD_FINAL_NORM = False
     model = build_for_training(args.shape, "cuda", args.grad_ckpt)
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
     results = {name: run(model, batch, graphed, args.warmup, args.labels) for name, graphed in (("eager", False),
@@ -145,6 +152,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['between']:.3f} | {r['after_forward']:.3f} | {r['peak']:.3f} | {r['reserved']:.3f} |")
+    for name, r in results.items():
+        print(f"{name}: reserved after the step by pool (GiB): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["held"].items())))
     eager, graphed = (by_size(results[name]["where"]) for name in ("eager", "graphed"))
     sizes = sorted({s for _, s in eager} | {s for _, s in graphed}, reverse=True)
     print("\nlive blocks after the forward, by size (MiB): count eager general / graphed general / graphed pool; "
