@@ -235,11 +235,14 @@ def test_embedding_output_is_written_into_the_first_layers_static_input():
 
 
 @cuda
-def test_final_norm_is_folded_into_the_checkpointed_last_layer():
-    """With checkpointing the last layer's graphs hold the final norm; the steps match eager ones, a hook on that
-    layer makes it run eagerly (and the norm then runs on its own), and ungraph_layers restores the norm."""
+def test_final_norm_is_folded_into_the_checkpointed_last_layer(monkeypatch):
+    """With FOLD_FINAL_NORM and checkpointing the last layer's graphs hold the final norm; the steps match eager
+    ones, a hook on that layer makes it run eagerly (and the norm then runs on its own), and ungraph_layers
+    restores the norm."""
+    from lorakit import graphs
     from lorakit.graphs import _FoldedNorm
 
+    monkeypatch.setattr(graphs, "FOLD_FINAL_NORM", True)
     model = lora_model(ckpt=True)
     a, b = batches(2)
     _, want = step_grads(model, b)

@@ -31,9 +31,9 @@ step's backward has run past them (hidden states returned by ``output_hidden_sta
 Each backward graph leaves its parameters' gradients in buffers that all layers of one shape share (so the graphs
 hold one set of them, not one per layer); the replay hands copies of them on, so accumulating over micro-batches
 is exact. The layers also read one static cos and sin: a layer whose position embeddings differ from those of a
-layer whose backward is still pending runs eagerly. A checkpointed last layer's graphs also hold the model's
-final norm (FOLD_FINAL_NORM; a call with hooks on that layer or the norm runs eagerly), and it leaves its output
-in the input-gradient buffer, which the backward overwrites. Where the first layer's input is the model's input embedding
+layer whose backward is still pending runs eagerly. A checkpointed last layer leaves its output in the
+input-gradient buffer, which the backward overwrites; its graphs may also hold the model's final norm
+(FOLD_FINAL_NORM, off by default; a call with hooks on that layer or the norm then runs eagerly). Where the first layer's input is the model's input embedding
 output, the embedding's output is written straight into that layer's static input (a forward hook), so the
 model's ``inputs_embeds`` as the layers see them are valid until the next forward too; an eager call of the first
 layer reads a copy.
@@ -211,10 +211,12 @@ class _FoldedNorm:
         return self.norm_forward(hidden, *args, **kwargs)
 
 
-FOLD_FINAL_NORM = True
+FOLD_FINAL_NORM = False
 """Fold the model's final norm (registry.final_norm) into a checkpointed last layer's graphs, read by
 graph_layers, as a checkpoint of its own: the backward recomputes the norm from its bf16 input instead of
-keeping what it saved (Llama's RMSNorm keeps its input in fp32: 64 MiB against 32 on the 8B shape)."""
+keeping what it saved (Llama's RMSNorm keeps its input in fp32: 64 MiB against 32 on the 8B shape). Off: on the
+H200's 8B step it lowered the allocated peak by 0.03 GiB but raised the graph pool's reserved memory by 0.11 GiB
+and the whole reserved peak by 0.3-0.4 (README, session 21), so the memory a step really holds did not drop."""
 
 
 class _Replay(torch.autograd.Function):
