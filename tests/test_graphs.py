@@ -90,6 +90,19 @@ def test_folded_norm_hands_on_only_the_last_replays_output_once():
     torch.testing.assert_close(folded(x), normed, rtol=0, atol=0)  # once only
 
 
+def test_a_layer_does_not_capture_after_a_later_layer_has():
+    """The layers share one graph pool, safe only when they capture in forward order; the rule runs on the CPU."""
+    from lorakit.graphs import GraphedLayer, _Shared
+
+    shared = _Shared(pool=None)
+    layers = [GraphedLayer(torch.nn.Linear(2, 2), shared, warmup=1) for _ in range(3)]
+    shared.layers.extend(layers)
+    assert not any(shared.captured_after(g) for g in layers)
+    layers[1].captured = object()  # as if layer 1 had captured first
+    assert shared.captured_after(layers[0])
+    assert not shared.captured_after(layers[1]) and not shared.captured_after(layers[2])
+
+
 def lora_model(device="cuda", ckpt=False, dropout=0.0):
     model = tiny_llama(device, torch.float32)
     if ckpt:

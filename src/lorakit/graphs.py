@@ -15,7 +15,9 @@ eagerly, as without graphs, and nothing is lost):
 - the same shapes, dtypes and devices of the inputs (pack or pad batches to one length);
 - no attention mask (causal SDPA over full rows), no KV cache, no other keyword arguments;
 - the same parameters (storage and requires_grad) and the same LoRA state (active, merged, disabled adapters);
-- forward and backward alternating: a second forward before the first one's backward runs eagerly.
+- forward and backward alternating: a second forward before the first one's backward runs eagerly;
+- captured in forward order: a layer that had not captured when a later layer did stays eager (the shared pool
+  is safe only in that order).
 With gradient checkpointing on the layer (transformers' ``gradient_checkpointing_enable``) the graphs hold
 torch's non-reentrant checkpoint of the layer: the forward keeps only the layer's input and the backward
 recomputes what it needs. That mode refuses layers with dropout (the recompute would draw other masks): they
@@ -103,6 +105,15 @@ class _Shared:
         still reads what they hold."""
         return all(slot.holds(t) for slot, t in zip(slots, new)) or not self.backward_pending()
 
+    def captured_after(self, graphed: GraphedLayer) -> bool:
+        """A layer after ``graphed`` has captured already. Why it matters: the layers' graphs share one pool, which
+        is safe because they capture in the order the forward replays them, so a layer's saved activations and
+        static tensors only ever take memory that earlier captures use as temporaries, and those graphs do not
+        run while they are live. A later capture of an earlier layer could take the temporaries of a graph that
+        runs in between (e.g. the last layer's backward) for its saved activations."""
+        i = next(i for i, g in enumerate(self.layers) if g is graphed)
+        return any(g.captured is not None for g in self.layers[i + 1:])
+
     def backward_pending(self) -> bool:
         """A graphed layer of the model has replayed its forward and not yet its backward."""
         return any((token := g.pending()) is not None and not token.done for g in self.layers)
@@ -178,6 +189,7 @@ class _Captured:
 
 
 _OTHER_ROPE = "other position embeddings than those of the graphed layers whose backward is pending"
+_OUT_OF_ORDER = "not captured before a later layer was (the layers' shared pool needs them captured in order)"
 
 
 def _version(t: torch.Tensor) -> int:
@@ -362,6 +374,8 @@ class GraphedLayer:
                 return self._eager("warm-up before the capture", args, kwargs)
             if not self.shared.rope_loadable(self.shared.rope_slots(*inputs[1:]), inputs[1:]):
                 return self._eager(_OTHER_ROPE, args, kwargs)
+            if self.shared.captured_after(self):
+                return self._eager(_OUT_OF_ORDER, args, kwargs)
             self.captured = self._capture(inputs, key)
         pending = self.pending()
         cap = self.captured
