@@ -111,7 +111,7 @@ class _Shared:
         static tensors only ever take memory that earlier captures use as temporaries, and those graphs do not
         run while they are live. A later capture of an earlier layer could take the temporaries of a graph that
         runs in between (e.g. the last layer's backward) for its saved activations."""
-        i = next(i for i, g in enumerate(self.layers) if g is graphed)
+        i = next((i for i, g in enumerate(self.layers) if g is graphed), len(self.layers))
         return any(g.captured is not None for g in self.layers[i + 1:])
 
     def backward_pending(self) -> bool:
