@@ -35,10 +35,10 @@ hold one set of them, not one per layer); the replay hands copies of them on, so
 is exact. The layers also read one static cos and sin: a layer whose position embeddings differ from those of a
 layer whose backward is still pending runs eagerly. A checkpointed last layer leaves its output in the
 input-gradient buffer, which the backward overwrites; its graphs may also hold the model's final norm
-(FOLD_FINAL_NORM, off by default; a call with hooks on that layer or the norm then runs eagerly). Where the first layer's input is the model's input embedding
-output, the embedding's output is written straight into that layer's static input (a forward hook), so the
-model's ``inputs_embeds`` as the layers see them are valid until the next forward too; an eager call of the first
-layer reads a copy.
+(FOLD_FINAL_NORM, off by default; a call with hooks on that layer or the norm then runs eagerly). Where the
+first layer's input is the model's input embedding output, the embedding's output is written straight into that
+layer's static input (a forward hook), so the model's ``inputs_embeds`` as the layers see them are valid until
+the next forward too; an eager call of the first layer reads a copy.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ class _Captured:
     grad_output: torch.Tensor  # the model's shared input-gradient buffer
     grads: tuple[torch.Tensor | None, ...]  # the hidden states' then the params': all buffers shared by the layers
     params: tuple[nn.Parameter, ...]
-    keep_alive: object  # what must stay allocated: the forward's autograd graph (its saved tensors), or a folded norm's input
+    keep_alive: object  # what must stay allocated: the forward's autograd graph (saved tensors), a folded norm's input
 
 
 _OTHER_ROPE = "other position embeddings than those of the graphed layers whose backward is pending"
@@ -533,9 +533,9 @@ class GraphedLayer:
         out = torch.utils.checkpoint.checkpoint(self._run, *static, use_reentrant=False, preserve_rng_state=False)
         if self.norm is None:
             return out
-        # the folded norm as a checkpoint of its own: the backward recomputes and differentiates it before it
-        # recomputes the layer, so the norm's fp32 temporaries and the layer's activations never coexist (one
-        # checkpoint around both raised the pool's reserved peak by 0.3 GiB on 8B); its input is kept
+        # the folded norm as a checkpoint of its own, whose input is kept: the backward recomputes and
+        # differentiates the norm before it recomputes the layer, so the norm's fp32 temporaries and the layer's
+        # activations need not coexist (on 8B the reserved peak was no lower than with one checkpoint: README)
         self.norm_input = out.detach()
         return torch.utils.checkpoint.checkpoint(self.norm_forward, out, use_reentrant=False,
                                                  preserve_rng_state=False)
