@@ -76,8 +76,9 @@ def row(k: int, n: int) -> tuple[list[float], float]:
 
 def main() -> None:
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"{time.strftime('%Y-%m-%d')}; ms, hot caches")
+    machine = platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine}, {time.strftime('%Y-%m-%d')}; "
+          "ms, hot caches")
     print("| projection | frozen fwd+bwd | per-layer LoRA (+ over frozen) | K-fold LoRA (+ over frozen) | "
           "rank-16 GEMMs alone | max rel diff |")
     print("|---|---|---|---|---|---|")

@@ -117,8 +117,9 @@ def run(model, batch, graphed: bool, warmup: int, labels_on: bool) -> dict:
     held: collections.Counter = collections.Counter()  # reserved bytes by pool kind now (segments are kept)
     for seg in torch.cuda.memory._snapshot()["segments"]:
         held["graph pool" if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) else "general"] += seg["total_size"]
-    out = {"held": {k: v / GIB for k, v in held.items()}, "between": between, "after_forward": after_forward, "peak": torch.cuda.max_memory_allocated() / GIB,
-           "reserved": torch.cuda.max_memory_reserved() / GIB, "where": where}
+    out = {"held": {k: v / GIB for k, v in held.items()}, "between": between, "after_forward": after_forward,
+           "peak": torch.cuda.max_memory_allocated() / GIB, "reserved": torch.cuda.max_memory_reserved() / GIB,
+           "where": where}
     if graphed:
         lk.ungraph_layers(model)
     del opt
