@@ -24,13 +24,18 @@ import lorakit as lk
 GIB = 2**30
 
 
+def pool_kind(segment: dict) -> str:
+    """'graph pool' for a segment of a CUDA graph's private pool, else 'general' (the caching allocator's)."""
+    return "graph pool" if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0) else "general"
+
+
 def live_blocks(labels: dict[int, str]) -> collections.Counter:
     """(pool kind, block MiB, label) -> count of the active blocks now; the label is that of the tensor whose
     storage starts at the block (``labels``: address -> what), or "?" and the stream of its segment (a block
     of a side stream's segment is, e.g., that stream's cuBLAS workspace)."""
     where: collections.Counter = collections.Counter()
     for seg in torch.cuda.memory._snapshot()["segments"]:
-        kind = "graph pool" if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) else "general"
+        kind = pool_kind(seg)
         for b in seg["blocks"]:
             if b["state"] == "active_allocated":
                 what = labels.get(b["address"], f"? (stream {seg.get('stream', '?')})")
@@ -116,7 +121,7 @@ def run(model, batch, graphed: bool, warmup: int, labels_on: bool) -> dict:
     torch.cuda.synchronize()
     held: collections.Counter = collections.Counter()  # reserved bytes by pool kind now (segments are kept)
     for seg in torch.cuda.memory._snapshot()["segments"]:
-        held["graph pool" if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) else "general"] += seg["total_size"]
+        held[pool_kind(seg)] += seg["total_size"]
     out = {"held": {k: v / GIB for k, v in held.items()}, "between": between, "after_forward": after_forward,
            "peak": torch.cuda.max_memory_allocated() / GIB, "reserved": torch.cuda.max_memory_reserved() / GIB,
            "where": where}

@@ -46,9 +46,8 @@ def test_embedding_feed_writes_only_a_frozen_embeddings_output_into_the_static()
     from lorakit.graphs import _EmbeddingFeed, _Pending, _Shared
 
     shared = _Shared(pool=None)
-    feed = _EmbeddingFeed(shared)
     embedding = torch.nn.Embedding(10, 4).requires_grad_(False)
-    embedding.register_forward_hook(feed)
+    feed = _EmbeddingFeed(shared, embedding)  # registers itself as the embedding's forward hook
     ids = torch.tensor([[1, 2, 3]])
     out = embedding(ids)  # no static yet: as it is
     assert feed.last() is out
@@ -74,18 +73,16 @@ def test_embedding_feed_writes_only_a_frozen_embeddings_output_into_the_static()
 def test_folded_norm_hands_on_only_the_last_replays_output_once():
     """The final norm's forward while the last layer's graphs hold it (runs on the CPU: only the rule): the last
     replay's output, already normed, is handed on as it is, once; any other input is normed."""
-    import types
     import weakref
 
     from lorakit.graphs import _FoldedNorm
 
     norm = tiny_llama().model.norm
-    last = types.SimpleNamespace(folded=lambda: None)
-    folded = _FoldedNorm(norm, last)
+    folded = _FoldedNorm(norm)
     x = torch.randn(2, 3, 64) * 5
     normed = type(norm).forward(norm, x)
     torch.testing.assert_close(folded(x), normed, rtol=0, atol=0)
-    last.folded = weakref.ref(x)
+    folded.output = weakref.ref(x)  # as the last layer's replay sets it
     assert folded(x) is x  # the replay's output: handed on
     torch.testing.assert_close(folded(x), normed, rtol=0, atol=0)  # once only
 

@@ -63,6 +63,10 @@ _ALLOWED_KWARGS = {"attention_mask", "position_embeddings", "position_ids", "cac
 graphed call has none of. Any other keyword argument makes the call eager."""
 
 
+def _dead() -> None:
+    """A weakref that holds nothing."""
+
+
 @dataclass
 class _Shared:
     """What the graphed layers of one model share: the memory pool, the static outputs of their forward graphs
@@ -77,7 +81,6 @@ class _Shared:
     layers: list = field(default_factory=list)  # the GraphedLayers
     rope: dict = field(default_factory=dict)  # (shape, dtype, device, "cos" or "sin") -> _StaticRope
     feed: _EmbeddingFeed | None = None  # the forward hook on the model's input embedding
-    feed_handle: object = None  # its RemovableHandle
 
     def buffer(self, like: torch.Tensor, which: object = None) -> torch.Tensor:
         """One buffer per shape, dtype and ``which`` for all the layers: the input gradient (which None), and the
@@ -145,10 +148,11 @@ class _EmbeddingFeed:
     backward; beside the layer's static copy that is one hidden-sized tensor more than eager (32 MiB on the 8B
     shape). An output with its own autograd history (a trainable embedding) is handed on as it is."""
 
-    def __init__(self, shared: _Shared):
+    def __init__(self, shared: _Shared, embedding: nn.Module):
         self.shared = shared
         self.static: torch.Tensor | None = None  # the first layer's static input, once its capture reads the output
-        self.last = lambda: None  # weakref to the output last handed on
+        self.last = _dead  # weakref to the output last handed on
+        self.handle = embedding.register_forward_hook(self)
 
     def __call__(self, module: nn.Module, args, output):
         if not isinstance(output, torch.Tensor):
@@ -203,22 +207,19 @@ class _Pending:
     done = False
 
 
-def _dead() -> None:
-    """A weakref that holds nothing."""
-
-
 class _FoldedNorm:
     """Installed as the final norm's ``forward`` where the last layer's graphs hold that norm (FOLD_FINAL_NORM):
-    the output of the last layer's replay is already normed and is handed on as it is, once; anything else is
-    normed."""
+    the output of the last layer's replay (``output``, which that layer sets) is already normed and is handed on
+    as it is, once; anything else is normed."""
 
-    def __init__(self, norm: nn.Module, last: GraphedLayer):
-        self.norm_forward = type(norm).forward.__get__(norm)
-        self.last = last
+    def __init__(self, norm: nn.Module):
+        self.norm = norm
+        self.norm_forward = type(norm).forward.__get__(norm)  # the class's own, under this instance attribute
+        self.output = _dead  # weakref to the last replay's output
 
     def __call__(self, hidden, *args, **kwargs):
-        if not args and not kwargs and hidden is self.last.folded():
-            self.last.folded = _dead
+        if not args and not kwargs and hidden is self.output():
+            self.output = _dead
             return hidden
         return self.norm_forward(hidden, *args, **kwargs)
 
@@ -347,12 +348,10 @@ class GraphedLayer:
         self.checkpoint_func = getattr(layer, "_gradient_checkpointing_func", None)
         layer.gradient_checkpointing = False  # this wrapper checkpoints (or graphs) the layer itself
         self.captured: _Captured | None = None
-        self.pending = lambda: None  # weakref to the _Pending of the last replay
+        self.pending = _dead  # weakref to the _Pending of the last replay
         self.replays = 0
         self.last = False  # the model's last graphed layer (graph_layers sets it)
-        self.norm: nn.Module | None = None  # the final norm folded into this (last, checkpointed) layer's graphs
-        self.norm_forward = None
-        self.folded = _dead  # weakref to the last replay's output when the norm is folded in (already normed)
+        self.fold: _FoldedNorm | None = None  # the final norm folded into this (last, checkpointed) layer's graphs
         self.norm_input: torch.Tensor | None = None  # the folded norm's input, which its checkpoint saves
         self.eager_calls: collections.Counter[str] = collections.Counter()  # why calls ran eagerly
 
@@ -390,8 +389,8 @@ class GraphedLayer:
         self.pending = weakref.ref(token)
         self.replays += 1
         out = _Replay.apply(self, token, *inputs, *self.captured.params)
-        if self.norm is not None:
-            self.folded = weakref.ref(out)
+        if self.fold is not None:
+            self.fold.output = weakref.ref(out)
         return out
 
     def _eager(self, why: str, args, kwargs):
@@ -426,13 +425,13 @@ class GraphedLayer:
             return None, "inside torch.compile or another capture"
         if self.checkpoint and _has_dropout(layer):
             return None, "dropout in a checkpointed layer"
-        if self.norm is not None and (_has_hooks(layer) or _has_hooks(self.norm)):
+        if self.fold is not None and (_has_hooks(layer) or _has_hooks(self.fold.norm)):
             return None, "hooks on the last layer or the final norm, which its graphs hold"
         return (hidden, *embeddings), ""
 
     def _key(self, inputs) -> tuple:
         layer = self.layer
-        params = list(layer.parameters()) + (list(self.norm.parameters()) if self.norm is not None else [])
+        params = list(layer.parameters()) + (list(self.fold.norm.parameters()) if self.fold is not None else [])
         return (tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in inputs),
                 tuple((p.data_ptr(), p.requires_grad) for p in params),
                 _lora_state(layer), torch.is_autocast_enabled("cuda"))
@@ -531,13 +530,13 @@ class GraphedLayer:
         # torch's non-reentrant checkpoint: its recompute in backward stops after the last tensor backward needs
         # (a frozen last projection's GEMM is not redone); no RNG state to restore, as no dropout is allowed here
         out = torch.utils.checkpoint.checkpoint(self._run, *static, use_reentrant=False, preserve_rng_state=False)
-        if self.norm is None:
+        if self.fold is None:
             return out
         # the folded norm as a checkpoint of its own, whose input is kept: the backward recomputes and
         # differentiates the norm before it recomputes the layer, so the norm's fp32 temporaries and the layer's
         # activations need not coexist (on 8B the reserved peak was no lower than with one checkpoint: README)
         self.norm_input = out.detach()
-        return torch.utils.checkpoint.checkpoint(self.norm_forward, out, use_reentrant=False,
+        return torch.utils.checkpoint.checkpoint(self.fold.norm_forward, out, use_reentrant=False,
                                                  preserve_rng_state=False)
 
 
@@ -567,12 +566,10 @@ def graph_layers(model: nn.Module, warmup: int = 2) -> int:
         norm = registry.final_norm(model)
         if (FOLD_FINAL_NORM and last.checkpoint and norm is not None and "forward" not in norm.__dict__
                 and not any(p.requires_grad for p in norm.parameters()) and not _has_hooks(norm)):
-            last.norm, last.norm_forward = norm, type(norm).forward.__get__(norm)
-            norm.forward = _FoldedNorm(norm, last)
+            last.fold = norm.forward = _FoldedNorm(norm)
     embedding = _input_embedding(model)
     if count and embedding is not None:
-        shared.feed = _EmbeddingFeed(shared)
-        shared.feed_handle = embedding.register_forward_hook(shared.feed)
+        shared.feed = _EmbeddingFeed(shared, embedding)
     return count
 
 
@@ -593,16 +590,16 @@ def ungraph_layers(model: nn.Module) -> int:
         del layer.forward
         layer.gradient_checkpointing = graphed.checkpoint
         graphed.captured = None
-        if graphed.norm is not None:
-            del graphed.norm.forward
-            graphed.norm = graphed.norm_forward = None
+        if graphed.fold is not None:
+            del graphed.fold.norm.forward
+            graphed.fold = None
         shared = graphed.shared
         for table in (shared.outputs, shared.grad_buffers, shared.rope):
             table.clear()
         shared.layers.clear()
-        if shared.feed_handle is not None:
-            shared.feed_handle.remove()
-            shared.feed_handle = shared.feed = None
+        if shared.feed is not None:
+            shared.feed.handle.remove()
+            shared.feed = None
         count += 1
     return count
 
