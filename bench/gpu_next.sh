@@ -40,7 +40,19 @@ set -u
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-.}
 part=${1:-9}
-if [ "$part" = 10 ]; then
+if [ "$part" = 11 ]; then
+    # session 22: where the graphed step's reserved memory goes (each pool's allocated and free bytes), and the
+    # same with the caching allocator's expandable segments (less fragmentation in the general pool)
+    (cd bench && timeout 150 python3 graph_memory.py --shape llama-8b --batch 2 --grad-ckpt 2>&1 \
+        | grep -v Warn | tee "$OUT/graph_memory_8b.txt" | tail -4)
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    (cd bench && timeout 150 python3 graph_memory.py --shape llama-8b --batch 2 --grad-ckpt 2>&1 \
+        | grep -v Warn | tee "$OUT/graph_memory_8b_expandable.txt" | tail -4)
+    (cd bench && timeout 150 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
+        2>&1 | grep -v Warn | tee "$OUT/graphed_8b_expandable.txt" | tail -6)
+    (cd bench && timeout 120 python3 graphed_layers.py --shape llama-1b 2>&1 | grep -v Warn \
+        | tee "$OUT/graphed_1b_expandable.txt" | tail -6)
+elif [ "$part" = 10 ]; then
     # session 21's third run: the final norm folded into the checkpointed last layer's graphs, A/B on 8B
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_train_loop.py -k graph 2>&1 \
         | tail -3 | tee "$OUT/gpu_tests.txt"

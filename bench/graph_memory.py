@@ -120,9 +120,12 @@ def run(model, batch, graphed: bool, warmup: int, labels_on: bool) -> dict:
     opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     held: collections.Counter = collections.Counter()  # reserved bytes by pool kind now (segments are kept)
+    active: collections.Counter = collections.Counter()  # of which allocated (a graph pool's rest: temporaries)
     for seg in torch.cuda.memory._snapshot()["segments"]:
         held[pool_kind(seg)] += seg["total_size"]
-    out = {"held": {k: v / GIB for k, v in held.items()}, "between": between, "after_forward": after_forward,
+        active[pool_kind(seg)] += seg.get("allocated_size", 0)
+    out = {"held": {k: v / GIB for k, v in held.items()}, "active": {k: v / GIB for k, v in active.items()},
+           "between": between, "after_forward": after_forward,
            "peak": torch.cuda.max_memory_allocated() / GIB, "reserved": torch.cuda.max_memory_reserved() / GIB,
            "where": where}
     if graphed:
@@ -160,7 +163,8 @@ def main() -> None:
         print(f"| {name} | {r['between']:.3f} | {r['after_forward']:.3f} | {r['peak']:.3f} | {r['reserved']:.3f} |")
     for name, r in results.items():
         print(f"{name}: reserved after the step by pool (GiB): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["held"].items())))
+              + ", ".join(f"{k} {v:.3f} ({r['active'].get(k, 0.0):.3f} allocated)"
+                          for k, v in sorted(r["held"].items())))
     eager, graphed = (by_size(results[name]["where"]) for name in ("eager", "graphed"))
     sizes = sorted({s for _, s in eager} | {s for _, s in graphed}, reverse=True)
     print("\nlive blocks after the forward, by size (MiB): count eager general / graphed general / graphed pool; "
