@@ -40,7 +40,26 @@ set -u
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-.}
 part=${1:-9}
-if [ "$part" = 11 ]; then
+if [ "$part" = 13 ]; then
+    # session 22: graphs on the lowered floor, now that calls with output_attentions=False replay (liger's forward
+    # passes it); then where lorakit's step on that floor spends its extra GPU time (1B, one profiled step each)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+    (cd bench && timeout 200 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
+        --liger 2>&1 | grep -v Warn | tee "$OUT/graphed_8b_liger.txt" | tail -6)
+    (cd bench && timeout 150 python3 graphed_layers.py --shape llama-1b --liger 2>&1 | grep -v Warn \
+        | tee "$OUT/graphed_1b_liger.txt" | tail -6)
+    (cd bench && timeout 200 python3 train_gpu.py --shape llama-1b --only floor,liger --liger --profile --steps 6 \
+        --warmup 3 2>&1 | grep -v Warn > "$OUT/train_gpu_1b_liger_profile.txt"; tail -45 "$OUT/train_gpu_1b_liger_profile.txt")
+elif [ "$part" = 12 ]; then
+    # session 22: graphed layers on the lowered floor (liger's fused linear + cross-entropy: the head's logits
+    # are never stored, so the graphs' pool temporaries no longer sit beside the loss's)
+    (cd bench && timeout 200 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
+        --liger 2>&1 | grep -v Warn | tee "$OUT/graphed_8b_liger.txt" | tail -6)
+    (cd bench && timeout 150 python3 graphed_layers.py --shape llama-1b --liger 2>&1 | grep -v Warn \
+        | tee "$OUT/graphed_1b_liger.txt" | tail -6)
+    (cd bench && timeout 150 python3 graph_memory.py --shape llama-8b --batch 2 --grad-ckpt --liger 2>&1 \
+        | grep -v Warn | tee "$OUT/graph_memory_8b_liger.txt" | tail -4)
+elif [ "$part" = 11 ]; then
     # session 22: where the graphed step's reserved memory goes (each pool's allocated and free bytes), and the
     # same with the caching allocator's expandable segments (less fragmentation in the general pool)
     (cd bench && timeout 150 python3 graph_memory.py --shape llama-8b --batch 2 --grad-ckpt 2>&1 \

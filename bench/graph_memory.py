@@ -109,7 +109,8 @@ def run(model, batch, graphed: bool, warmup: int, labels_on: bool) -> dict:
     for h in handles:
         h.remove()
     loss = out.loss
-    saved[out.logits.untyped_storage().data_ptr()] = "logits"
+    if out.logits is not None:  # liger's fused linear + cross-entropy returns none
+        saved[out.logits.untyped_storage().data_ptr()] = "logits"
     del out
     torch.cuda.synchronize()
     after_forward = torch.cuda.memory_allocated() / GIB
@@ -144,6 +145,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--grad-ckpt", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--liger", action="store_true", help="liger-kernel's fused kernels (lorakit.fast)")
     parser.add_argument("--no-fold", action="store_true", help="graphs.FOLD_FINAL_NORM off")
     parser.add_argument("--labels", action="store_true",
                         help="label the live blocks (parameters, graph statics, saved tensors) and print those of "
@@ -153,6 +155,9 @@ def main() -> None:
         from lorakit import graphs
         graphs.FOLD_FINAL_NORM = False
     model = build_for_training(args.shape, "cuda", args.grad_ckpt)
+    if args.liger:
+        import lorakit.fast
+        lorakit.fast.speed_up_base(model)
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
     results = {name: run(model, batch, graphed, args.warmup, args.labels) for name, graphed in (("eager", False),
                                                                                   ("graphed", True))}

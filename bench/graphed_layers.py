@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--grad-ckpt", action="store_true")
+    parser.add_argument("--liger", action="store_true",
+                        help="every row on the lowered floor: liger-kernel's fused linear + cross-entropy, RMSNorm, "
+                        "RoPE and SwiGLU (lorakit.fast.speed_up_base)")
     parser.add_argument("--only", default="floor,lorakit")
     parser.add_argument("--variants", default="",
                         help="comma list of extra graphed lorakit rows with an off-by-default path on: " +
@@ -56,6 +59,9 @@ def main() -> None:
             parser.error(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
     device = "cuda"
     model = build_for_training(args.shape, device, args.grad_ckpt)
+    if args.liger:
+        import lorakit.fast
+        lorakit.fast.speed_up_base(model)
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     only = set(args.only.split(","))
     runs: dict[str, list[dict]] = {}
@@ -119,7 +125,8 @@ def main() -> None:
         if "lorakit-opt" in only:  # the optimizer step graphed as well
             lora(True, graphed_opt=True)
 
-    print(f"\n{args.shape}, batch {args.batch} x {args.seq}, grad ckpt {args.grad_ckpt}, bf16, r=16 on 7 projections; "
+    print(f"\n{args.shape}, batch {args.batch} x {args.seq}, grad ckpt {args.grad_ckpt}, bf16, r=16 on 7 projections"
+          f"{', liger kernels (lowered floor)' if args.liger else ''}; "
           f"{torch.cuda.get_device_name()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
     floor_tok = statistics.median(r["tok_s"] for r in runs.get("floor (eager)", [{"tok_s": float("nan")}]))
     print("| setup | tokens/s (median of rounds) | rounds | peak GiB | timed steps' peak GiB | timed steps' reserved "

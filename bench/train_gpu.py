@@ -163,6 +163,8 @@ def main() -> None:
         guarded(label, lambda: measure(model, step, batch, args.steps, args.warmup, device))
         if args.profile and label == "frozen base fwd+bwd (floor)" and "floor" not in profiles:
             profiles["floor"] = profile(step, "the floor", args.profile_shapes)
+        if args.profile and label == "floor + liger kernels (new floor)" and "liger floor" not in profiles:
+            profiles["liger floor"] = profile(step, "the new floor", args.profile_shapes)
         handle.remove()
 
     def lorakit_row(label, dtype=None, autocast=False, fused=True, graphed=False, compiled=False, block=True,
@@ -178,6 +180,8 @@ def main() -> None:
         guarded(label, lambda: measure(model, step, batch, args.steps, args.warmup, device))
         if args.profile and label == "lorakit bf16 adapters" and "lorakit" not in profiles:
             profiles["lorakit"] = profile(step, "one lorakit step", args.profile_shapes)
+        if args.profile and label == "lorakit bf16 adapters + liger kernels" and "liger lorakit" not in profiles:
+            profiles["liger lorakit"] = profile(step, "one lorakit step on the new floor", args.profile_shapes)
         lk.unload(model, merge_adapters=False)
         lk.blocks.SHARED_INPUT = True
         gc.collect()
@@ -254,6 +258,9 @@ def main() -> None:
         print(f"| {label:<42} | {r['tok_s'] / 1e3:>8.1f}k | {r['peak_gib']:>8.1f} | {cells} |{rounds}")
     if "floor" in profiles and "lorakit" in profiles:
         print_profile_diff(profiles["floor"], profiles["lorakit"])
+    if "liger floor" in profiles and "liger lorakit" in profiles:
+        print("\nwith liger kernels (--liger):")
+        print_profile_diff(profiles["liger floor"], profiles["liger lorakit"])
     if args.check:
         check_numerics("tiny", device)
 

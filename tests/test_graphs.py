@@ -100,6 +100,44 @@ def test_a_layer_does_not_capture_after_a_later_layer_has():
     assert not shared.captured_after(layers[1]) and not shared.captured_after(layers[2])
 
 
+def test_output_flags_that_are_off_do_not_make_a_call_eager():
+    """Some model forwards (liger-kernel's fused linear + cross-entropy one) pass output_attentions=False and
+    output_hidden_states=False down to the decoder layers: those calls may be graphed; a flag that is on may not.
+    The rule runs on the CPU (the call then stops at the next rule: the device)."""
+    from lorakit.graphs import GraphedLayer, _Shared
+
+    graphed = GraphedLayer(torch.nn.Linear(4, 4).train(), _Shared(pool=None), warmup=1)
+    hidden, rope = torch.zeros(1, 2, 4), (torch.zeros(1, 2, 2), torch.zeros(1, 2, 2))
+    off = {"output_attentions": False, "output_hidden_states": None, "cache_position": None}
+    assert graphed._graph_inputs((hidden,), {"position_embeddings": rope, **off})[1] == "hidden states not a CUDA tensor"
+    why = graphed._graph_inputs((hidden,), {"position_embeddings": rope, "output_attentions": True})[1]
+    assert why.startswith("other arguments") and "output_attentions" in why
+
+
+@cuda
+def test_layers_called_with_output_flags_off_replay():
+    """A forward that passes output_attentions=False / output_hidden_states=False to its decoder layers (as
+    liger-kernel's does) replays the graphs and computes what the eager step does."""
+    model = lora_model()
+    (ids,) = batches(1)
+    eager = step_grads(model, ids)
+    lk.graph_layers(model, warmup=1)
+    inner = model.model.forward
+
+    def forward(*args, **kwargs):
+        return inner(*args, output_attentions=False, output_hidden_states=False, **kwargs)
+
+    model.model.forward = forward
+    for _ in range(3):
+        loss, grads = step_grads(model, ids)
+    assert lk.graphed_replays(model) == 4, lk.eager_calls(model)
+    torch.testing.assert_close(loss, eager[0], rtol=1e-5, atol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, eager[1][name], rtol=1e-4, atol=1e-5)
+    del model.model.forward
+    lk.ungraph_layers(model)
+
+
 def lora_model(device="cuda", ckpt=False, dropout=0.0):
     model = tiny_llama(device, torch.float32)
     if ckpt:

@@ -62,6 +62,10 @@ _ALLOWED_KWARGS = {"attention_mask", "position_embeddings", "position_ids", "cac
 """Keyword arguments a decoder layer may get in a graphed call; the position ids only feed a KV cache, which a
 graphed call has none of. Any other keyword argument makes the call eager."""
 
+_OFF_FLAGS = {"output_attentions", "output_hidden_states"}
+"""Keyword arguments a graphed call may get only when false or None: some model forwards pass them down to the
+decoder layers (liger-kernel's fused linear + cross-entropy forward does, as False), where they change nothing."""
+
 
 def _dead() -> None:
     """A weakref that holds nothing."""
@@ -407,8 +411,8 @@ class GraphedLayer:
         layer = self.layer
         if not (layer.training and torch.is_grad_enabled()):
             return None, "not training with grad enabled"
-        if len(args) != 1 or not set(kwargs) <= _ALLOWED_KWARGS:
-            extra = sorted(set(kwargs) - _ALLOWED_KWARGS)
+        extra = sorted(k for k in kwargs if k not in _ALLOWED_KWARGS and not (k in _OFF_FLAGS and not kwargs[k]))
+        if len(args) != 1 or extra:
             return None, f"other arguments ({len(args)} positional; keywords {extra})"
         hidden = args[0]
         embeddings = kwargs.get("position_embeddings")
