@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
 # What the next device session should run first, each part one device call of under 10 minutes:
+#   part 13: graphs on the lowered floor (lorakit.fast / liger): the graph tests, graphed_layers --liger on 8B and
+#           1B, a GPU-time profile of the liger rows, graph_memory --liger. Session 22 ran all but the last after
+#           the output-flags fix (graphed lorakit 0.839 / 0.868 of the liger floor); its earlier run without the
+#           fix and without the tests and profile (files ..._s22_run2b_*) replayed nothing;
+#   part 11: where the graphed 8B step's reserved memory goes, with and without expandable segments (session 22:
+#           the graph pool's 1.2-1.3 GiB of temporaries);
 #   part 9 (first, the default): the graph tests, then graphed_layers on 8B (3 rounds) and 1B (4 rounds). Session
 #           21's last edit (graphs.FOLD_FINAL_NORM off by default; its GPU test turns it on) has not run on a GPU:
 #           check the tests first. Session 21 measured graphed lorakit at 0.963-0.970 (8B) and 0.951-0.959 (1B) of
@@ -50,13 +56,6 @@ if [ "$part" = 13 ]; then
         | tee "$OUT/graphed_1b_liger.txt" | tail -6)
     (cd bench && timeout 200 python3 train_gpu.py --shape llama-1b --only floor,liger --liger --profile --steps 6 \
         --warmup 3 2>&1 | grep -v Warn > "$OUT/train_gpu_1b_liger_profile.txt"; tail -45 "$OUT/train_gpu_1b_liger_profile.txt")
-elif [ "$part" = 12 ]; then
-    # session 22: graphed layers on the lowered floor (liger's fused linear + cross-entropy: the head's logits
-    # are never stored, so the graphs' pool temporaries no longer sit beside the loss's)
-    (cd bench && timeout 200 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
-        --liger 2>&1 | grep -v Warn | tee "$OUT/graphed_8b_liger.txt" | tail -6)
-    (cd bench && timeout 150 python3 graphed_layers.py --shape llama-1b --liger 2>&1 | grep -v Warn \
-        | tee "$OUT/graphed_1b_liger.txt" | tail -6)
     (cd bench && timeout 150 python3 graph_memory.py --shape llama-8b --batch 2 --grad-ckpt --liger 2>&1 \
         | grep -v Warn | tee "$OUT/graph_memory_8b_liger.txt" | tail -4)
 elif [ "$part" = 11 ]; then
