@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # What the next device session should run first, each part one device call of under 10 minutes:
+#   part 14: the final norm checkpointed on the last replay's output (graphs.CHECKPOINT_FINAL_NORM, on by
+#           default since session 25): the graph tests, then graphed_layers on 8B against the variant without it
+#           (the 8B graphed allocated peak had been 0.00-0.02 GiB over the allowance), graph_memory on 8B, then 1B;
 #   part 13: graphs on the lowered floor (lorakit.fast / liger): the graph tests, graphed_layers --liger on 8B and
 #           1B, a GPU-time profile of the liger rows, graph_memory --liger. Session 22 ran all but the last after
 #           the output-flags fix (graphed lorakit 0.839 / 0.868 of the liger floor); its earlier run without the
@@ -46,7 +49,16 @@ set -u
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-.}
 part=${1:-9}
-if [ "$part" = 13 ]; then
+if [ "$part" = 14 ]; then
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_train_loop.py -k graph 2>&1 \
+        | tail -3 | tee "$OUT/gpu_tests.txt"
+    (cd bench && timeout 240 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
+        --rounds 2 --variants "norm not checkpointed" 2>&1 | grep -v Warn | tee "$OUT/graphed_8b.txt" | tail -7)
+    if [ "$SECONDS" -lt 420 ]; then
+        (cd bench && timeout $((580 - SECONDS)) python3 graph_memory.py --shape llama-8b --batch 2 --grad-ckpt \
+            2>&1 | grep -v Warn | tee "$OUT/graph_memory_8b.txt" | tail -12)
+    fi
+elif [ "$part" = 13 ]; then
     # session 22: graphs on the lowered floor, now that calls with output_attentions=False replay (liger's forward
     # passes it); then where lorakit's step on that floor spends its extra GPU time (1B, one profiled step each)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"

@@ -147,7 +147,8 @@ def _flags(**flags):
     from lorakit import blocks, graphs
     from lorakit.kernels import gated_mlp, shared_input
     modules = {"STRIDED_GRAD_X": shared_input, "FUSED_DH_LORA": gated_mlp, "FUSED_DA_LORA": gated_mlp,
-               "SHARED_QKV": blocks, "FOLD_FINAL_NORM": graphs, "WORKSPACE_IN_POOL": graphs}
+               "SHARED_QKV": blocks, "FOLD_FINAL_NORM": graphs, "WORKSPACE_IN_POOL": graphs,
+               "CHECKPOINT_FINAL_NORM": graphs}
     old = {name: getattr(modules[name], name) for name in flags}
     for name, value in flags.items():
         setattr(modules[name], name, value)
@@ -171,6 +172,8 @@ VARIANTS = {
     "gate/up only": lambda: _flags(SHARED_QKV=False),
     # session 21: the final norm folded into a checkpointed last layer's graphs (graphs.FOLD_FINAL_NORM)
     "norm not folded": lambda: _flags(FOLD_FINAL_NORM=False),
+    # session 25: the final norm checkpointed on the last replay's output (graphs.CHECKPOINT_FINAL_NORM) or not
+    "norm not checkpointed": lambda: _flags(CHECKPOINT_FINAL_NORM=False),
 }
 
 

@@ -87,6 +87,41 @@ def test_folded_norm_hands_on_only_the_last_replays_output_once():
     torch.testing.assert_close(folded(x), normed, rtol=0, atol=0)  # once only
 
 
+def test_checkpointed_norm_keeps_no_copy_of_the_last_replays_output():
+    """The final norm's forward while the last layer replays (runs on the CPU: only the rule): on the last
+    replay's output, once, it runs as a checkpoint, so it saves none of its fp32 temporaries (Llama's RMSNorm
+    keeps an fp32 copy of its input otherwise) and recomputes them in backward, with the same output and input
+    gradient bit for bit; any other input is normed as usual."""
+    import weakref
+
+    from lorakit.graphs import _CheckpointedNorm
+
+    norm = tiny_llama().model.norm.to(torch.bfloat16)
+    wrapped = _CheckpointedNorm(norm)
+
+    def run(fn, x):
+        saved = []
+        x = x.detach().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = fn(x)
+        y.float().pow(2).sum().backward()
+        return y, x.grad, [t for t in saved if t.data_ptr() != x.data_ptr()]  # what it keeps beside the input
+
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16) * 5
+    y_plain, g_plain, saved_plain = run(lambda t: type(norm).forward(norm, t), x)
+    assert any(t.dtype == torch.float32 and t.numel() == x.numel() for t in saved_plain)  # the copy it keeps
+
+    def replayed(t):
+        wrapped.output = weakref.ref(t)  # as the last layer's replay sets it
+        return wrapped(t)
+
+    y, g, saved = run(replayed, x)
+    assert saved == [] and wrapped.output() is None  # nothing kept but the input (no copy); once only
+    assert torch.equal(y, y_plain) and torch.equal(g, g_plain)
+    y_other, _, saved_other = run(wrapped, x)  # not the replay's output: normed as usual
+    assert torch.equal(y_other, y_plain) and len(saved_other) == len(saved_plain)
+
+
 def test_a_layer_does_not_capture_after_a_later_layer_has():
     """The layers share one graph pool, safe only when they capture in forward order; the rule runs on the CPU."""
     from lorakit.graphs import GraphedLayer, _Shared
@@ -171,8 +206,16 @@ def test_graphed_steps_match_eager_steps(ckpt):
     data = batches(5)
     eager = [step_grads(model, ids) for ids in data]
     assert lk.graph_layers(model, warmup=1) == 2
+    from lorakit.graphs import _CheckpointedNorm
+
+    norm = model.model.norm.__dict__.get("forward")
+    assert isinstance(norm, _CheckpointedNorm)  # the final norm keeps no copy of the last replay's output
+    calls = []
+    norm_forward = norm.norm_forward
+    norm.norm_forward = lambda *a: calls.append(1) or norm_forward(*a)
     graphed = [step_grads(model, ids) for ids in data]
     assert lk.graphed_replays(model) == 2 * 4  # call 1 eager (warm-up), call 2 captures and replays, ...
+    assert len(calls) == 5 + 4  # once a step, and again in the backward of the four replayed steps
     last = model.model.layers[-1].forward.captured  # checkpointed: its output lives in the input-gradient buffer
     assert (last.output.data_ptr() == last.grad_output.data_ptr()) == ckpt
     for (le, ge), (lg, gg) in zip(eager, graphed):
@@ -181,6 +224,7 @@ def test_graphed_steps_match_eager_steps(ckpt):
             torch.testing.assert_close(gg[name], ge[name], rtol=1e-4, atol=1e-6)
     assert lk.ungraph_layers(model) == 2
     assert model.model.layers[0].gradient_checkpointing == ckpt
+    assert "forward" not in model.model.norm.__dict__
 
 
 @cuda
