@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the next device session should run first, each part one device call of under 10 minutes:
 #   part 14: the final norm checkpointed on the last replay's output (graphs.CHECKPOINT_FINAL_NORM, on by
-#           default since session 25): the graph tests, then graphed_layers on 8B against the variant without it
-#           (the 8B graphed allocated peak had been 0.00-0.02 GiB over the allowance), graph_memory on 8B, then 1B;
+#           default since session 25): the graph tests, then graphed_layers on 8B against the variant without it,
+#           graph_memory on 8B. Session 25 ran it: 8B graphed peak 22.23 GiB (timed steps) against 22.30 without,
+#           under the allowance (22.28-22.29), 0.959-0.965 of the eager floor; GPU tests 72 passed;
 #   part 13: graphs on the lowered floor (lorakit.fast / liger): the graph tests, graphed_layers --liger on 8B and
 #           1B, a GPU-time profile of the liger rows, graph_memory --liger. Session 22 ran all but the last after
 #           the output-flags fix (graphed lorakit 0.839 / 0.868 of the liger floor); its earlier run without the

@@ -105,7 +105,8 @@ def test_checkpointed_norm_keeps_no_copy_of_the_last_replays_output():
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             y = fn(x)
         y.float().pow(2).sum().backward()
-        return y, x.grad, [t for t in saved if t.data_ptr() != x.data_ptr()]  # what it keeps beside the input
+        # what it keeps beside the input (torch 2.11's checkpoint also saves an empty placeholder)
+        return y, x.grad, [t for t in saved if t.numel() and t.data_ptr() != x.data_ptr()]
 
     x = torch.randn(2, 3, 64, dtype=torch.bfloat16) * 5
     y_plain, g_plain, saved_plain = run(lambda t: type(norm).forward(norm, t), x)
