@@ -211,40 +211,44 @@ class _Pending:
     done = False
 
 
-class _FoldedNorm:
-    """Installed as the final norm's ``forward`` where the last layer's graphs hold that norm (FOLD_FINAL_NORM):
-    the output of the last layer's replay (``output``, which that layer sets) is already normed and is handed on
-    as it is, once; anything else is normed."""
+class _FinalNorm:
+    """Installed as the final norm's ``forward`` by graph_layers: the last graphed layer sets ``output`` at each
+    replay, and a call on that output (once, no other arguments) is treated specially by the subclass."""
 
     def __init__(self, norm: nn.Module):
         self.norm = norm
         self.norm_forward = type(norm).forward.__get__(norm)  # the class's own, under this instance attribute
         self.output = _dead  # weakref to the last replay's output
 
-    def __call__(self, hidden, *args, **kwargs):
+    def _on_replay_output(self, hidden, args, kwargs) -> bool:
+        """True (once) where ``hidden`` is the last replay's output, called without other arguments."""
         if not args and not kwargs and hidden is self.output():
             self.output = _dead
+            return True
+        return False
+
+
+class _FoldedNorm(_FinalNorm):
+    """Where the last layer's graphs hold the final norm (FOLD_FINAL_NORM): the output of the last layer's
+    replay is already normed and is handed on as it is, once; anything else is normed."""
+
+    def __call__(self, hidden, *args, **kwargs):
+        if self._on_replay_output(hidden, args, kwargs):
             return hidden
         return self.norm_forward(hidden, *args, **kwargs)
 
 
-class _CheckpointedNorm:
-    """Installed as the final norm's ``forward`` while the last graphed layer's output is static memory of the
-    graphs (CHECKPOINT_FINAL_NORM, where the norm is not folded): on that output the norm runs as a checkpoint
-    of its own, so its backward recomputes from the static output instead of keeping its own copy; any other
-    input is normed as usual. Why: eager frees the last layer's 16-bit output once the norm has read it
-    (Llama's RMSNorm keeps an fp32 copy of it instead: 64 MiB on the 8B shape); the graphs keep the output
-    anyway (a static buffer), so without this a graphed step holds both through the head and the loss."""
-
-    def __init__(self, norm: nn.Module):
-        self.norm = norm
-        self.norm_forward = type(norm).forward.__get__(norm)  # the class's own, under this instance attribute
-        self.output = _dead  # weakref to the last replay's output
+class _CheckpointedNorm(_FinalNorm):
+    """Where the norm is not folded (CHECKPOINT_FINAL_NORM): on the last replay's output, static memory of the
+    graphs, the norm runs as a checkpoint of its own, so its backward recomputes from that output instead of
+    keeping its own copy; any other input is normed as usual. Why: eager frees the last layer's 16-bit output
+    once the norm has read it (Llama's RMSNorm keeps an fp32 copy of it instead: 64 MiB on the 8B shape); the
+    graphs keep the output anyway (a static buffer), so without this a graphed step holds both through the head
+    and the loss."""
 
     def __call__(self, hidden, *args, **kwargs):
-        if (not args and not kwargs and hidden is self.output() and torch.is_grad_enabled()
-                and not _has_hooks(self.norm)):
-            self.output = _dead
+        if (torch.is_grad_enabled() and not _has_hooks(self.norm)
+                and self._on_replay_output(hidden, args, kwargs)):
             return torch.utils.checkpoint.checkpoint(self.norm_forward, hidden, use_reentrant=False,
                                                      preserve_rng_state=False)
         return self.norm_forward(hidden, *args, **kwargs)
@@ -385,7 +389,7 @@ class GraphedLayer:
         self.replays = 0
         self.last = False  # the model's last graphed layer (graph_layers sets it)
         self.fold: _FoldedNorm | None = None  # the final norm folded into this (last, checkpointed) layer's graphs
-        self.norm_after: _CheckpointedNorm | None = None  # the final norm, checkpointed on this layer's replays
+        self.final_norm: _FinalNorm | None = None  # the final norm's installed forward (the fold or a checkpoint)
         self.norm_input: torch.Tensor | None = None  # the folded norm's input, which its checkpoint saves
         self.eager_calls: collections.Counter[str] = collections.Counter()  # why calls ran eagerly
 
@@ -423,10 +427,8 @@ class GraphedLayer:
         self.pending = weakref.ref(token)
         self.replays += 1
         out = _Replay.apply(self, token, *inputs, *self.captured.params)
-        if self.fold is not None:
-            self.fold.output = weakref.ref(out)
-        if self.norm_after is not None:
-            self.norm_after.output = weakref.ref(out)
+        if self.final_norm is not None:
+            self.final_norm.output = weakref.ref(out)
         return out
 
     def _eager(self, why: str, args, kwargs):
@@ -600,11 +602,11 @@ def graph_layers(model: nn.Module, warmup: int = 2) -> int:
         last = shared.layers[-1]
         last.last = True
         norm = registry.final_norm(model)
-        if (FOLD_FINAL_NORM and last.checkpoint and norm is not None and "forward" not in norm.__dict__
-                and not any(p.requires_grad for p in norm.parameters()) and not _has_hooks(norm)):
-            last.fold = norm.forward = _FoldedNorm(norm)
-        elif CHECKPOINT_FINAL_NORM and norm is not None and "forward" not in norm.__dict__ and not _has_hooks(norm):
-            last.norm_after = norm.forward = _CheckpointedNorm(norm)
+        if norm is not None and "forward" not in norm.__dict__ and not _has_hooks(norm):
+            if FOLD_FINAL_NORM and last.checkpoint and not any(p.requires_grad for p in norm.parameters()):
+                last.final_norm = last.fold = norm.forward = _FoldedNorm(norm)
+            elif CHECKPOINT_FINAL_NORM:
+                last.final_norm = norm.forward = _CheckpointedNorm(norm)
     embedding = _input_embedding(model)
     if count and embedding is not None:
         shared.feed = _EmbeddingFeed(shared, embedding)
@@ -628,12 +630,9 @@ def ungraph_layers(model: nn.Module) -> int:
         del layer.forward
         layer.gradient_checkpointing = graphed.checkpoint
         graphed.captured = None
-        if graphed.fold is not None:
-            del graphed.fold.norm.forward
-            graphed.fold = None
-        if graphed.norm_after is not None:
-            del graphed.norm_after.norm.forward
-            graphed.norm_after = None
+        if graphed.final_norm is not None:
+            del graphed.final_norm.norm.forward
+            graphed.final_norm = graphed.fold = None
         shared = graphed.shared
         for table in (shared.outputs, shared.grad_buffers, shared.rope):
             table.clear()
