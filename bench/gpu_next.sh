@@ -4,6 +4,8 @@
 #           default since session 25): the graph tests, then graphed_layers on 8B against the variant without it,
 #           graph_memory on 8B. Session 25 ran it: 8B graphed peak 22.23 GiB (timed steps) against 22.30 without,
 #           under the allowance (22.28-22.29), 0.959-0.965 of the eager floor; GPU tests 72 passed;
+#   part 16: part 15's liger rows again after the registry fix, graphed_layers --liger (8B, 1B), graph/block tests;
+#   part 15: lorakit on the liger floor: GPU vs wall time of a profiled step, A/B rows (train_gpu --liger-variants);
 #   part 13: graphs on the lowered floor (lorakit.fast / liger): the graph tests, graphed_layers --liger on 8B and
 #           1B, a GPU-time profile of the liger rows, graph_memory --liger. Session 22 ran all but the last after
 #           the output-flags fix (graphed lorakit 0.839 / 0.868 of the liger floor); its earlier run without the
@@ -50,7 +52,30 @@ set -u
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-.}
 part=${1:-9}
-if [ "$part" = 14 ]; then
+if [ "$part" = 16 ]; then
+    # session 26, after the registry fix (the fused MLP block now also applies on the liger floor): the liger rows
+    # again, graphed and eager, then the A/B rows and a profile, then the graph GPU tests
+    (cd bench && timeout 200 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
+        --liger 2>&1 | grep -v Warn | tee "$OUT/graphed_8b_liger.txt" | tail -6)
+    (cd bench && timeout 130 python3 graphed_layers.py --shape llama-1b --liger 2>&1 | grep -v Warn \
+        | tee "$OUT/graphed_1b_liger.txt" | tail -6)
+    (cd bench && timeout 150 python3 train_gpu.py --shape llama-8b --batch 2 --grad-ckpt --only liger --liger \
+        --liger-variants --profile --steps 6 --warmup 3 --rounds 2 2>&1 | grep -v Warn > "$OUT/train_8b_liger.txt"; \
+        grep -A8 "^llama" "$OUT/train_8b_liger.txt"; grep "wall time\|GPU time" "$OUT/train_8b_liger.txt")
+    if [ "$SECONDS" -lt 400 ]; then
+        timeout $((590 - SECONDS)) python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_blocks.py \
+            2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+    fi
+elif [ "$part" = 15 ]; then
+    # session 26: where lorakit's step on the liger floor loses (8B: +58 ms over that floor against +19 over the
+    # plain one): GPU time and wall time of one profiled step, and the A/B rows without the MLP block / shared ops
+    (cd bench && timeout 330 python3 train_gpu.py --shape llama-8b --batch 2 --grad-ckpt --only liger --liger \
+        --liger-variants --profile --steps 6 --warmup 3 --rounds 2 2>&1 | grep -v Warn > "$OUT/train_8b_liger.txt"; \
+        grep -A8 "^llama" "$OUT/train_8b_liger.txt"; grep "wall time\|GPU time" "$OUT/train_8b_liger.txt")
+    (cd bench && timeout $((585 - SECONDS)) python3 train_gpu.py --shape llama-1b --only liger --liger \
+        --liger-variants --profile --steps 6 --warmup 3 --rounds 2 2>&1 | grep -v Warn > "$OUT/train_1b_liger.txt"; \
+        grep -A8 "^llama" "$OUT/train_1b_liger.txt"; grep "wall time\|GPU time" "$OUT/train_1b_liger.txt")
+elif [ "$part" = 14 ]; then
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_train_loop.py -k graph 2>&1 \
         | tail -3 | tee "$OUT/gpu_tests.txt"
     (cd bench && timeout 240 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \

@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--profile-shapes", action="store_true",
                         help="with --profile: also the GEMMs (aten mm/addmm) of one step by input shapes")
     parser.add_argument("--liger", action="store_true", help="also lower the floor with lorakit.fast (liger-kernel)")
+    parser.add_argument("--liger-variants", action="store_true",
+                        help="with --liger, also the A/B rows without the fused MLP block and without shared-input ops")
     parser.add_argument("--graphs", action="store_true",
                         help="also time the floor, PEFT bf16 and lorakit as whole-step CUDA graphs (GraphedTrainStep)")
     parser.add_argument("--compile", action="store_true",
@@ -229,8 +231,12 @@ def main() -> None:
                 lorakit_row("lorakit bf16 adapters, torch.compile", compiled=True)
     if args.liger:  # last: liger patches transformers' Llama module globally
         lk.fast.speed_up_base(model)
-        floor("floor + liger kernels (new floor)")
-        lorakit_row("lorakit bf16 adapters + liger kernels")
+        for _ in range(args.rounds):
+            floor("floor + liger kernels (new floor)")
+            lorakit_row("lorakit bf16 adapters + liger kernels")
+            if args.liger_variants:
+                lorakit_row("lorakit + liger, MLP block not fused", block=False)
+                lorakit_row("lorakit + liger, no shared-input ops", widen=False)
 
     results = {label: {"tok_s": statistics.median(r["tok_s"] for r in rs), "all": [r["tok_s"] for r in rs],
                        "peak_gib": max(r["peak_gib"] for r in rs)} for label, rs in runs.items()}
@@ -289,9 +295,11 @@ def profile(step, what: str, shapes: bool = False) -> dict[str, tuple[float, int
     step()
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         step()
         torch.cuda.synchronize()
-    print(f"\ntop CUDA kernels of {what}:")
+        wall_ms = (time.perf_counter() - start) * 1e3
+    print(f"\ntop CUDA kernels of {what} (the profiled step took {wall_ms:.1f} ms of wall time):")
     averages = prof.key_averages()
     print(averages.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
     if shapes:  # a step of its own: with CPU ops recorded, their device time would count twice in the diff

@@ -337,6 +337,56 @@ def test_takes_over_and_gives_back_an_equivalent_library_forward(monkeypatch):
     assert blocks.sync(other) == 1
 
 
+def test_known_after_liger_replaces_the_class_in_transformers(monkeypatch):
+    """liger-kernel's speed_up_base also sets ``modeling_llama.LlamaMLP = LigerSwiGLUMLP`` at module level. The
+    MLPs built before keep their class: they are still known blocks, however cold the registry's cache (this
+    missed them, and lorakit's step on the liger floor ran every MLP per layer). An MLP built after the swap is
+    liger's own class (no ``act_fn``): not taken for a LlamaMLP, and nothing fails."""
+    import sys
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    class LigerSwiGLUMLP(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            size, inner = config.hidden_size, config.intermediate_size
+            self.gate_proj = nn.Linear(size, inner, bias=False)
+            self.up_proj = nn.Linear(size, inner, bias=False)
+            self.down_proj = nn.Linear(inner, size, bias=False)
+
+        def forward(self, x):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    LigerSwiGLUMLP.__module__ = "liger_kernel.transformers.swiglu"
+    fake = types.ModuleType("liger_kernel.transformers.swiglu")
+    fake.LigerSwiGLUMLP = LigerSwiGLUMLP
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.swiglu", fake)
+    model = tiny_llama()
+    monkeypatch.setattr(modeling_llama, "LlamaMLP", LigerSwiGLUMLP)
+    monkeypatch.setattr(registry, "_MLP_BLOCKS", {})  # a cold cache: nothing looked up before the swap
+    for layer in model.model.layers:  # what _patch_swiglu_module binds on each existing MLP
+        layer.mlp.__dict__["forward"] = LigerSwiGLUMLP.forward.__get__(layer.mlp, type(layer.mlp))
+    calls = count_fused_calls(monkeypatch)
+    with_lora(model, LLAMA_TARGETS)
+    assert blocks.sync(model) == 2
+    model, reference = fused_and_unfused(model)  # the reference runs liger's forward per layer
+    loss, grads = step(model)
+    assert len(calls) == 2
+    loss_reference, grads_reference = step(reference)
+    assert len(calls) == 2
+    assert torch.allclose(loss, loss_reference, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == grads_reference.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_reference[name], rtol=1e-5, atol=1e-6)
+
+    built_after = modeling_llama.LlamaMLP(model.config)  # liger's class now
+    assert registry.mlp_block(built_after) is None
+    holder = nn.Sequential(built_after)
+    lk.inject(holder, lk.LoraConfig(r=4, target_modules=["down_proj"]))
+    assert blocks.sync(holder) == 0
+
+
 def test_compile_adds_no_graph_break():
     model = with_lora(tiny_llama(), LLAMA_TARGETS)
     ids = torch.randint(0, 100, (2, 12))

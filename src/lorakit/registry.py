@@ -107,14 +107,27 @@ _MLP_BLOCKS: dict[type, MlpBlock] = {}
 
 def _hf_entry(module: nn.Module, table: dict, resolved: dict):
     """``module``'s entry in one of the Hugging Face tables above (model type -> (class name, entry)), by exact
-    type (a subclass may compute something else); ``resolved`` caches class -> entry as modules get imported."""
+    type (a subclass may compute something else); ``resolved`` caches class -> entry (and holds registrations).
+
+    A class is known by where it was defined (its ``__module__`` and name), not by what the transformers module
+    holds under that name now: liger-kernel replaces ``modeling_llama.LlamaMLP`` with its own class at module
+    level, after which a name lookup would miss every existing LlamaMLP instance (and take liger's class, which
+    has no ``act_fn``, for the block). A transformers class that another family's module reuses under the
+    same name is known through that module too."""
+    cls = type(module)
+    entry = resolved.get(cls)
+    if entry is not None:
+        return entry
+    defined_in = getattr(cls, "__module__", "") or ""
     for model_type, (cls_name, entry) in table.items():
         module_name = f"transformers.models.{model_type}.modeling_{model_type}"
-        if module_name in sys.modules:  # a model of that family exists only once its module is imported
-            cls = getattr(sys.modules[module_name], cls_name, None)
-            if cls is not None:
-                resolved.setdefault(cls, entry)
-    return resolved.get(type(module))
+        if cls.__qualname__ != cls_name:
+            continue
+        reused = defined_in.startswith("transformers.") and getattr(sys.modules.get(module_name), cls_name, None) is cls
+        if defined_in == module_name or reused:
+            resolved[cls] = entry
+            return entry
+    return None
 
 
 def mlp_block(module: nn.Module) -> MlpBlock | None:
