@@ -26,13 +26,13 @@
 #   part 6: the GPU tests of the fused blocks and of graph_layers, then bench/graphed_layers.py on 1B and
 #           on 8B with checkpointing (last measured 2026-12-02, session 19, H200, shared_input.STRIDED_GRAD_X on:
 #           lorakit graphed 0.943 / 0.950 of the eager floor on 1B, 0.957 on 8B; the folded SiLU backward kernels
-#           (gated_mlp.FUSED_DH_LORA / FUSED_DA_LORA, bench/silu_lora_tiles.py) measured and left off; README
+#           (gated_mlp.FUSED_DH_LORA / FUSED_DA_LORA, bench/silu_lora_tiles.py) measured and left off; docs/speed.md
 #           "The shared-input op's last dX pass"); lorakit train eager vs --cuda-graphs: bash bench/trainer_graphs.sh;
 #           the device's machine is released after 30 s idle: put a session's runs into as few calls as fit;
 #   part 1: the GPU tests of the fused blocks, the interleaved A/B of the fused blocks (bench/ab_block.py: the
 #           default gate/up shared op, + q/k/v, + q/k/v with the GEMM orders measured (gemm_choice: its split
 #           backward avoids the widened N that may make the q/k/v group slow), down op only), then the 1B rows;
-#           last measured 2026-12-02 on an H200 (README "Where a LoRA step waits": the fused modes within
+#           last measured 2026-12-02 on an H200 (docs/speed.md "Where a LoRA step waits": the fused modes within
 #           noise of each other, 0.84-0.92 of the floor's wall time, 0.93 of its GPU kernel time);
 #           then the 1B rows with the GEMMs of one step by shapes (train_gpu --profile-shapes);
 #           where the GPU waits on the host: python bench/step_gaps.py (--grad-ckpt --batch 2 --shape llama-8b),

@@ -1,7 +1,7 @@
 """Which kernels a step with graphed decoder layers runs, against the eager step: GPU time per kernel name and
 the largest differences (8B shape cut to 4 layers, batch 2 x 2048; the frozen floor, or LoRA with --lora).
 
-It found the first graph_layers' checkpointed backward redoing one frozen GEMM a layer (README, "Decoder layers
+It found the first graph_layers' checkpointed backward redoing one frozen GEMM a layer (docs/speed.md, "Decoder layers
 as CUDA graphs"; bench/results/2026-12-02_h200_s17_graphed_kernels.txt).
 
     python bench/graph_kernels.py --ckpt [--lora]

@@ -8,7 +8,7 @@ For each projection of a Llama shape (tokens = batch x seq), forward ``Y = X W^T
     cuBLAS, r first   the rank-r product written first, then the big GEMM adds it in its epilogue (beta=1)
     Triton fused      one kernel, rank-r term added to each tile before the store (defined below: a
                       tutorial-style Triton GEMM; on an H100 it lost to cuBLAS by ~35%, so lorakit ships
-                      the "r first" order instead; see the README's Speed section)
+                      the "r first" order instead; see docs/speed.md)
 
     python bench/lora_gemm.py                      # llama-1b shapes, 4 x 2048 tokens, on CUDA
     python bench/lora_gemm.py --device cpu --tiny  # correctness smoke test under TRITON_INTERPRET=1

@@ -15,7 +15,7 @@ gradient):
 Rank-r FLOPs and the widened GEMMs' extra K or N (1-2%) come on top; bf16 (2 bytes). Kernels of lorakit's own
 around the projections could go below it: XA formed inside the RMSNorm or SwiGLU kernel that writes X, the
 GA @ A term added inside the SwiGLU backward that reads dH. The time is the traffic at
-``--tb-s`` (3.3 TB/s: what the rank-16 GEMMs reached on an H200, README). Against a floor's GPU time this gives
+``--tb-s`` (3.3 TB/s: what the rank-16 GEMMs reached on an H200, docs/speed.md). Against a floor's GPU time this gives
 the best ratio a LoRA step can reach without also making the base's own work cheaper (as the fused SwiGLU
 kernel does: about 3 ms of the 1B floor's elementwise work).
 

@@ -38,7 +38,7 @@ SHARED_INPUT = True
 SHARED_QKV = True
 """Also q/k/v (SharedInputGroup). On since 2026-12-02 (session 20): on the H200 it was faster than gate/up alone
 in every interleaved run, eager and with graphed layers (1B: 0.935 against 0.926 of the floor eagerly, 0.953
-against 0.941 graphed; 8B with checkpointing: 0.950 / 0.938 and 0.968 / 0.952; README). An earlier eager run
+against 0.941 graphed; 8B with checkpointing: 0.950 / 0.938 and 0.968 / 0.952; docs/speed.md). An earlier eager run
 (2026-12-01) had bimodal rounds and was not faster. False: q/k/v run as their own LoRA layers (an A/B switch)."""
 
 

@@ -1,6 +1,6 @@
 """CUDA graphs of a model's decoder layers for training steps of one fixed shape.
 
-Why: where the GPU's host is slow next to it, a LoRA step waits on the host's kernel launches (README, "Where
+Why: where the GPU's host is slow next to it, a LoRA step waits on the host's kernel launches (docs/speed.md, "Where
 a LoRA step waits": on the H200 a LoRA layer costs the host ~370 us a step more than the frozen layer, and a 1B
 step's forward sat idle 9 ms). Each graphed decoder layer replays its forward and its backward as one CUDA
 graph each: a few hundred launches become two.
@@ -256,7 +256,7 @@ class _CheckpointedNorm(_FinalNorm):
 
 CHECKPOINT_FINAL_NORM = True
 """Install ``_CheckpointedNorm`` on the model's final norm (registry.final_norm) in graph_layers, unless the
-norm is folded (FOLD_FINAL_NORM). On the H200's 8B step (README, session 25) it lowered the graphed step's
+norm is folded (FOLD_FINAL_NORM). On the H200's 8B step (docs/speed.md, session 25) it lowered the graphed step's
 allocated peak from 22.30 to 22.23 GiB (eager lorakit: 22.26) at the same speed (0.959-0.965 of the floor vs
 0.960-0.967 without it); the recomputation costs one norm's forward per step."""
 
@@ -266,7 +266,7 @@ FOLD_FINAL_NORM = False
 graph_layers, as a checkpoint of its own: the backward recomputes the norm from its bf16 input instead of
 keeping what it saved (Llama's RMSNorm keeps its input in fp32: 64 MiB against 32 on the 8B shape). Off: on the
 H200's 8B step it lowered the allocated peak by 0.03 GiB but raised the graph pool's reserved memory by 0.11 GiB
-and the whole reserved peak by 0.3-0.4 (README, session 21), so the memory a step really holds did not drop."""
+and the whole reserved peak by 0.3-0.4 (docs/speed.md, session 21), so the memory a step really holds did not drop."""
 
 
 class _Replay(torch.autograd.Function):
@@ -572,7 +572,7 @@ class GraphedLayer:
             return out
         # the folded norm as a checkpoint of its own, whose input is kept: the backward recomputes and
         # differentiates the norm before it recomputes the layer, so the norm's fp32 temporaries and the layer's
-        # activations need not coexist (on 8B the reserved peak was no lower than with one checkpoint: README)
+        # activations need not coexist (on 8B the reserved peak was no lower than with one checkpoint: docs/speed.md)
         self.norm_input = out.detach()
         return torch.utils.checkpoint.checkpoint(self.fold.norm_forward, out, use_reentrant=False,
                                                  preserve_rng_state=False)

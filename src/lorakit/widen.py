@@ -60,7 +60,7 @@ class Widened:
 
 PAD_TO = 1
 """Round the widened width up to a multiple of this (64: rows of whole 128-byte lines in 16 bits, no more K
-tiles than unpadded). 1, no padding, is the measured setting (README); 64 is an untested A/B option."""
+tiles than unpadded). 1, no padding, is the measured setting (docs/speed.md); 64 is an untested A/B option."""
 
 
 def padded_width(in_features: int, ranks: tuple[int, ...]) -> int:

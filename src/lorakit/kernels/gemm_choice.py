@@ -17,7 +17,7 @@ of the sums).
 
 Off by default, for what it measured: one step of the Llama-3.2-1B shape took 131.2 ms of GPU time with it
 against 132.0-132.2 ms without on the same day, the 8B shape 403.1 against 401.8-405.1 ms, and wall time
-did not move (these steps wait on the host; README). A choice made from timings can differ between runs, so
+did not move (these steps wait on the host; docs/speed.md). A choice made from timings can differ between runs, so
 runs would no longer repeat bit for bit; that is not worth under 1%.
 """
 
