@@ -87,6 +87,111 @@ def test_backward_matches_torch(dtype, shape, gated, want_h):
         assert h is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("want_h", [True, False])
+def test_in_place_backward_writes_the_same_bits_over_its_operands(dtype, gated, want_h):
+    """silu_backward(in_place=True): dG over gate, dU over up, H over dH; bit for bit the fresh outputs."""
+    gate, up, grad_h = operands((2, 5, 1030), dtype, seed=5)
+    up = up if gated else None
+    expected = tk.silu_backward(grad_h, gate, up, want_h)
+    owned = [t.clone() if t is not None else None for t in (grad_h, gate, up)]
+    got = tk.silu_backward(*owned, want_h, in_place=True)
+    for e, o, storage in zip(expected, got, (owned[0], owned[1], owned[2])):
+        assert (e is None) == (o is None)
+        if e is not None:
+            assert torch.equal(o, e)
+            assert o.data_ptr() == storage.data_ptr()  # written where the operand was: nothing allocated
+
+
+def in_place_case(dtype, seed=6):
+    g = torch.Generator().manual_seed(seed)
+    n, inter, out, r = 40, 96, 24, 8
+
+    def t(*shape, grad=False, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE).requires_grad_(grad)
+
+    leaves = t(n, inter, grad=True), t(n, inter, grad=True)
+    weight, A, B = t(out, inter, scale=inter ** -0.5), t(r, inter, grad=True, scale=0.3), t(out, r, grad=True)
+    return leaves, weight, A, B, t(n, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_that_owns_its_inputs_gives_the_same_gradients(dtype, monkeypatch):
+    """lora_mlp_down(owns_inputs=True) with the kernels (interpreted on the CPU): the in-place backward ran
+    and every gradient is bit for bit the op's without it."""
+    monkeypatch.setattr(gated_mlp, "_use_triton", lambda *t: True)
+    (g0, u0), weight, A, B, grad_y = in_place_case(dtype)
+    calls = []
+    real = tk.silu_backward
+    monkeypatch.setattr(tk, "silu_backward", lambda *a: calls.append(a[-1]) or real(*a))
+
+    def run(owns):
+        gate, up = g0 * 1, u0 * 1  # made for the op, as the fused block's shared-input op makes them
+        y = gated_mlp.lora_mlp_down(gate, up, nn.SiLU(), weight, None, A, B, 2.0, silu=True, owns_inputs=owns)
+        y.backward(grad_y)
+        out = [y.detach()] + [t.grad.clone() for t in (g0, u0, A, B)]
+        for t in (g0, u0, A, B):
+            t.grad = None
+        return out
+
+    owned, fresh = run(True), run(False)
+    assert calls == [True, False] and gated_mlp._triton is not None
+    for a, b in zip(owned, fresh):
+        assert torch.equal(a, b)
+
+
+def test_second_backward_through_an_in_place_op_fails_loudly(monkeypatch):
+    """retain_graph: the saved gate and up hold gradients after the first backward; autograd says so."""
+    monkeypatch.setattr(gated_mlp, "_use_triton", lambda *t: True)
+    (g0, u0), weight, A, B, grad_y = in_place_case(torch.float32)
+    y = gated_mlp.lora_mlp_down(g0 * 1, u0 * 1, nn.SiLU(), weight, None, A, B, 2.0, silu=True, owns_inputs=True)
+    y.backward(grad_y, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(grad_y)
+    monkeypatch.setattr(gated_mlp, "IN_PLACE_BACKWARD", False)  # off: a second backward works
+    y = gated_mlp.lora_mlp_down(g0 * 1, u0 * 1, nn.SiLU(), weight, None, A, B, 2.0, silu=True, owns_inputs=True)
+    y.backward(grad_y, retain_graph=True)
+    y.backward(grad_y)
+
+
+def test_fused_block_hands_its_own_gate_and_up_to_the_in_place_backward(monkeypatch):
+    """A Llama MLP block (shared-input gate/up, then down's op) with the kernels: the in-place backward runs,
+    and a training step's loss and gradients are bit for bit those without it."""
+    transformers = pytest.importorskip("transformers")
+    import lorakit as lk
+
+    monkeypatch.setattr(gated_mlp, "_use_triton", lambda *t: True)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=80, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=50, head_dim=16, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(DEVICE)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    calls = []
+    real = tk.silu_backward
+    monkeypatch.setattr(tk, "silu_backward", lambda *a: calls.append(a[-1]) or real(*a))
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    loss_in_place, grads_in_place = step()
+    monkeypatch.setattr(gated_mlp, "IN_PLACE_BACKWARD", False)
+    loss_fresh, grads_fresh = step()
+    assert calls == [True, False]
+    assert torch.equal(loss_in_place, loss_fresh) and len(grads_fresh) == 6
+    for name in grads_fresh:
+        assert torch.equal(grads_in_place[name], grads_fresh[name]), name
+
+
 def op_output_and_grads(gate, up, weight, A, B, grad_y) -> list[torch.Tensor]:
     """The fused SiLU MLP down op's output and the gradients of gate, up, A and B for ``grad_y`` (scale 2,
     no bias); the gradients are cleared again."""

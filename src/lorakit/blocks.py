@@ -88,9 +88,9 @@ class FusedMlpForward:
         outs = shared_outputs([getattr(module, block.gate), getattr(module, block.up)], x, self.widened)
         if outs is None:
             return None
-        gate, up = outs
+        gate, up = outs  # made here for down's op alone (shared_outputs refuses hooked layers): it owns them
         return lora_mlp_down(gate, up, act, call.weight, call.bias, call.A, call.B, call.scale, call.transposed,
-                             self.silu)
+                             self.silu, owns_inputs=True)
 
     def release(self) -> None:
         """Give the widened weights back as plain contiguous tensors (unfuse, unload): this module's own (a

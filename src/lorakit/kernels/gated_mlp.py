@@ -49,6 +49,15 @@ the best tile (the accumulation over row tiles costs more than H's traffic); who
 59.3k. Off."""
 
 
+IN_PLACE_BACKWARD = True
+"""Where the op owns gate and up (MlpArgs.owns_inputs: the fused MLP block's shared-input op made them for it),
+the SiLU backward kernel writes dGate over gate, dUp over up and the recomputed H over dH: three (tokens x
+intermediate) tensors a layer not allocated at the MLP's backward peak, 352 MiB on Llama-3-8B at 2 x 2048
+tokens. Their version counters are bumped, so a second backward through the same graph (retain_graph) fails
+with autograd's in-place error instead of reading gradients as activations. As liger-kernel's and Unsloth's
+SwiGLU backward do; False: fresh outputs."""
+
+
 def _kernels():
     global _triton, _triton_loaded
     if not _triton_loaded:
@@ -73,12 +82,15 @@ def _launch(name: str, *args):
 
 @dataclass(frozen=True)
 class MlpArgs:
-    """Non-tensor arguments: the down projection's ``LoraLinearArgs``, the activation module, and whether it
-    computes exactly ``F.silu`` (the caller knows its types; then the closed form and the kernels run)."""
+    """Non-tensor arguments: the down projection's ``LoraLinearArgs``, the activation module, whether it
+    computes exactly ``F.silu`` (the caller knows its types; then the closed form and the kernels run), and
+    whether gate and up are the op's own (``owns_inputs``: made for it, read by nothing else; see
+    IN_PLACE_BACKWARD)."""
 
     lora: LoraLinearArgs
     act: nn.Module
     silu: bool
+    owns_inputs: bool = False
 
 
 def _use_triton(*tensors) -> bool:
@@ -108,8 +120,11 @@ def activation_backward(grad_h: torch.Tensor | None, gate: torch.Tensor, up: tor
         return (activate(gate, up, args) if want_h else None), None, None
     grad_h = grad_h.view(gate.shape)
     if args.silu and _use_triton(grad_h, gate, up):
-        out = _launch("silu_backward", grad_h, gate, up, want_h)
+        in_place = IN_PLACE_BACKWARD and args.owns_inputs
+        out = _launch("silu_backward", grad_h, gate, up, want_h, in_place)
         if out is not None:
+            if in_place:  # the saved gate and up now hold gradients: a second unpack must fail
+                torch.autograd.graph.increment_version([gate] if up is None else [gate, up])
             return out
     if args.silu:  # the ops autograd runs for F.silu(g) * u, in its order: the same bits
         act = F.silu(gate)
@@ -255,11 +270,12 @@ def _apply(gate, up, weight, bias, A, B, args: MlpArgs) -> torch.Tensor:
 
 def lora_mlp_down(gate: torch.Tensor, up: torch.Tensor | None, act: nn.Module, weight: torch.Tensor,
                   bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, scale: float,
-                  transposed: bool = False, silu: bool = False) -> torch.Tensor:
+                  transposed: bool = False, silu: bool = False, owns_inputs: bool = False) -> torch.Tensor:
     """``down(act(gate) * up)`` for a LoRA ``down`` (dense frozen ``weight``, adapter A, B, ``scale``, no
     dropout) as one autograd op (two nodes) that stores gate and up but not the product. ``up`` None: ``down(act(gate))``.
-    ``silu``: act computes exactly ``F.silu``. Under autocast every operand is cast to the autocast dtype first (as lora_linear_fused)."""
-    args = MlpArgs(LoraLinearArgs(float(scale), transposed), act, silu)
+    ``silu``: act computes exactly ``F.silu``. ``owns_inputs``: nothing else reads gate and up, so backward may
+    overwrite them (IN_PLACE_BACKWARD). Under autocast every operand is cast to the autocast dtype first (as lora_linear_fused)."""
+    args = MlpArgs(LoraLinearArgs(float(scale), transposed), act, silu, owns_inputs)
     if torch.is_autocast_enabled(gate.device.type):
         dtype = torch.get_autocast_dtype(gate.device.type)
         gate, weight, A, B = (t.to(dtype) for t in (gate, weight, A, B))

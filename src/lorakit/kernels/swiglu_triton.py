@@ -142,9 +142,18 @@ def silu_forward(gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
     return h
 
 
-def silu_backward(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, want_h: bool):
-    """``(H or None, dGate, dUp or None)`` for dH = ``grad_h`` in one pass; H recomputed when ``want_h``."""
-    h, grad_gate, grad_up, pointers = _backward_outputs(gate, up, want_h)
+def silu_backward(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, want_h: bool,
+                  in_place: bool = False):
+    """``(H or None, dGate, dUp or None)`` for dH = ``grad_h`` in one pass; H recomputed when ``want_h``.
+    ``in_place``: dGate written over ``gate``, dUp over ``up`` and H over ``grad_h`` (each element is read
+    before it is written, by the same program), so the pass allocates nothing; the caller owns all three."""
+    if in_place:
+        # detached aliases: the gradients returned must not carry gate's autograd history
+        h, grad_gate = (grad_h.detach() if want_h else None), gate.detach()
+        grad_up = up.detach() if up is not None else None
+        pointers = tuple(grad_gate if t is None else t for t in (up, h, grad_gate, grad_up))
+    else:
+        h, grad_gate, grad_up, pointers = _backward_outputs(gate, up, want_h)
     n = gate.numel()
     _silu_bwd[_grid(n)](grad_h, gate, *pointers, n, GATED=up is not None, WANT_H=want_h,
                         DTYPE=_DTYPES[gate.dtype], BLOCK=_BLOCK, **_LAUNCH)
