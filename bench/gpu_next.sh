@@ -4,6 +4,9 @@
 #           default since session 25): the graph tests, then graphed_layers on 8B against the variant without it,
 #           graph_memory on 8B. Session 25 ran it: 8B graphed peak 22.23 GiB (timed steps) against 22.30 without,
 #           under the allowance (22.28-22.29), 0.959-0.965 of the eager floor; GPU tests 72 passed;
+#   part 17: the SiLU backward in place (gated_mlp.IN_PLACE_BACKWARD, session 27): its GPU tests, then
+#           graphed_layers --liger on 8B and 1B with the variant without it (eager and graphed rows);
+#   part 18: the same A/B on the plain floor (8B, 1B);
 #   part 16: part 15's liger rows again after the registry fix, graphed_layers --liger (8B, 1B), graph/block tests;
 #   part 15: lorakit on the liger floor: GPU vs wall time of a profiled step, A/B rows (train_gpu --liger-variants);
 #   part 13: graphs on the lowered floor (lorakit.fast / liger): the graph tests, graphed_layers --liger on 8B and
@@ -52,7 +55,20 @@ set -u
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-.}
 part=${1:-9}
-if [ "$part" = 16 ]; then
+if [ "$part" = 17 ]; then
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_swiglu.py 2>&1 | tail -3 \
+        | tee "$OUT/gpu_tests.txt"
+    (cd bench && timeout 260 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
+        --liger --variants "fresh SiLU grads" --eager-variants 2>&1 | grep -v Warn | tee "$OUT/graphed_8b_liger.txt" \
+        | tail -8)
+    (cd bench && timeout $((590 - SECONDS)) python3 graphed_layers.py --shape llama-1b --liger \
+        --variants "fresh SiLU grads" --eager-variants 2>&1 | grep -v Warn | tee "$OUT/graphed_1b_liger.txt" | tail -8)
+elif [ "$part" = 18 ]; then
+    (cd bench && timeout 280 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
+        --variants "fresh SiLU grads" --eager-variants 2>&1 | grep -v Warn | tee "$OUT/graphed_8b.txt" | tail -8)
+    (cd bench && timeout $((590 - SECONDS)) python3 graphed_layers.py --shape llama-1b \
+        --variants "fresh SiLU grads" --eager-variants 2>&1 | grep -v Warn | tee "$OUT/graphed_1b.txt" | tail -8)
+elif [ "$part" = 16 ]; then
     # session 26, after the registry fix (the fused MLP block now also applies on the liger floor): the liger rows
     # again, graphed and eager, then the A/B rows and a profile, then the graph GPU tests
     (cd bench && timeout 200 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
