@@ -21,7 +21,8 @@ import triton.language as tl
 
 from ..quant.triton_kernels import _to_dtype
 
-_BLOCK = 1024
+_BLOCK = 1024  # elements a program of the 1-D kernels
+_WARPS = 4  # and its warps (bench/silu_blocks.py sweeps both)
 _LAUNCH = {"enable_fp_fusion": True}  # multiply-adds contracted, as nvcc does for PyTorch's own kernels
 
 
@@ -138,7 +139,7 @@ def silu_forward(gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
     h = torch.empty_like(gate)
     n = gate.numel()
     _silu_fwd[_grid(n)](gate, gate if up is None else up, h, n, GATED=up is not None,
-                        DTYPE=_DTYPES[gate.dtype], BLOCK=_BLOCK, **_LAUNCH)
+                        DTYPE=_DTYPES[gate.dtype], BLOCK=_BLOCK, num_warps=_WARPS, **_LAUNCH)
     return h
 
 
@@ -156,7 +157,7 @@ def silu_backward(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | N
         h, grad_gate, grad_up, pointers = _backward_outputs(gate, up, want_h)
     n = gate.numel()
     _silu_bwd[_grid(n)](grad_h, gate, *pointers, n, GATED=up is not None, WANT_H=want_h,
-                        DTYPE=_DTYPES[gate.dtype], BLOCK=_BLOCK, **_LAUNCH)
+                        DTYPE=_DTYPES[gate.dtype], BLOCK=_BLOCK, num_warps=_WARPS, **_LAUNCH)
     return h, grad_gate, grad_up
 
 
