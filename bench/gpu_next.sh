@@ -7,6 +7,8 @@
 #   part 17: the SiLU backward in place (gated_mlp.IN_PLACE_BACKWARD, session 27): its GPU tests, then
 #           graphed_layers --liger on 8B and 1B with the variant without it (eager and graphed rows);
 #   part 18: the same A/B on the plain floor (8B, 1B);
+#   part 20: session 27's closing figures (SiLU backward in place, 2048-element SiLU programs): graphed_layers on
+#           8B and 1B, plain and liger floors, 3 rounds each;
 #   part 19: the 1-D SiLU kernels' (elements a program, warps) swept at 8B and 1B against liger's (silu_blocks.py);
 #   part 16: part 15's liger rows again after the registry fix, graphed_layers --liger (8B, 1B), graph/block tests;
 #   part 15: lorakit on the liger floor: GPU vs wall time of a profiled step, A/B rows (train_gpu --liger-variants);
@@ -64,6 +66,14 @@ if [ "$part" = 17 ]; then
         | tail -8)
     (cd bench && timeout $((590 - SECONDS)) python3 graphed_layers.py --shape llama-1b --liger \
         --variants "fresh SiLU grads" --eager-variants 2>&1 | grep -v Warn | tee "$OUT/graphed_1b_liger.txt" | tail -8)
+elif [ "$part" = 20 ]; then
+    for liger in "" "--liger"; do
+        tag=${liger:+_liger}
+        (cd bench && timeout 140 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 \
+            --steps 6 --rounds 3 $liger 2>&1 | grep -v Warn | tee "$OUT/graphed_8b$tag.txt" | tail -5)
+        (cd bench && timeout 130 python3 graphed_layers.py --shape llama-1b --rounds 3 $liger 2>&1 | grep -v Warn \
+            | tee "$OUT/graphed_1b$tag.txt" | tail -5)
+    done
 elif [ "$part" = 19 ]; then
     (cd bench && timeout 150 python3 silu_blocks.py --shape llama-8b 2>&1 | grep -v Warn | tee "$OUT/silu_8b.txt")
     (cd bench && timeout 150 python3 silu_blocks.py --shape llama-1b 2>&1 | grep -v Warn | tee "$OUT/silu_1b.txt")
