@@ -1,9 +1,9 @@
 """LoRA training step on the CPU against the frozen floor and PEFT, in one process.
 
 GPT-2-124M shape (random weights from a config), fp32, batch 4 x 256, LoRA r=16 on c_attn, c_proj, c_fc,
-AdamW. The floor is the frozen base's forward + backward to the inputs with no optimizer. Providers run
-in turn, step after step, so that drift on a shared machine hits all alike; figures are medians, and the
-"paired" ratio is the median of each round's floor step over the row's step in the same round.
+fused AdamW (as lorakit's trainer; every row alike, since 2026-12-04). The floor is the frozen base's forward +
+backward to the inputs with no optimizer. Providers run in turn, step after step, so that drift on a shared
+machine hits all alike; figures are medians, and the "paired" ratio is the median of each round's floor step over the row's step in the same round.
 
     python bench/train_cpu.py [--steps 6 --batch 4 --seq 256 --layers 12]
     python bench/train_cpu.py --family llama --layers 8   # Llama's MLP: lorakit's fused block, A/B
@@ -79,7 +79,7 @@ def main() -> None:
 
     def step_fn(model, optimize: bool, fuse_blocks: bool = True, shared: bool = True, transposed_db: bool = True):
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4) if optimize else None
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if optimize else None
 
         def step():
             lk.blocks.ENABLED, lk.blocks.SHARED_INPUT = fuse_blocks, shared

@@ -401,3 +401,54 @@ def test_cuda_graphs_follow_the_eager_loss_curve(llama, tmp_path):
     graphed = [r["loss"] for r in losses(tmp_path / "graphs") if "loss" in r]
     assert len(graphed) == 6 and graphed == pytest.approx(eager, abs=1e-2)
     assert graphed[-1] < graphed[0] - 0.1
+
+
+def test_optimizer_is_torchs_fused_adamw_where_it_applies_and_steps_as_the_default():
+    """optimizer_for takes fused AdamW for plain CPU/CUDA float parameters (LoRA+ groups too), not for mixed
+    devices or tensor subclasses; its steps stay within fp32 rounding of the default (foreach) AdamW's."""
+    from torch import nn
+
+    import lorakit as lk
+    from lorakit.train.loop import fused_adamw_applies, optimizer_for
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = optimizer_for(model, 1e-2, 0.01)
+    assert all(g["fused"] for g in fused.param_groups)
+    assert all(g["fused"] for g in optimizer_for(model, 1e-2, 0.01, loraplus_ratio=16).param_groups)
+    start = [p.detach().clone() for p in params]
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+
+    def train(opt):
+        for _ in range(5):
+            loss = model(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    after_fused = train(fused)
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+    reference = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
+                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=1e-2)
+    after_default = train(reference)
+    for a, b, s in zip(after_fused, after_default, start):
+        assert not torch.equal(a, s)  # the parameters moved
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    assert not fused_adamw_applies([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, device="meta"))])
+    assert not fused_adamw_applies([nn.Parameter(torch.zeros(2, dtype=torch.float64)).to(torch.int64)])
+
+    class Sub(torch.Tensor):  # a tensor subclass stands in for a sharded DTensor
+        pass
+
+    assert not fused_adamw_applies([nn.Parameter(torch.zeros(2).as_subclass(Sub))])
+    assert fused_adamw_applies([nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))])
