@@ -3,7 +3,8 @@
 GPT-2-124M shape (random weights from a config), fp32, batch 4 x 256, LoRA r=16 on c_attn, c_proj, c_fc,
 fused AdamW (as lorakit's trainer; every row alike, since 2026-12-04). The floor is the frozen base's forward +
 backward to the inputs with no optimizer. Providers run in turn, step after step, so that drift on a shared
-machine hits all alike; figures are medians, and the "paired" ratio is the median of each round's floor step over the row's step in the same round.
+machine hits all alike; figures are medians, and the "paired" ratio is the median of each round's floor step
+over the row's step in the same round.
 
     python bench/train_cpu.py [--steps 6 --batch 4 --seq 256 --layers 12]
     python bench/train_cpu.py --family llama --layers 8   # Llama's MLP: lorakit's fused block, A/B

@@ -417,4 +417,5 @@ def _postfix(record: dict, last_eval: dict, device: torch.device) -> str:
     return text
 
 
-__all__ = ["LoopState", "autocast_context", "evaluate", "loss_sum", "fused_adamw_applies", "lr_at", "optimizer_for", "train_loop"]
+__all__ = ["LoopState", "autocast_context", "evaluate", "fused_adamw_applies", "loss_sum", "lr_at", "optimizer_for",
+           "train_loop"]
