@@ -115,7 +115,7 @@ def main() -> None:
     floor_t, peft_t = med["frozen base fwd+bwd (floor)"], med["PEFT"]
     shape = "GPT-2-124M shape" if args.family == "gpt2" else "Llama shape 768/2048"
     print(f"{shape} ({args.layers} layers), fp32, batch {args.batch} x {args.seq}, r=16 on {targets}, "
-          f"AdamW; torch {torch.__version__} ({torch.get_num_threads()} threads), peft {peft.__version__}; "
+          f"fused AdamW; torch {torch.__version__} ({torch.get_num_threads()} threads), peft {peft.__version__}; "
           f"{os.cpu_count()} cores {platform.machine()}; {time.strftime('%Y-%m-%d')}; median of {args.steps}; "
           f"malloc {'tuned' if tuned else 'default'}")
     floor_steps = times["frozen base fwd+bwd (floor)"]
