@@ -7,6 +7,8 @@
 #   part 17: the SiLU backward in place (gated_mlp.IN_PLACE_BACKWARD, session 27): its GPU tests, then
 #           graphed_layers --liger on 8B and 1B with the variant without it (eager and graphed rows);
 #   part 18: the same A/B on the plain floor (8B, 1B);
+#   part 21 (next): where lorakit's step loses on the 1B liger floor (graphed 0.876 in session 27): one profiled
+#           step of each, the kernels' extra GPU ms (train_gpu --only liger --liger --profile), 1B then 8B;
 #   part 20: session 27's closing figures (SiLU backward in place, 2048-element SiLU programs): graphed_layers on
 #           8B and 1B, plain and liger floors, 3 rounds each;
 #   part 19: the 1-D SiLU kernels' (elements a program, warps) swept at 8B and 1B against liger's (silu_blocks.py);
@@ -66,6 +68,13 @@ if [ "$part" = 17 ]; then
         | tail -8)
     (cd bench && timeout $((590 - SECONDS)) python3 graphed_layers.py --shape llama-1b --liger \
         --variants "fresh SiLU grads" --eager-variants 2>&1 | grep -v Warn | tee "$OUT/graphed_1b_liger.txt" | tail -8)
+elif [ "$part" = 21 ]; then
+    (cd bench && timeout 280 python3 train_gpu.py --shape llama-1b --only liger --liger --profile --steps 6 \
+        --warmup 3 --rounds 2 2>&1 | grep -v Warn > "$OUT/train_1b_liger.txt"; \
+        grep -A8 "^llama" "$OUT/train_1b_liger.txt"; grep "wall time\|GPU time" "$OUT/train_1b_liger.txt")
+    (cd bench && timeout $((585 - SECONDS)) python3 train_gpu.py --shape llama-8b --batch 2 --grad-ckpt --only liger \
+        --liger --profile --steps 6 --warmup 3 --rounds 2 2>&1 | grep -v Warn > "$OUT/train_8b_liger.txt"; \
+        grep -A8 "^llama" "$OUT/train_8b_liger.txt"; grep "wall time\|GPU time" "$OUT/train_8b_liger.txt")
 elif [ "$part" = 20 ]; then
     for liger in "" "--liger"; do
         tag=${liger:+_liger}
