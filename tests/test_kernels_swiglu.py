@@ -97,11 +97,19 @@ def test_in_place_backward_writes_the_same_bits_over_its_operands(dtype, gated, 
     expected = tk.silu_backward(grad_h, gate, up, want_h)
     owned = [t.clone() if t is not None else None for t in (grad_h, gate, up)]
     got = tk.silu_backward(*owned, want_h, in_place=True)
-    for e, o, storage in zip(expected, got, (owned[0], owned[1], owned[2])):
+    for e, o, storage in zip(expected, got, owned):
         assert (e is None) == (o is None)
         if e is not None:
             assert torch.equal(o, e)
             assert o.data_ptr() == storage.data_ptr()  # written where the operand was: nothing allocated
+
+
+def spy_in_place_flag(monkeypatch) -> list[bool]:
+    """The ``in_place`` argument of every silu_backward call from here on (gated_mlp passes it last)."""
+    calls = []
+    real = tk.silu_backward
+    monkeypatch.setattr(tk, "silu_backward", lambda *a: calls.append(a[-1]) or real(*a))
+    return calls
 
 
 def in_place_case(dtype, seed=6):
@@ -122,9 +130,7 @@ def test_op_that_owns_its_inputs_gives_the_same_gradients(dtype, monkeypatch):
     and every gradient is bit for bit the op's without it."""
     monkeypatch.setattr(gated_mlp, "_use_triton", lambda *t: True)
     (g0, u0), weight, A, B, grad_y = in_place_case(dtype)
-    calls = []
-    real = tk.silu_backward
-    monkeypatch.setattr(tk, "silu_backward", lambda *a: calls.append(a[-1]) or real(*a))
+    calls = spy_in_place_flag(monkeypatch)
 
     def run(owns):
         gate, up = g0 * 1, u0 * 1  # made for the op, as the fused block's shared-input op makes them
@@ -171,9 +177,7 @@ def test_fused_block_hands_its_own_gate_and_up_to_the_in_place_backward(monkeypa
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    calls = []
-    real = tk.silu_backward
-    monkeypatch.setattr(tk, "silu_backward", lambda *a: calls.append(a[-1]) or real(*a))
+    calls = spy_in_place_flag(monkeypatch)
     ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
     def step():

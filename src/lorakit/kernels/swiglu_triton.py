@@ -148,25 +148,26 @@ def silu_backward(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | N
     """``(H or None, dGate, dUp or None)`` for dH = ``grad_h`` in one pass; H recomputed when ``want_h``.
     ``in_place``: dGate written over ``gate``, dUp over ``up`` and H over ``grad_h`` (each element is read
     before it is written, by the same program), so the pass allocates nothing; the caller owns all three."""
-    if in_place:
-        # detached aliases: the gradients returned must not carry gate's autograd history
-        h, grad_gate = (grad_h.detach() if want_h else None), gate.detach()
-        grad_up = up.detach() if up is not None else None
-        pointers = tuple(grad_gate if t is None else t for t in (up, h, grad_gate, grad_up))
-    else:
-        h, grad_gate, grad_up, pointers = _backward_outputs(gate, up, want_h)
+    h, grad_gate, grad_up, pointers = _backward_outputs(gate, up, want_h, grad_h if in_place else None)
     n = gate.numel()
     _silu_bwd[_grid(n)](grad_h, gate, *pointers, n, GATED=up is not None, WANT_H=want_h,
                         DTYPE=_DTYPES[gate.dtype], BLOCK=_BLOCK, num_warps=_WARPS, **_LAUNCH)
     return h, grad_gate, grad_up
 
 
-def _backward_outputs(gate: torch.Tensor, up: torch.Tensor | None, want_h: bool):
+def _backward_outputs(gate: torch.Tensor, up: torch.Tensor | None, want_h: bool,
+                      in_place_over: torch.Tensor | None = None):
     """(H or None, dGate, dUp or None) allocated, and the kernels' (u, h, dg, du) pointer arguments, with dGate
-    standing in for the operands a constexpr branch never touches."""
-    h = torch.empty_like(gate) if want_h else None
-    grad_gate = torch.empty_like(gate)
-    grad_up = torch.empty_like(gate) if up is not None else None
+    standing in for the operands a constexpr branch never touches. ``in_place_over`` (dH): nothing allocated,
+    the outputs are detached aliases of dH, gate and up (returned gradients carry no autograd history)."""
+    if in_place_over is not None:
+        h = in_place_over.detach() if want_h else None
+        grad_gate = gate.detach()
+        grad_up = up.detach() if up is not None else None
+    else:
+        h = torch.empty_like(gate) if want_h else None
+        grad_gate = torch.empty_like(gate)
+        grad_up = torch.empty_like(gate) if up is not None else None
     pointers = tuple(grad_gate if t is None else t for t in (up, h, grad_gate, grad_up))
     return h, grad_gate, grad_up, pointers
 
