@@ -23,12 +23,12 @@ class Widened:
         self.records: dict[int, tuple] = {}  # id(weight) -> (weakref, buffer storage pointer, ranks)
 
     def holds(self, weight: nn.Parameter, ranks: tuple[int, ...]) -> bool:
-        """Whether ``weight`` is already widened for ``ranks`` (its buffer made here, not moved since)."""
+        """Whether ``weight`` is already widened for ``ranks`` (its buffer made here, not moved since). Read from
+        the parameter itself, not ``weight.data`` (an op of its own: this runs in every forward)."""
         width = padded_width(weight.shape[1], ranks)
-        data = weight.data
         record = self.records.get(id(weight))
-        return (record is not None and record[0]() is weight and record[1] == data.untyped_storage().data_ptr()
-                and data.stride() == (width, 1) and data.storage_offset() == 0)
+        return (record is not None and record[0]() is weight and record[1] == weight.untyped_storage().data_ptr()
+                and weight.stride() == (width, 1) and weight.storage_offset() == 0)
 
     def buffer(self, weight: nn.Parameter, ranks: tuple[int, ...], slot: int, B: torch.Tensor,
                scale: float) -> torch.Tensor:
@@ -37,22 +37,22 @@ class Widened:
         leaves autograd's version counters alone (those columns are read by the shared-input op only)."""
         out_features, in_features = weight.shape
         width = padded_width(in_features, ranks)
-        data = weight.data
         record = self.records.get(id(weight))
         if not self.holds(weight, ranks):
+            data = weight.data
             with torch.inference_mode(False):  # a first call under inference_mode must not make W an inference tensor
                 buffer = torch.zeros(out_features, width, dtype=data.dtype, device=data.device)
                 buffer[:, :in_features].copy_(data)
                 weight.data = buffer[:, :in_features]
-            data = weight.data
             record = None
-        buffer = data.as_strided((out_features, width), (width, 1))
+        data = weight.data  # an alias with a version counter of its own: the s*B writes leave W's alone
         if record is not None and record[2] != ranks:  # same width, another split: clear the old s*B columns
-            buffer[:, in_features:].zero_()
-        self.records[id(weight)] = (weakref.ref(weight), data.untyped_storage().data_ptr(), ranks)
+            data.as_strided((out_features, width - in_features), (width, 1), in_features).zero_()
+        if record is None or record[2] != ranks:
+            self.records[id(weight)] = (weakref.ref(weight), data.untyped_storage().data_ptr(), ranks)
         lo = in_features + sum(ranks[:slot])
-        torch.mul(B.detach(), scale, out=buffer[:, lo:lo + ranks[slot]])
-        return buffer
+        torch.mul(B.detach(), scale, out=data.as_strided((out_features, ranks[slot]), (width, 1), lo))
+        return data.as_strided((out_features, width), (width, 1))
 
     def clear(self) -> None:
         self.records.clear()

@@ -52,18 +52,24 @@ class Linear(LoraLayer):
 
     def fused_call(self, x: torch.Tensor, args=(), kwargs=None) -> FusedCall | None:
         """The fused kernel's operands for input ``x`` (or one like it: same dtype and device), or None when
-        the kernel would not compute exactly what the reference path does."""
-        name = self._fused_adapter(x, args, kwargs or {})
+        the kernel would not compute exactly what the reference path does.
+
+        Runs for every projection in every forward, so it reads submodules and parameters from their dicts
+        (``_modules``, ``_parameters``): through ``nn.Module.__getattr__`` the same lookups cost ~15 Python calls
+        a projection, a fifth of lorakit's host time over the frozen model's (bench/dispatch_cost.py)."""
+        name = self._fused_adapter(x, args, kwargs)
         operand = self._base_operand(x, name) if name is not None else None
         if operand is None:
             return None
         weight, dtype = operand
-        base, drop = self.base_layer, self.lora_dropout[name]
+        modules = self._modules
+        base, drop = modules["base_layer"], modules["lora_dropout"]._modules[name]
         drop = drop if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0 else None
-        bias = base.bias
+        bias = _parameter(base, "bias")
         if bias is not None and bias.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             bias = bias.to(dtype)  # a packed base keeps its bias in the original dtype and casts it the same way
-        return FusedCall(weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
+        return FusedCall(weight, bias, _parameter(modules["lora_A"]._modules[name], "weight"),
+                         _parameter(modules["lora_B"]._modules[name], "weight"),
                          self.specs[name].scale * self.active[name], drop, self.fan_in_fan_out)
 
     def _fused_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
@@ -73,26 +79,30 @@ class Linear(LoraLayer):
         if self.disabled or self.mixed is not None or self.merged or len(self.active) != 1:
             return None
         name = next(iter(self.active))
-        base = self.base_layer
-        if name in self.lora_scale or base.weight.requires_grad or base._forward_hooks or base._forward_pre_hooks:
+        modules = self._modules
+        base = modules["base_layer"]
+        if name in modules["lora_scale"] or base._forward_hooks or base._forward_pre_hooks:
             return None
-        return name
+        weight = _parameter(base, "weight")
+        return None if weight is None or weight.requires_grad else name
 
     def _base_operand(self, x: torch.Tensor, name: str):
         """(weight, compute dtype) for the fused kernel, or None when the dtypes would make it differ from the
         reference path. A base storing its weight packed (4/8-bit) hands over the packed weight."""
-        base = self.base_layer
-        if hasattr(base, "matmul_operand"):  # the packed-weight protocol of layers.quantized.FrozenPackedLinear
+        modules = self._modules
+        base = modules["base_layer"]
+        if hasattr(type(base), "matmul_operand"):  # the packed-weight protocol of layers.quantized.FrozenPackedLinear
             operand = base.matmul_operand(x)
             if operand is None:
                 return None
         else:
-            operand = (base.weight, base.weight.dtype)
+            weight = _parameter(base, "weight")
+            operand = (weight, weight.dtype)
         device_type = x.device.type
-        A = self.lora_A[name].weight
         if torch.is_autocast_enabled(device_type):  # autocast computes a dense base in its own dtype
             dense = isinstance(operand[0], torch.Tensor)
             return operand if dense or operand[1] == torch.get_autocast_dtype(device_type) else None
+        A = _parameter(modules["lora_A"]._modules[name], "weight")
         return operand if x.dtype == operand[1] == A.dtype else None
 
     def _create(self, name: str, spec: AdapterSpec, dtype: torch.dtype, device: torch.device) -> None:
@@ -233,3 +243,10 @@ def linear_features(layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
         return int(layer.in_features), int(layer.out_features)
     w = layer.weight
     return (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+
+
+def _parameter(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a parameter (or None) without nn.Module.__getattr__ where it is registered
+    as one: the fused path's lookups run for every projection in every forward (Linear.fused_call)."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name, None)
