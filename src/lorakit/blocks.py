@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from . import registry, widen
 from .kernels.gated_mlp import lora_mlp_down
@@ -169,14 +170,19 @@ def shared_outputs(layers, x: torch.Tensor, widened: widen.Widened) -> tuple[tor
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) != x.dtype:
         return None
+    if _global_hooks():
+        return None
     calls = []
+    dtype, device, in_features = x.dtype, x.device, x.shape[-1]
     for layer in layers:
         forward = layer.__dict__.get("forward")
-        if not isinstance(layer, Linear) or _has_hooks(layer) or not (forward is None or isinstance(forward, _Member)):
+        if not isinstance(layer, Linear) or _own_hooks(layer) or not (forward is None or isinstance(forward, _Member)):
             return None
         c = layer.fused_call(x)
-        if c is None or c.dropout is not None or c.transposed or type(c.weight) not in (torch.Tensor, nn.Parameter) \
-                or c.weight.dtype != x.dtype or c.weight.device != x.device or c.weight.shape[1] != x.shape[-1]:
+        if c is None or c.dropout is not None or c.transposed or type(c.weight) not in (torch.Tensor, nn.Parameter):
+            return None
+        weight = c.weight
+        if weight.dtype != dtype or weight.shape[1] != in_features or weight.device != device:
             return None
         calls.append(c)
     ranks = tuple(c.A.shape[0] for c in calls)
@@ -188,12 +194,17 @@ def shared_outputs(layers, x: torch.Tensor, widened: widen.Widened) -> tuple[tor
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    from torch.nn.modules import module as torch_module
+    return _own_hooks(module) or _global_hooks()
 
+
+def _own_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or torch_module._global_forward_hooks
-                or torch_module._global_forward_pre_hooks or torch_module._global_backward_hooks
-                or torch_module._global_backward_pre_hooks)
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
 
 
 def _hooked(module: nn.Module) -> bool:

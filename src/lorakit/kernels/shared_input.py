@@ -60,12 +60,13 @@ class LoraSharedInputFunction(torch.autograd.Function):
         x2 = x.reshape(-1, args.in_features)
         pad = packed[0].shape[1] - args.in_features - sum(args.ranks)  # the widened weights' zero columns
         a_all = torch.cat(As) if n > 1 else As[0]  # [A_1; ...; A_n], saved: backward's dX needs it too
-        xa = x2 @ a_all.t()
+        xa = torch.mm(x2, a_all.t())
         xc = torch.cat([x2, F.pad(xa, (0, pad)) if pad else xa], 1)  # F.pad copies even with no padding
+        lead = x.shape[:-1]
         outs = []
         for i in range(n):
-            y = torch.addmm(biases[i], xc, packed[i].t()) if biases[i] is not None else xc @ packed[i].t()
-            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            y = F.linear(xc, packed[i], biases[i])  # (addmm with the bias, mm without: one call on the host)
+            outs.append(y.view(*lead, y.shape[-1]))
         ctx.args, ctx.x_shape, ctx.packed = args, x.shape, packed  # frozen weights: not saved activations
         ctx.set_materialize_grads(False)  # an output that reaches no loss: its GEMMs are skipped, not zero-filled
         ctx.save_for_backward(xc, a_all, *Bs)
@@ -139,9 +140,12 @@ def lora_shared_input(x: torch.Tensor, projections) -> tuple[torch.Tensor, ...]:
     operand is computed in x's dtype, which the packed weights have."""
     dtype = x.dtype
     tensors = []
-    for A, B, bias, _, packed in projections:
-        tensors += [A.to(dtype), B.to(dtype), bias.to(dtype) if bias is not None else None, packed]
+    for A, B, bias, _, packed in projections:  # casts only where needed: each .to() is an op on the host
+        tensors += [A if A.dtype == dtype else A.to(dtype), B if B.dtype == dtype else B.to(dtype),
+                    bias if bias is None or bias.dtype == dtype else bias.to(dtype), packed]
     args = SharedInputArgs(x.shape[-1], tuple(p[0].shape[0] for p in projections),
                            tuple(float(p[3]) for p in projections), tuple(p[2] is not None for p in projections))
+    if not torch.is_autocast_enabled(x.device.type):
+        return LoraSharedInputFunction.apply(args, x, *tensors)
     with torch.autocast(x.device.type, enabled=False):
         return LoraSharedInputFunction.apply(args, x, *tensors)
