@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # What the next device session should run first, each part one device call of under 10 minutes:
+#   part 22 (next): the norms writing into the shared-input ops' widened inputs (blocks.WIDE_NORM, session 30): the
+#           GPU tests of blocks and graphs, then graphed_layers on 8B and 1B against the variant without it
+#           (eager and graphed rows);
 #   part 14: the final norm checkpointed on the last replay's output (graphs.CHECKPOINT_FINAL_NORM, on by
 #           default since session 25): the graph tests, then graphed_layers on 8B against the variant without it,
 #           graph_memory on 8B. Session 25 ran it: 8B graphed peak 22.23 GiB (timed steps) against 22.30 without,
@@ -75,6 +78,13 @@ elif [ "$part" = 21 ]; then
     (cd bench && timeout $((585 - SECONDS)) python3 train_gpu.py --shape llama-8b --batch 2 --grad-ckpt --only liger \
         --liger --profile --steps 6 --warmup 3 --rounds 2 2>&1 | grep -v Warn > "$OUT/train_8b_liger.txt"; \
         grep -A8 "^llama" "$OUT/train_8b_liger.txt"; grep "wall time\|GPU time" "$OUT/train_8b_liger.txt")
+elif [ "$part" = 22 ]; then
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_blocks.py tests/test_graphs.py 2>&1 | tail -3 \
+        | tee "$OUT/gpu_tests.txt"
+    (cd bench && timeout 250 python3 graphed_layers.py --shape llama-8b --batch 2 --grad-ckpt --warmup 3 --steps 6 \
+        --variants "norm copied" --eager-variants 2>&1 | grep -v Warn | tee "$OUT/graphed_8b.txt" | tail -8)
+    (cd bench && timeout $((590 - SECONDS)) python3 graphed_layers.py --shape llama-1b \
+        --variants "norm copied" --eager-variants 2>&1 | grep -v Warn | tee "$OUT/graphed_1b.txt" | tail -8)
 elif [ "$part" = 20 ]; then
     for liger in "" "--liger"; do
         tag=${liger:+_liger}

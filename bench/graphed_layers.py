@@ -148,7 +148,7 @@ def _flags(**flags):
     from lorakit.kernels import gated_mlp, shared_input
     modules = {"STRIDED_GRAD_X": shared_input, "FUSED_DH_LORA": gated_mlp, "FUSED_DA_LORA": gated_mlp,
                "SHARED_QKV": blocks, "FOLD_FINAL_NORM": graphs, "WORKSPACE_IN_POOL": graphs,
-               "CHECKPOINT_FINAL_NORM": graphs, "IN_PLACE_BACKWARD": gated_mlp}
+               "CHECKPOINT_FINAL_NORM": graphs, "IN_PLACE_BACKWARD": gated_mlp, "WIDE_NORM": blocks}
     old = {name: getattr(modules[name], name) for name in flags}
     for name, value in flags.items():
         setattr(modules[name], name, value)
@@ -176,6 +176,9 @@ VARIANTS = {
     "norm not checkpointed": lambda: _flags(CHECKPOINT_FINAL_NORM=False),
     # session 27: the SiLU backward writes dGate/dUp/H over gate/up/dH (gated_mlp.IN_PLACE_BACKWARD) or not
     "fresh SiLU grads": lambda: _flags(IN_PLACE_BACKWARD=False),
+    # session 30: the norms before q/k/v and gate/up write into the shared-input ops' widened inputs
+    # (blocks.WIDE_NORM) or the ops copy X there
+    "norm copied": lambda: _flags(WIDE_NORM=False),
 }
 
 

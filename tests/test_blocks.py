@@ -230,7 +230,10 @@ def test_lora_step_saves_less_than_the_frozen_floor(monkeypatch):
     monkeypatch.setattr(blocks, "SHARED_QKV", True)
     monkeypatch.setattr(widen, "PAD_TO", 64)
     lora_shared = saved_bytes(fused, ids)
+    # the second pass: the norms write into the widened inputs (blocks.WideNorm), which saves the same bytes
+    assert saved_bytes(fused, ids) == lora_shared
     monkeypatch.setattr(blocks, "SHARED_INPUT", False)
+    monkeypatch.setattr(blocks, "WIDE_NORM", False)  # else one pass of norms still widened for the ops turned off
     lora_fused, lora_unfused = saved_bytes(fused, ids), saved_bytes(unfused, ids)
     tokens, hidden, inter, layers = 2 * 64, 64, 160, 2
     # unfused, LoRA adds per layer the inputs of q/k/v and gate/up (norm outputs) and of down: (2 h + i) x tokens
@@ -619,3 +622,110 @@ def test_weights_are_widened_by_training_only(with_qkv, monkeypatch):
     assert len(calls) == 2 * per_step
     assert not any(p.is_inference() for p in fused.parameters())
     torch.testing.assert_close(step(fused)[0], step(unfused)[0], rtol=1e-12, atol=0)
+
+
+# ---- norms writing into the shared-input ops' widened inputs (blocks.WideNorm)
+
+
+def norm_buffers(monkeypatch):
+    """The buffers the shared-input ops were handed by the norms before them (None where they made a copy)."""
+    taken = []
+
+    def spy(widened, x, _orig=blocks._norm_buffer):
+        buffer = _orig(widened, x)
+        taken.append(buffer)
+        return buffer
+
+    monkeypatch.setattr(blocks, "_norm_buffer", spy)
+    return taken
+
+
+@pytest.mark.parametrize("pad_to", [1, 64])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_norms_write_into_the_widened_inputs(dtype, pad_to, monkeypatch, qkv):
+    """Each registered RMSNorm before q/k/v and gate/up carries a WideNorm; from the second step on (once the op
+    has said how wide its input is) the op takes the norm's buffer instead of copying X, and loss and every
+    gradient are those with WIDE_NORM off and those of the per-layer path, up to rounding (XA is a GEMM over a
+    strided X: the BLAS may block it otherwise)."""
+    monkeypatch.setattr(widen, "PAD_TO", pad_to)
+    model = with_lora(tiny_llama(dtype), LLAMA_TARGETS, rank_pattern={"gate_proj": 2, "k_proj": 3})
+    layer = model.model.layers[0]
+    for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+        assert isinstance(norm.__dict__.get("forward"), blocks.WideNorm)
+    assert not isinstance(model.model.norm.__dict__.get("forward"), blocks.WideNorm)  # read by the head
+    plain, unfused = copy.deepcopy(model), copy.deepcopy(model)
+    blocks.unfuse(unfused)
+    taken = norm_buffers(monkeypatch)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for seed in (1, 2, 3):
+        loss, grads = step(model, seed)
+        monkeypatch.setattr(blocks, "WIDE_NORM", False)
+        loss_p, grads_p = step(plain, seed)
+        monkeypatch.setattr(blocks, "WIDE_NORM", True)
+        loss_u, grads_u = step(unfused, seed)
+        for other_loss, other_grads in ((loss_p, grads_p), (loss_u, grads_u)):
+            torch.testing.assert_close(loss, other_loss, rtol=rtol, atol=0)
+            assert grads.keys() == other_grads.keys()
+            for name, grad in other_grads.items():
+                torch.testing.assert_close(grads[name], grad, rtol=0, atol=rtol * grad.abs().max(), msg=name)
+    # per step: the model's 4 ops (2 layers, q/k/v and gate/up), then the model with WIDE_NORM off
+    assert [b is not None for b in taken] == [False] * 8 + ([True] * 4 + [False] * 4) * 2
+
+
+def test_a_wide_norm_output_reads_right_and_an_in_place_write_fails_loudly(monkeypatch, qkv):
+    """Another reader of the norm's output after the op sees the norm's values (the op writes only beyond
+    them); writing into it before backward is refused rather than changing the op's saved input."""
+    model = with_lora(tiny_llama(torch.float64), LLAMA_TARGETS)
+    step(model)  # the ops say how wide their inputs are
+    layer = model.model.layers[0]
+    x = torch.randn(2, 12, 64, dtype=torch.float64, requires_grad=True)
+    taken = norm_buffers(monkeypatch)
+    h = layer.input_layernorm(x)
+    expected = type(layer.input_layernorm).forward(layer.input_layernorm, x).detach()
+    q = layer.self_attn.q_proj(h)
+    assert taken[0] is not None and taken[0].shape[-1] > 64
+    torch.testing.assert_close(h.detach() * 1.0, expected, rtol=0, atol=0)
+    (q.sum() + h.sum()).backward()  # h read again: fine
+    h = layer.input_layernorm(x)
+    q = layer.self_attn.q_proj(h)
+    with torch.no_grad():
+        h.mul_(2)
+    with pytest.raises(RuntimeError, match="inplace"):  # autograd's view check or the version check
+        q.sum().backward()
+    h = layer.input_layernorm(x)
+    with pytest.raises(RuntimeError, match="view"):
+        h.mul_(2)
+
+
+def test_wide_norms_follow_the_blocks(monkeypatch, qkv):
+    """WideNorms come and go with the groups they feed (unfuse, unload, a norm with another library's forward);
+    eval and inference passes after training give the per-layer path's outputs."""
+    model = with_lora(tiny_llama(torch.float64), LLAMA_TARGETS)
+    layer = model.model.layers[0]
+    reference = copy.deepcopy(model)
+    blocks.unfuse(reference)
+    assert "forward" not in reference.model.layers[0].input_layernorm.__dict__
+    step(model)
+    ids = torch.randint(0, 100, (2, 12))
+    taken = norm_buffers(monkeypatch)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                       rtol=1e-12, atol=1e-12)
+    assert any(b is not None for b in taken)
+    other = lambda x, _n=layer.post_attention_layernorm: type(_n).forward(_n, x)
+    layer.post_attention_layernorm.forward = other
+    blocks.sync(model)
+    assert layer.post_attention_layernorm.__dict__["forward"] is other  # left alone
+    assert isinstance(layer.input_layernorm.__dict__["forward"], blocks.WideNorm)
+    lk.unload(model)
+    assert "forward" not in layer.input_layernorm.__dict__
+
+
+def test_every_registered_rms_norm_computes_llamas_forward():
+    """registry.is_rms_norm's classes: their forward's source is LlamaRMSNorm's (WideNorm redoes those ops)."""
+    import inspect
+    reference = inspect.getsource(transformers.models.llama.modeling_llama.LlamaRMSNorm.forward)
+    for model_type, (cls_name, _) in registry._HF_RMS_NORMS.items():
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        assert inspect.getsource(getattr(module, cls_name).forward) == reference, cls_name

@@ -10,7 +10,10 @@
   first member called computes all of them as one shared-input op and hands the others their outputs
   when they are called with the same tensor.
 
-Both replace forwards on the instance (``module.forward``, the pattern accelerate's hooks use), compute
+* **Norms before them** (``WideNorm``, an RMSNorm of a registered decoder layer whose output only such an op
+  reads): writes its output into a buffer as wide as that op's widened input, which then needs no copy of it.
+
+All replace forwards on the instance (``module.forward``, the pattern accelerate's hooks use), compute
 exactly what the class's forward computes, and hand over to it whenever a fused op does not apply:
 adapters disabled, merged or mixed, dropout, a packed base, hooks, another active adapter count than one,
 autocast to another dtype than the weights', torch.compile (inductor fuses the per-layer ops itself) and
@@ -19,13 +22,15 @@ autocast to another dtype than the weights', torch.compile (inductor fuses the p
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
 from . import registry, widen
 from .kernels.gated_mlp import lora_mlp_down
-from .kernels.shared_input import lora_shared_input
+from .kernels.shared_input import lora_shared_input, scale_into_wide
 from .layers import Linear
 from .registry import MlpBlock
 
@@ -43,6 +48,12 @@ against 0.941 graphed; 8B with checkpointing: 0.950 / 0.938 and 0.968 / 0.952; d
 (2026-12-01) had bimodal rounds and was not faster. False: q/k/v run as their own LoRA layers (an A/B switch)."""
 
 
+WIDE_NORM = True
+"""RMSNorms of registered decoder layers write their output into a buffer wide enough for the shared-input op
+that reads it (WideNorm), which then only adds the XA columns instead of copying X into its widened input
+(kernels.shared_input). An A/B switch."""
+
+
 class FusedMlpForward:
     """The forward installed on one MLP block (``block.forward``). ``replaced``: the instance forward it took
     over (another library's implementation of the same block, registry.computes_block), or None for the
@@ -57,6 +68,7 @@ class FusedMlpForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         module, block = self.module, self.block
+        self.widened.input_extra = 0  # set again where gate and up run as one shared-input op
         down = getattr(module, block.down)
         # decided on x first (no side effects), before the projections run: a fallback runs them itself
         call = down.fused_call(x) if ENABLED and isinstance(down, Linear) and not _hooked(down) else None
@@ -132,6 +144,7 @@ class SharedInputGroup:
                     self.pending_input = None
                 return out
             outs = None
+            self.widened.input_extra = 0  # set again where the shared-input op applies
             if SHARED_INPUT and SHARED_QKV:
                 outs = shared_outputs([getattr(self.owner, n) for n in self.names], x, self.widened)
             if outs is not None:
@@ -165,6 +178,8 @@ def shared_outputs(layers, x: torch.Tensor, widened: widen.Widened) -> tuple[tor
     when it would not compute exactly what each layer computes: a layer that is not a plain LoRA Linear over a
     dense frozen weight of x's dtype with one active adapter and no dropout, hooks, torch.compile, autocast to
     another dtype."""
+    wide = _norm_buffer(widened, x)
+    widened.input_extra = 0  # until the op applies: the norm before it makes a plain output
     if torch.compiler.is_compiling():
         return None  # compiled graphs: the per-layer ops (inductor fuses those itself)
     device_type = x.device.type
@@ -189,8 +204,49 @@ def shared_outputs(layers, x: torch.Tensor, widened: widen.Widened) -> tuple[tor
     if not torch.is_grad_enabled() and not all(widened.holds(c.weight, ranks) for c in calls):
         return None  # weights are widened for training only: an eval or inference pass alone leaves them as
         # they are (with dropout, training runs the per-layer ops, whose GEMMs prefer contiguous weights)
-    return lora_shared_input(x, [(c.A, c.B, c.bias, c.scale, widened.buffer(c.weight, ranks, i, c.B, c.scale))
-                                 for i, c in enumerate(calls)])
+    projections = [(c.A, c.B, c.bias, c.scale, widened.buffer(c.weight, ranks, i, c.B, c.scale))
+                   for i, c in enumerate(calls)]
+    widened.input_extra = projections[0][4].shape[1] - in_features
+    return lora_shared_input(x, projections, wide)
+
+
+def _norm_buffer(widened: widen.Widened, x: torch.Tensor) -> torch.Tensor | None:
+    """The buffer whose first columns are ``x`` where x is the last output of the WideNorm before this group
+    (taken once: the reference is dropped here)."""
+    ref = widened.norm_output
+    if ref is None:
+        return None
+    buffer = widened.norm_buffer
+    widened.norm_output = widened.norm_buffer = None
+    return buffer() if ref() is x and buffer is not None else None
+
+
+class WideNorm:
+    """The forward installed on an RMSNorm of a registered class (registry.is_rms_norm) whose output is the
+    input of one shared-input group (``widened``: that group's). It computes the class's ops, the last
+    (``weight * normed``) written into the first columns of a buffer ``widened.input_extra`` columns wider
+    than the output (kernels.shared_input.scale_into_wide), and leaves a weak reference to both for the group.
+    Where the group did not apply last time (input_extra 0), or dtypes differ, or under torch.compile, it is
+    the class's forward. Other readers of the output see its own values (the group writes only the columns
+    beyond it); an in-place write to it before backward fails loudly (autograd's checks of custom Functions'
+    views, and the group's op saves it for its version)."""
+
+    def __init__(self, norm: nn.Module, widened: widen.Widened):
+        self.norm, self.widened = norm, widened
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        norm, widened = self.norm, self.widened
+        extra, weight = widened.input_extra, norm.weight
+        if (not (WIDE_NORM and extra and weight.dtype == x.dtype) or torch.is_inference_mode_enabled()
+                or torch.compiler.is_compiling()):
+            return type(norm).forward(norm, x)
+        h = x.to(torch.float32)  # the class's ops (transformers' LlamaRMSNorm.forward)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + norm.variance_epsilon)
+        out, buffer = scale_into_wide(weight, h.to(x.dtype), extra)
+        if buffer is not None:  # None for inference tensors (they keep no view's base)
+            widened.norm_output, widened.norm_buffer = weakref.ref(out), weakref.ref(buffer)
+        return out
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -230,7 +286,40 @@ def sync(model: nn.Module) -> int:
             act = getattr(module, block.act)
             module.forward = FusedMlpForward(module, block, registry.is_silu(act), replaced=current)
         count += isinstance(module.__dict__.get("forward"), FusedMlpForward)
+    for module in model.modules():
+        _sync_norms(module)
     return count
+
+
+def _sync_norms(layer: nn.Module) -> None:
+    """A WideNorm on each RMSNorm of a registered decoder layer whose consumer (registry.norm_consumers) computes
+    its projections as one shared-input op: the group on self-attention's q/k/v or the fused MLP block; the
+    class's forward back where it has none. Installed anew each time, for the consumer's current group."""
+    for norm_name, consumer_name in registry.norm_consumers(layer):
+        norm, consumer = getattr(layer, norm_name, None), getattr(layer, consumer_name, None)
+        if norm is None or consumer is None:
+            continue
+        current = norm.__dict__.get("forward")
+        if current is not None and not isinstance(current, WideNorm):
+            continue  # another library's forward (liger's RMSNorm): left alone
+        widened = _consumer_widened(consumer)
+        if widened is not None and registry.is_rms_norm(norm):
+            norm.forward = WideNorm(norm, widened)
+        elif current is not None:
+            del norm.forward
+
+
+def _consumer_widened(consumer: nn.Module) -> widen.Widened | None:
+    """The Widened of the shared-input op a module computes its projections of its input with, or None."""
+    forward = consumer.__dict__.get("forward")
+    if isinstance(forward, FusedMlpForward):
+        return forward.widened if forward.block.gate is not None else None
+    for name in registry.shared_input_projections(consumer):
+        member = getattr(consumer, name, None)
+        member_forward = member.__dict__.get("forward") if member is not None else None
+        if isinstance(member_forward, _Member):
+            return member_forward.group.widened
+    return None
 
 
 def _sync_group(module: nn.Module) -> None:
@@ -257,6 +346,8 @@ def unfuse(model: nn.Module) -> None:
 def _restore(module: nn.Module) -> None:
     _restore_group(module)
     _restore_mlp(module)
+    if isinstance(module.__dict__.get("forward"), WideNorm):
+        del module.forward
 
 
 def _restore_mlp(module: nn.Module) -> None:

@@ -152,9 +152,11 @@ def shared_input_projections(module: nn.Module) -> tuple[str, ...]:
     return _hf_entry(module, _HF_SHARED_INPUT, _SHARED_INPUT) or ()
 
 
+_LLAMA_NORMS = (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp"))
 _HF_DECODER_LAYERS = {  # transformers module -> decoder layer class whose forward is Llama's: (hidden_states,
-    # attention_mask=, position_embeddings=(cos, sin), ...) -> hidden_states (lorakit.graphs replays these)
-    model_type: (f"{prefix}DecoderLayer", True) for model_type, prefix in (
+    # attention_mask=, position_embeddings=(cos, sin), ...) -> hidden_states (lorakit.graphs replays these);
+    # the entry: (norm, the module whose forward alone reads that norm's output) pairs
+    model_type: (f"{prefix}DecoderLayer", _LLAMA_NORMS) for model_type, prefix in (
         ("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
 }
 _DECODER_LAYERS: dict[type, bool] = {}
@@ -163,6 +165,25 @@ _DECODER_LAYERS: dict[type, bool] = {}
 def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The decoder layers of a known class in ``model``, in module order (the order a forward calls them)."""
     return [(name, m) for name, m in model.named_modules() if _hf_entry(m, _HF_DECODER_LAYERS, _DECODER_LAYERS)]
+
+
+def norm_consumers(layer: nn.Module) -> tuple[tuple[str, str], ...]:
+    """For a decoder layer of a known class: (norm, consumer) attribute names, the consumer's forward being the
+    only reader of the norm's output (Llama's input_layernorm -> self_attn). Empty for other modules."""
+    return _hf_entry(layer, _HF_DECODER_LAYERS, _DECODER_LAYERS) or ()
+
+
+_HF_RMS_NORMS = {  # transformers module -> RMSNorm class whose forward is LlamaRMSNorm's: the float32 mean of
+    # squares, x * rsqrt(mean + variance_epsilon) cast back, then weight * that (lorakit.blocks.WideNorm redoes it)
+    model_type: (f"{prefix}RMSNorm", True) for model_type, prefix in (
+        ("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
+}
+_RMS_NORMS: dict[type, bool] = {}
+
+
+def is_rms_norm(module: nn.Module) -> bool:
+    """True for an RMSNorm of a known class (exact type) whose forward is LlamaRMSNorm's."""
+    return bool(_hf_entry(module, _HF_RMS_NORMS, _RMS_NORMS))
 
 
 def known_decoder_layers() -> list[str]:

@@ -21,6 +21,11 @@ class Widened:
 
     def __init__(self):
         self.records: dict[int, tuple] = {}  # id(weight) -> (weakref, buffer storage pointer, ranks)
+        # the group's input made in place by the norm before it (blocks.WideNorm): how many columns wider than
+        # the input the norm should make its buffer (0: not at all), and a weak reference to its last output
+        self.input_extra = 0
+        self.norm_output: weakref.ref | None = None
+        self.norm_buffer: weakref.ref | None = None
 
     def holds(self, weight: nn.Parameter, ranks: tuple[int, ...]) -> bool:
         """Whether ``weight`` is already widened for ``ranks`` (its buffer made here, not moved since). Read from

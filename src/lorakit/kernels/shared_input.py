@@ -15,6 +15,10 @@ copy of W):
                [dA_1; ...; dA_n] = [s GA].T @ X                one read of X for every A
                dB_i = s_i dY_i.T @ XA_i                        XA_i: Xc's columns
 
+Xc is one more copy of X unless X was written into it: an RMSNorm of a known decoder layer that feeds the op
+(lorakit.blocks.WideNorm) writes its output into the first columns of a buffer as wide as Xc
+(``scale_into_wide``), and the op writes only the XA columns.
+
 Saved for backward: Xc (the input the per-layer ops save too, plus the XA columns they save) and the stacked
 [A_1; ...; A_n] (r x in, which dX needs again; stacking it anew would be one more op on the host). Rounding
 differs from the per-layer path only in the order of the sums (the rank-r term is accumulated inside the
@@ -52,16 +56,27 @@ class SharedInputArgs:
 
 class LoraSharedInputFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, args: SharedInputArgs, x, *tensors):
+    def forward(ctx, args: SharedInputArgs, x, wide, *tensors):
         """``tensors``: for each projection A_i, B_i, bias_i (None when absent), P_i (the widened weight, s_i B_i
-        written in; all of one width). Returns one output per projection."""
+        written in; all of one width). ``wide``: None, or the buffer whose first columns x is (scale_into_wide),
+        at least as wide as the weights. Returns one output per projection."""
         n = len(args.ranks)
         As, Bs, biases, packed = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
         x2 = x.reshape(-1, args.in_features)
         pad = packed[0].shape[1] - args.in_features - sum(args.ranks)  # the widened weights' zero columns
         a_all = torch.cat(As) if n > 1 else As[0]  # [A_1; ...; A_n], saved: backward's dX needs it too
-        xa = torch.mm(x2, a_all.t())
-        xc = torch.cat([x2, F.pad(xa, (0, pad)) if pad else xa], 1)  # F.pad copies even with no padding
+        width = packed[0].shape[1]
+        if wide is not None:  # x is already in place: write the XA columns (and zero any padding) beside it,
+            # through .data, an alias whose writes leave x's version counter alone (x's own columns do not change);
+            # x is saved as well, so an in-place write to x before backward fails in autograd's version check
+            xc = wide.data.view(-1, wide.shape[-1])[:, :width]
+            rank = width - pad
+            torch.mm(x2, a_all.t(), out=xc[:, args.in_features:rank])
+            if pad:
+                xc[:, rank:].zero_()
+        else:
+            xa = torch.mm(x2, a_all.t())
+            xc = torch.cat([x2, F.pad(xa, (0, pad)) if pad else xa], 1)  # F.pad copies even with no padding
         lead = x.shape[:-1]
         outs = []
         for i in range(n):
@@ -69,7 +84,8 @@ class LoraSharedInputFunction(torch.autograd.Function):
             outs.append(y.view(*lead, y.shape[-1]))
         ctx.args, ctx.x_shape, ctx.packed = args, x.shape, packed  # frozen weights: not saved activations
         ctx.set_materialize_grads(False)  # an output that reaches no loss: its GEMMs are skipped, not zero-filled
-        ctx.save_for_backward(xc, a_all, *Bs)
+        ctx.checks_x = wide is not None
+        ctx.save_for_backward(xc, a_all, *((x,) if ctx.checks_x else ()), *Bs)
         return tuple(outs)
 
     @staticmethod
@@ -77,12 +93,14 @@ class LoraSharedInputFunction(torch.autograd.Function):
         args = ctx.args
         n, k = len(args.ranks), args.in_features
         xc, a_all, *Bs = ctx.saved_tensors
-        need = ctx.needs_input_grad[2:]
+        if ctx.checks_x:
+            Bs = Bs[1:]  # x, saved for its version check only
+        need = ctx.needs_input_grad[3:]  # per projection: A, B, bias, packed
         grads2 = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
         out: list[torch.Tensor | None] = [None] * (4 * n)
         grad_x = None
         if all(g is None for g in grads2):  # no output reached the loss
-            return (None, None, *out)
+            return (None, None, None, *out)
         dx_base, sga = _grad_wide(grads2, ctx.packed, k, args.ranks)
         if ctx.needs_input_grad[1]:
             # in place where dX_base is a tensor of its own (the split backward): torch.addmm would copy it first
@@ -101,7 +119,7 @@ class LoraSharedInputFunction(torch.autograd.Function):
                 if need[4 * i + 2] and args.biases[i]:
                     out[4 * i + 2] = g.sum(0)
             offset += r
-        return (None, grad_x, *out)
+        return (None, grad_x, None, *out)
 
 
 def _grad_wide(grads, packed, k: int, ranks: tuple[int, ...]):
@@ -134,10 +152,11 @@ def _grad_wide(grads, packed, k: int, ranks: tuple[int, ...]):
     return gemm_choice.run("shared_input_backward", key, first.device, (widened, split))
 
 
-def lora_shared_input(x: torch.Tensor, projections) -> tuple[torch.Tensor, ...]:
+def lora_shared_input(x: torch.Tensor, projections, wide: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The outputs ``x @ W_i.T + b_i + s_i * (x @ A_i.T) @ B_i.T`` for ``projections``: (A, B, bias or None,
     scale, packed) each, ``packed`` the widened frozen weight with s*B written in (lorakit.widen). Every
-    operand is computed in x's dtype, which the packed weights have."""
+    operand is computed in x's dtype, which the packed weights have. ``wide``: the buffer x was written into
+    by ``scale_into_wide``, used where it is (x its first columns, contiguous, wide enough)."""
     dtype = x.dtype
     tensors = []
     for A, B, bias, _, packed in projections:  # casts only where needed: each .to() is an op on the host
@@ -145,7 +164,45 @@ def lora_shared_input(x: torch.Tensor, projections) -> tuple[torch.Tensor, ...]:
                     bias if bias is None or bias.dtype == dtype else bias.to(dtype), packed]
     args = SharedInputArgs(x.shape[-1], tuple(p[0].shape[0] for p in projections),
                            tuple(float(p[3]) for p in projections), tuple(p[2] is not None for p in projections))
+    if wide is not None and not _holds(wide, x, projections[0][4].shape[1]):
+        wide = None
     if not torch.is_autocast_enabled(x.device.type):
-        return LoraSharedInputFunction.apply(args, x, *tensors)
+        return LoraSharedInputFunction.apply(args, x, wide, *tensors)
     with torch.autocast(x.device.type, enabled=False):
-        return LoraSharedInputFunction.apply(args, x, *tensors)
+        return LoraSharedInputFunction.apply(args, x, wide, *tensors)
+
+
+def _holds(wide: torch.Tensor, x: torch.Tensor, width: int) -> bool:
+    """Whether x is the first columns of the contiguous buffer ``wide``, which has at least ``width`` of them."""
+    return (wide.is_contiguous() and wide.dtype == x.dtype and wide.dim() == x.dim() and wide.shape[-1] >= width
+            and wide.shape[:-1] == x.shape[:-1] and x.data_ptr() == wide.data_ptr()
+            and x.stride() == wide.stride())
+
+
+class ScaleIntoWide(torch.autograd.Function):
+    """``weight * normed`` (an RMSNorm's last op) written into the first columns of a new buffer ``extra`` columns
+    wider, returned as that column view. Backward is autograd's for the product: the same ops."""
+
+    @staticmethod
+    def forward(ctx, weight, normed, extra: int):
+        buffer = normed.new_empty(*normed.shape[:-1], normed.shape[-1] + extra)
+        out = buffer[..., :normed.shape[-1]]
+        torch.mul(weight, normed, out=out)
+        # what autograd's product saves: each factor only where the other needs its gradient
+        ctx.save_for_backward(weight if ctx.needs_input_grad[1] else None, normed if ctx.needs_input_grad[0] else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, normed = ctx.saved_tensors
+        grad_weight = (grad * normed).sum_to_size(weight.shape) if ctx.needs_input_grad[0] else None
+        grad_normed = grad * weight if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_normed, None
+
+
+def scale_into_wide(weight: torch.Tensor, normed: torch.Tensor, extra: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight * normed, buffer)``: the product as the first columns of ``buffer``, ``extra`` columns wider
+    (lora_shared_input then writes the XA columns beside it instead of copying it); buffer None for an
+    inference tensor (no view keeps its base)."""
+    out = ScaleIntoWide.apply(weight, normed, extra)
+    return out, out._base
