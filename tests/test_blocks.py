@@ -729,3 +729,22 @@ def test_every_registered_rms_norm_computes_llamas_forward():
     for model_type, (cls_name, _) in registry._HF_RMS_NORMS.items():
         module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
         assert inspect.getsource(getattr(module, cls_name).forward) == reference, cls_name
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_wide_norms_under_gradient_checkpointing(reentrant, monkeypatch, qkv):
+    """Checkpointed layers (lorakit's checkpoint_kwargs and reentrant checkpointing): the recomputation's norms
+    write into the ops' inputs as well, and every step gives the bits of WIDE_NORM off."""
+    model = with_lora(tiny_llama(), LLAMA_TARGETS)
+    kwargs = {"use_reentrant": True} if reentrant else lk.checkpoint_kwargs()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    plain = copy.deepcopy(model)
+    taken = norm_buffers(monkeypatch)
+    for seed in (1, 2):
+        loss, grads = step(model, seed)
+        monkeypatch.setattr(blocks, "WIDE_NORM", False)
+        loss_p, grads_p = step(plain, seed)
+        monkeypatch.setattr(blocks, "WIDE_NORM", True)
+        assert torch.equal(loss, loss_p) and grads.keys() == grads_p.keys() and grads
+        assert all(torch.equal(grads[k], grads_p[k]) for k in grads_p)
+    assert sum(b is not None for b in taken) >= 8  # the second step: forward and recomputation, 2 layers x 2 ops

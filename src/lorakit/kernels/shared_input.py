@@ -68,7 +68,7 @@ class LoraSharedInputFunction(torch.autograd.Function):
         width, rank = packed[0].shape[1], packed[0].shape[1] - pad
         if wide is not None:  # x is already in place: write the XA columns (and zero any padding) beside it,
             # through .data, an alias whose writes leave x's version counter alone (x's own columns do not change);
-            # x is saved as well, so an in-place write to x before backward fails in autograd's version check
+            # x is saved as well (below), so an in-place write to x before backward fails autograd's version check
             xc = wide.data.view(-1, wide.shape[-1])[:, :width]
         else:  # x copied in first, so that XA is the same GEMM (over the same strided X) either way: same bits
             xc = x2.new_empty(x2.shape[0], width)
@@ -83,17 +83,17 @@ class LoraSharedInputFunction(torch.autograd.Function):
             outs.append(y.view(*lead, y.shape[-1]))
         ctx.args, ctx.x_shape, ctx.packed = args, x.shape, packed  # frozen weights: not saved activations
         ctx.set_materialize_grads(False)  # an output that reaches no loss: its GEMMs are skipped, not zero-filled
-        ctx.checks_x = wide is not None
-        ctx.save_for_backward(xc, a_all, *((x,) if ctx.checks_x else ()), *Bs)
+        # x for its version check where Xc is x's own storage; else Xc's copy in x's shape (no memory, and the same
+        # saved tensors either way: a checkpointed recomputation may take the other branch)
+        check = x if wide is not None else xc[:, :args.in_features].view(x.shape)
+        ctx.save_for_backward(xc, a_all, check, *Bs)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         args = ctx.args
         n, k = len(args.ranks), args.in_features
-        xc, a_all, *Bs = ctx.saved_tensors
-        if ctx.checks_x:
-            Bs = Bs[1:]  # x, saved for its version check only
+        xc, a_all, _, *Bs = ctx.saved_tensors  # the third: saved for its version check only
         need = ctx.needs_input_grad[3:]  # per projection: A, B, bias, packed
         grads2 = [g.reshape(-1, g.shape[-1]) if g is not None else None for g in grads]
         out: list[torch.Tensor | None] = [None] * (4 * n)
