@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # What the next device session should run first, each part one device call of under 10 minutes:
-#   part 22 (next): the norms writing into the shared-input ops' widened inputs (blocks.WIDE_NORM, session 30): the
+#   part 23 (next): the issue's table on the issue's machine: train_gpu.py (floor, PEFT's three settings, lorakit's
+#           rows) on 1B with 2 rounds and a profile, then on 8B with checkpointing;
+#   part 22: the norms writing into the shared-input ops' widened inputs (blocks.WIDE_NORM, session 30): the
 #           GPU tests of blocks and graphs, then graphed_layers on 8B and 1B against the variant without it
 #           (eager and graphed rows);
 #   part 14: the final norm checkpointed on the last replay's output (graphs.CHECKPOINT_FINAL_NORM, on by
@@ -78,6 +80,12 @@ elif [ "$part" = 21 ]; then
     (cd bench && timeout $((585 - SECONDS)) python3 train_gpu.py --shape llama-8b --batch 2 --grad-ckpt --only liger \
         --liger --profile --steps 6 --warmup 3 --rounds 2 2>&1 | grep -v Warn > "$OUT/train_8b_liger.txt"; \
         grep -A8 "^llama" "$OUT/train_8b_liger.txt"; grep "wall time\|GPU time" "$OUT/train_8b_liger.txt")
+elif [ "$part" = 23 ]; then
+    (cd bench && timeout 300 python3 train_gpu.py --shape llama-1b --only floor,peft,lorakit --rounds 2 --profile \
+        2>&1 | grep -v Warn > "$OUT/train_1b.txt"; grep -A12 "^llama" "$OUT/train_1b.txt")
+    (cd bench && timeout $((585 - SECONDS)) python3 train_gpu.py --shape llama-8b --batch 2 --grad-ckpt \
+        --only floor,peft,lorakit --steps 6 --warmup 3 2>&1 | grep -v Warn > "$OUT/train_8b.txt"; \
+        grep -A12 "^llama" "$OUT/train_8b.txt")
 elif [ "$part" = 22 ]; then
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_blocks.py tests/test_graphs.py 2>&1 | tail -3 \
         | tee "$OUT/gpu_tests.txt"
