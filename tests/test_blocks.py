@@ -748,3 +748,44 @@ def test_wide_norms_under_gradient_checkpointing(reentrant, monkeypatch, qkv):
         assert torch.equal(loss, loss_p) and grads.keys() == grads_p.keys() and grads
         assert all(torch.equal(grads[k], grads_p[k]) for k in grads_p)
     assert sum(b is not None for b in taken) >= 8  # the second step: forward and recomputation, 2 layers x 2 ops
+
+
+@pytest.mark.parametrize("extra", [1, 20])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_rms_norm_into_wide_gives_the_class_bits(dtype, extra):
+    """kernels.rms_norm against LlamaRMSNorm's own forward through autograd: output, input gradient and (a trained
+    weight) weight gradient bit for bit, for a strided output gradient too; the output is the first columns of
+    a buffer ``extra`` wider."""
+    from lorakit.kernels.rms_norm import rms_norm_into_wide
+
+    norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=g))
+    x = torch.randn(3, 7, 48, generator=g).to(dtype).requires_grad_()
+    for grad in (torch.randn(3, 7, 48, generator=g).to(dtype), torch.randn(3, 7, 80, generator=g).to(dtype)[..., :48]):
+        out, buffer = rms_norm_into_wide(x, norm.weight, norm.variance_epsilon, extra)
+        assert buffer.shape[-1] == 48 + extra and out.data_ptr() == buffer.data_ptr()
+        out.backward(grad)
+        mine = out.detach().clone(), x.grad, norm.weight.grad
+        x.grad = norm.weight.grad = None
+        ref = type(norm).forward(norm, x)
+        ref.backward(grad)
+        for a, b in zip(mine, (ref.detach(), x.grad, norm.weight.grad)):
+            assert torch.equal(a, b)
+        x.grad = norm.weight.grad = None
+
+
+def test_wide_norms_in_bf16_give_the_same_bits(monkeypatch, qkv):
+    """bf16: three steps, loss and gradients bit-equal to WIDE_NORM off."""
+    model = with_lora(tiny_llama(torch.bfloat16), LLAMA_TARGETS)
+    plain = copy.deepcopy(model)
+    taken = norm_buffers(monkeypatch)
+    for seed in (1, 2, 3):
+        loss, grads = step(model, seed)
+        monkeypatch.setattr(blocks, "WIDE_NORM", False)
+        loss_p, grads_p = step(plain, seed)
+        monkeypatch.setattr(blocks, "WIDE_NORM", True)
+        assert torch.equal(loss, loss_p) and grads.keys() == grads_p.keys()
+        assert all(torch.equal(grads[k], grads_p[k]) for k in grads_p)
+    assert sum(b is not None for b in taken) == 8

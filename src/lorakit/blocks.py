@@ -30,7 +30,8 @@ from torch.nn.modules import module as torch_module
 
 from . import registry, widen
 from .kernels.gated_mlp import lora_mlp_down
-from .kernels.shared_input import lora_shared_input, scale_into_wide
+from .kernels.rms_norm import rms_norm_into_wide
+from .kernels.shared_input import lora_shared_input
 from .layers import Linear
 from .registry import MlpBlock
 
@@ -223,28 +224,25 @@ def _norm_buffer(widened: widen.Widened, x: torch.Tensor) -> torch.Tensor | None
 
 class WideNorm:
     """The forward installed on an RMSNorm of a registered class (registry.is_rms_norm) whose output is the
-    input of one shared-input group (``widened``: that group's). It computes the class's ops, the last
-    (``weight * normed``) written into the first columns of a buffer ``widened.input_extra`` columns wider
-    than the output (kernels.shared_input.scale_into_wide), and leaves a weak reference to both for the group.
-    Where the group did not apply last time (input_extra 0), or dtypes differ, or under torch.compile, it is
-    the class's forward. Other readers of the output see its own values (the group writes only the columns
-    beyond it); an in-place write to it before backward fails loudly (autograd's checks of custom Functions'
-    views, and the group's op saves it for its version)."""
+    input of one shared-input group (``widened``: that group's): the class's ops, the output written into the
+    first columns of a buffer ``widened.input_extra`` columns wider (kernels.rms_norm), with a weak reference to
+    both left for the group. The class's own forward where the group did not apply last time (input_extra 0),
+    under torch.compile or inference mode, with WIDE_NORM off, or for a weight of another dtype. Other readers
+    of the output see its own values (the group writes only the columns beyond it); an in-place write to it
+    before backward fails loudly (autograd's checks of custom Functions' views, and the group's op saves it for
+    its version)."""
 
     def __init__(self, norm: nn.Module, widened: widen.Widened):
         self.norm, self.widened = norm, widened
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         norm, widened = self.norm, self.widened
-        extra, weight = widened.input_extra, norm.weight
-        if (not (WIDE_NORM and extra and weight.dtype == x.dtype) or torch.is_inference_mode_enabled()
-                or torch.compiler.is_compiling()):
+        weight, extra = norm.weight, widened.input_extra
+        if (torch.compiler.is_compiling() or not (WIDE_NORM and extra) or weight.dtype != x.dtype
+                or torch.is_inference_mode_enabled()):
             return type(norm).forward(norm, x)
-        h = x.to(torch.float32)  # the class's ops (transformers' LlamaRMSNorm.forward)
-        variance = h.pow(2).mean(-1, keepdim=True)
-        h = h * torch.rsqrt(variance + norm.variance_epsilon)
-        out, buffer = scale_into_wide(weight, h.to(x.dtype), extra)
-        if buffer is not None:  # None for inference tensors (they keep no view's base)
+        out, buffer = rms_norm_into_wide(x, weight, norm.variance_epsilon, extra)
+        if buffer is not None:
             widened.norm_output, widened.norm_buffer = weakref.ref(out), weakref.ref(buffer)
         return out
 

@@ -17,7 +17,7 @@ copy of W):
 
 Xc is one more copy of X unless X was written into it: an RMSNorm of a known decoder layer that feeds the op
 (lorakit.blocks.WideNorm) writes its output into the first columns of a buffer as wide as Xc
-(``scale_into_wide``), and the op writes only the XA columns.
+(kernels.rms_norm), and the op writes only the XA columns.
 
 Saved for backward: Xc (the input the per-layer ops save too, plus the XA columns they save) and the stacked
 [A_1; ...; A_n] (r x in, which dX needs again; stacking it anew would be one more op on the host). Rounding
@@ -58,7 +58,7 @@ class LoraSharedInputFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, args: SharedInputArgs, x, wide, *tensors):
         """``tensors``: for each projection A_i, B_i, bias_i (None when absent), P_i (the widened weight, s_i B_i
-        written in; all of one width). ``wide``: None, or the buffer whose first columns x is (scale_into_wide),
+        written in; all of one width). ``wide``: None, or the buffer whose first columns x is (kernels.rms_norm),
         at least as wide as the weights. Returns one output per projection."""
         n = len(args.ranks)
         As, Bs, biases, packed = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
@@ -155,7 +155,7 @@ def lora_shared_input(x: torch.Tensor, projections, wide: torch.Tensor | None = 
     """The outputs ``x @ W_i.T + b_i + s_i * (x @ A_i.T) @ B_i.T`` for ``projections``: (A, B, bias or None,
     scale, packed) each, ``packed`` the widened frozen weight with s*B written in (lorakit.widen). Every
     operand is computed in x's dtype, which the packed weights have. ``wide``: the buffer x was written into
-    by ``scale_into_wide``, used where it is (x its first columns, contiguous, wide enough)."""
+    by kernels.rms_norm, used where it is (x its first columns, contiguous, wide enough)."""
     dtype = x.dtype
     tensors = []
     for A, B, bias, _, packed in projections:  # casts only where needed: each .to() is an op on the host
@@ -176,32 +176,3 @@ def _holds(wide: torch.Tensor, x: torch.Tensor, width: int) -> bool:
     return (wide.is_contiguous() and wide.dtype == x.dtype and wide.dim() == x.dim() and wide.shape[-1] >= width
             and wide.shape[:-1] == x.shape[:-1] and x.data_ptr() == wide.data_ptr()
             and x.stride() == wide.stride())
-
-
-class ScaleIntoWide(torch.autograd.Function):
-    """``weight * normed`` (an RMSNorm's last op) written into the first columns of a new buffer ``extra`` columns
-    wider, returned as that column view. Backward is autograd's for the product: the same ops."""
-
-    @staticmethod
-    def forward(ctx, weight, normed, extra: int):
-        buffer = normed.new_empty(*normed.shape[:-1], normed.shape[-1] + extra)
-        out = buffer[..., :normed.shape[-1]]
-        torch.mul(weight, normed, out=out)
-        # what autograd's product saves: each factor only where the other needs its gradient
-        ctx.save_for_backward(weight if ctx.needs_input_grad[1] else None, normed if ctx.needs_input_grad[0] else None)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, normed = ctx.saved_tensors
-        grad_weight = (grad * normed).sum_to_size(weight.shape) if ctx.needs_input_grad[0] else None
-        grad_normed = grad * weight if ctx.needs_input_grad[1] else None
-        return grad_weight, grad_normed, None
-
-
-def scale_into_wide(weight: torch.Tensor, normed: torch.Tensor, extra: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight * normed, buffer)``: the product as the first columns of ``buffer``, ``extra`` columns wider
-    (lora_shared_input then writes the XA columns beside it instead of copying it); buffer None for an
-    inference tensor (no view keeps its base)."""
-    out = ScaleIntoWide.apply(weight, normed, extra)
-    return out, out._base
