@@ -789,3 +789,18 @@ def test_wide_norms_in_bf16_give_the_same_bits(monkeypatch, qkv):
         assert torch.equal(loss, loss_p) and grads.keys() == grads_p.keys()
         assert all(torch.equal(grads[k], grads_p[k]) for k in grads_p)
     assert sum(b is not None for b in taken) == 8
+
+
+def test_a_trained_model_pickles_whole_and_trains_on_the_same(tmp_path, qkv):
+    """torch.save of the whole model after training steps (widened weights, wide norms: their weak references are
+    not pickled) loads back and computes the next step as the original does."""
+    model = with_lora(tiny_llama(torch.float64), LLAMA_TARGETS)
+    step(model, 1)
+    step(model, 2)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    loss, grads = step(model, 3)
+    loss_l, grads_l = step(loaded, 3)
+    torch.testing.assert_close(loss_l, loss, rtol=1e-12, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_l[name], grad, rtol=0, atol=1e-12 * grad.abs().max(), msg=name)

@@ -27,6 +27,11 @@ class Widened:
         self.norm_output: weakref.ref | None = None
         self.norm_buffer: weakref.ref | None = None
 
+    def __getstate__(self) -> dict:
+        """Pickled (torch.save of a whole model, deepcopy) without the weak references, which do not pickle: a copy
+        widens its weights again on first use (a copy's weights are not the ones recorded anyway)."""
+        return {**self.__dict__, "records": {}, "norm_output": None, "norm_buffer": None}
+
     def holds(self, weight: nn.Parameter, ranks: tuple[int, ...]) -> bool:
         """Whether ``weight`` is already widened for ``ranks`` (its buffer made here, not moved since). Read from
         the parameter itself, not ``weight.data`` (an op of its own: this runs in every forward)."""
