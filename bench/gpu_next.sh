@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # What the next device session should run first, each part one device call of under 10 minutes:
-#   part 23 (next): the issue's table on the issue's machine: train_gpu.py (floor, PEFT's three settings, lorakit's
+#   part 24 (next): what session 30 could not run (no device left): the graph GPU tests on the final WideNorm code,
+#           then WideNorm at a small, host-bound batch (1B, 1 x 512: graphed_layers with the "norm copied" A/B,
+#           eager and graphed rows; WideNorm adds ~40 us of host time a norm), then train_gpu's 8B lorakit row
+#           alone (its peak was 22.5 GiB after PEFT's rows on the same model, against 22.26 in graphed_layers);
+#   part 23: the issue's table on the issue's machine: train_gpu.py (floor, PEFT's three settings, lorakit's
 #           rows) on 1B with 2 rounds and a profile, then on 8B with checkpointing;
 #   part 22: the norms writing into the shared-input ops' widened inputs (blocks.WIDE_NORM, session 30): the
 #           GPU tests of blocks and graphs, then graphed_layers on 8B and 1B against the variant without it
@@ -80,6 +84,13 @@ elif [ "$part" = 21 ]; then
     (cd bench && timeout $((585 - SECONDS)) python3 train_gpu.py --shape llama-8b --batch 2 --grad-ckpt --only liger \
         --liger --profile --steps 6 --warmup 3 --rounds 2 2>&1 | grep -v Warn > "$OUT/train_8b_liger.txt"; \
         grep -A8 "^llama" "$OUT/train_8b_liger.txt"; grep "wall time\|GPU time" "$OUT/train_8b_liger.txt")
+elif [ "$part" = 24 ]; then
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tail -2 | tee "$OUT/gpu_tests.txt"
+    (cd bench && timeout 200 python3 graphed_layers.py --shape llama-1b --batch 1 --seq 512 --rounds 3 \
+        --variants "norm copied" --eager-variants 2>&1 | grep -v Warn | tee "$OUT/graphed_1b_b1_s512.txt" | tail -8)
+    (cd bench && timeout $((585 - SECONDS)) python3 train_gpu.py --shape llama-8b --batch 2 --grad-ckpt \
+        --only floor,lorakit --steps 6 --warmup 3 2>&1 | grep -v Warn > "$OUT/train_8b_lorakit.txt"; \
+        grep -A8 "^llama" "$OUT/train_8b_lorakit.txt")
 elif [ "$part" = 23 ]; then
     (cd bench && timeout 300 python3 train_gpu.py --shape llama-1b --only floor,peft,lorakit --rounds 2 --profile \
         2>&1 | grep -v Warn > "$OUT/train_1b.txt"; grep -A12 "^llama" "$OUT/train_1b.txt")
