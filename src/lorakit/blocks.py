@@ -179,8 +179,7 @@ def shared_outputs(layers, x: torch.Tensor, widened: widen.Widened) -> tuple[tor
     when it would not compute exactly what each layer computes: a layer that is not a plain LoRA Linear over a
     dense frozen weight of x's dtype with one active adapter and no dropout, hooks, torch.compile, autocast to
     another dtype."""
-    wide = _norm_buffer(widened, x)
-    widened.input_extra = 0  # until the op applies: the norm before it makes a plain output
+    wide = _norm_buffer(widened, x)  # (callers set widened.input_extra to 0 first: set again where the op applies)
     if torch.compiler.is_compiling():
         return None  # compiled graphs: the per-layer ops (inductor fuses those itself)
     device_type = x.device.type
@@ -212,21 +211,17 @@ def shared_outputs(layers, x: torch.Tensor, widened: widen.Widened) -> tuple[tor
 
 
 def _norm_buffer(widened: widen.Widened, x: torch.Tensor) -> torch.Tensor | None:
-    """The buffer whose first columns are ``x`` where x is the last output of the WideNorm before this group
-    (taken once: the reference is dropped here)."""
-    ref = widened.norm_output
-    if ref is None:
-        return None
-    buffer = widened.norm_buffer
-    widened.norm_output = widened.norm_buffer = None
-    return buffer() if ref() is x and buffer is not None else None
+    """The buffer whose first columns are ``x`` (x's view base) where x is the last output of the WideNorm before
+    this group (taken once: the reference is dropped here)."""
+    ref, widened.norm_output = widened.norm_output, None
+    return x._base if ref is not None and ref() is x else None
 
 
 class WideNorm:
     """The forward installed on an RMSNorm of a registered class (registry.is_rms_norm) whose output is the
     input of one shared-input group (``widened``: that group's): the class's ops, the output written into the
     first columns of a buffer ``widened.input_extra`` columns wider (kernels.rms_norm), with a weak reference to
-    both left for the group. The class's own forward where the group did not apply last time (input_extra 0),
+    it left for the group. The class's own forward where the group did not apply last time (input_extra 0),
     under torch.compile or inference mode, with WIDE_NORM off, or for a weight of another dtype. Other readers
     of the output see its own values (the group writes only the columns beyond it); an in-place write to it
     before backward fails loudly (autograd's checks of custom Functions' views, and the group's op saves it for
@@ -241,9 +236,8 @@ class WideNorm:
         if (torch.compiler.is_compiling() or not (WIDE_NORM and extra) or weight.dtype != x.dtype
                 or torch.is_inference_mode_enabled()):
             return type(norm).forward(norm, x)
-        out, buffer = rms_norm_into_wide(x, weight, norm.variance_epsilon, extra)
-        if buffer is not None:
-            widened.norm_output, widened.norm_buffer = weakref.ref(out), weakref.ref(buffer)
+        out = rms_norm_into_wide(x, weight, norm.variance_epsilon, extra)
+        widened.norm_output = weakref.ref(out)
         return out
 
 

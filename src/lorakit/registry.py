@@ -159,7 +159,7 @@ _HF_DECODER_LAYERS = {  # transformers module -> decoder layer class whose forwa
     model_type: (f"{prefix}DecoderLayer", _LLAMA_NORMS) for model_type, prefix in (
         ("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
 }
-_DECODER_LAYERS: dict[type, bool] = {}
+_DECODER_LAYERS: dict[type, tuple[tuple[str, str], ...]] = {}
 
 
 def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

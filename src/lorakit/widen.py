@@ -25,12 +25,11 @@ class Widened:
         # the input the norm should make its buffer (0: not at all), and a weak reference to its last output
         self.input_extra = 0
         self.norm_output: weakref.ref | None = None
-        self.norm_buffer: weakref.ref | None = None
 
     def __getstate__(self) -> dict:
         """Pickled (torch.save of a whole model, deepcopy) without the weak references, which do not pickle: a copy
         widens its weights again on first use (a copy's weights are not the ones recorded anyway)."""
-        return {**self.__dict__, "records": {}, "norm_output": None, "norm_buffer": None}
+        return {**self.__dict__, "records": {}, "norm_output": None}
 
     def holds(self, weight: nn.Parameter, ranks: tuple[int, ...]) -> bool:
         """Whether ``weight`` is already widened for ``ranks`` (its buffer made here, not moved since). Read from

@@ -37,12 +37,10 @@ class ScaleIntoWide(torch.autograd.Function):
         return grad_weight, grad_normed, None
 
 
-def rms_norm_into_wide(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                       extra: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(LlamaRMSNorm(x), buffer)``: the output as the first columns of ``buffer``, ``extra`` (> 0) columns wider;
-    buffer None for an inference tensor (no view keeps its base)."""
+def rms_norm_into_wide(x: torch.Tensor, weight: torch.Tensor, eps: float, extra: int) -> torch.Tensor:
+    """LlamaRMSNorm(x) as the first columns of a buffer ``extra`` (> 0) columns wider: the output's view base
+    (``._base``; none for an inference tensor, which keeps no view's base)."""
     h = x.to(torch.float32)  # the class's ops
     variance = h.pow(2).mean(-1, keepdim=True)
     h = h * torch.rsqrt(variance + eps)
-    out = ScaleIntoWide.apply(weight, h.to(x.dtype), extra)
-    return out, out._base
+    return ScaleIntoWide.apply(weight, h.to(x.dtype), extra)

@@ -65,7 +65,7 @@ class LoraSharedInputFunction(torch.autograd.Function):
         x2 = x.reshape(-1, args.in_features)
         pad = packed[0].shape[1] - args.in_features - sum(args.ranks)  # the widened weights' zero columns
         a_all = torch.cat(As) if n > 1 else As[0]  # [A_1; ...; A_n], saved: backward's dX needs it too
-        width, rank = packed[0].shape[1], packed[0].shape[1] - pad
+        width, xa_end = packed[0].shape[1], packed[0].shape[1] - pad  # Xc: [X | XA | padding]
         if wide is not None:  # x is already in place: write the XA columns (and zero any padding) beside it,
             # through .data, an alias whose writes leave x's version counter alone (x's own columns do not change);
             # x is saved as well (below), so an in-place write to x before backward fails autograd's version check
@@ -73,9 +73,9 @@ class LoraSharedInputFunction(torch.autograd.Function):
         else:  # x copied in first, so that XA is the same GEMM (over the same strided X) either way: same bits
             xc = x2.new_empty(x2.shape[0], width)
             xc[:, :args.in_features].copy_(x2)
-        torch.mm(xc[:, :args.in_features], a_all.t(), out=xc[:, args.in_features:rank])
+        torch.mm(xc[:, :args.in_features], a_all.t(), out=xc[:, args.in_features:xa_end])
         if pad:
-            xc[:, rank:].zero_()
+            xc[:, xa_end:].zero_()
         lead = x.shape[:-1]
         outs = []
         for i in range(n):
