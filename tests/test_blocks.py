@@ -640,6 +640,18 @@ def norm_buffers(monkeypatch):
     return taken
 
 
+def step_as_without_wide_norm(model, plain, seed, monkeypatch):
+    """One step of ``model`` and of its copy ``plain`` with WIDE_NORM off: the same loss and gradients, bit for
+    bit. Returns the model's."""
+    loss, grads = step(model, seed)
+    monkeypatch.setattr(blocks, "WIDE_NORM", False)
+    loss_p, grads_p = step(plain, seed)
+    monkeypatch.setattr(blocks, "WIDE_NORM", True)
+    assert torch.equal(loss, loss_p) and grads.keys() == grads_p.keys() and grads
+    assert all(torch.equal(grads[k], grads_p[k]) for k in grads_p)
+    return loss, grads
+
+
 @pytest.mark.parametrize("pad_to", [1, 64])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_norms_write_into_the_widened_inputs(dtype, pad_to, monkeypatch, qkv):
@@ -658,13 +670,8 @@ def test_norms_write_into_the_widened_inputs(dtype, pad_to, monkeypatch, qkv):
     taken = norm_buffers(monkeypatch)
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
     for seed in (1, 2, 3):
-        loss, grads = step(model, seed)
-        monkeypatch.setattr(blocks, "WIDE_NORM", False)
-        loss_p, grads_p = step(plain, seed)
-        monkeypatch.setattr(blocks, "WIDE_NORM", True)
+        loss, grads = step_as_without_wide_norm(model, plain, seed, monkeypatch)
         loss_u, grads_u = step(unfused, seed)
-        assert torch.equal(loss, loss_p) and grads.keys() == grads_p.keys()
-        assert all(torch.equal(grads[k], grads_p[k]) for k in grads_p)
         torch.testing.assert_close(loss, loss_u, rtol=rtol, atol=0)
         for name, grad in grads_u.items():
             torch.testing.assert_close(grads[name], grad, rtol=0, atol=rtol * grad.abs().max(), msg=name)
@@ -741,12 +748,7 @@ def test_wide_norms_under_gradient_checkpointing(reentrant, monkeypatch, qkv):
     plain = copy.deepcopy(model)
     taken = norm_buffers(monkeypatch)
     for seed in (1, 2):
-        loss, grads = step(model, seed)
-        monkeypatch.setattr(blocks, "WIDE_NORM", False)
-        loss_p, grads_p = step(plain, seed)
-        monkeypatch.setattr(blocks, "WIDE_NORM", True)
-        assert torch.equal(loss, loss_p) and grads.keys() == grads_p.keys() and grads
-        assert all(torch.equal(grads[k], grads_p[k]) for k in grads_p)
+        step_as_without_wide_norm(model, plain, seed, monkeypatch)
     assert sum(b is not None for b in taken) >= 8  # the second step: forward and recomputation, 2 layers x 2 ops
 
 
@@ -783,12 +785,7 @@ def test_wide_norms_in_bf16_give_the_same_bits(monkeypatch, qkv):
     plain = copy.deepcopy(model)
     taken = norm_buffers(monkeypatch)
     for seed in (1, 2, 3):
-        loss, grads = step(model, seed)
-        monkeypatch.setattr(blocks, "WIDE_NORM", False)
-        loss_p, grads_p = step(plain, seed)
-        monkeypatch.setattr(blocks, "WIDE_NORM", True)
-        assert torch.equal(loss, loss_p) and grads.keys() == grads_p.keys()
-        assert all(torch.equal(grads[k], grads_p[k]) for k in grads_p)
+        step_as_without_wide_norm(model, plain, seed, monkeypatch)
     assert sum(b is not None for b in taken) == 8
 
 
