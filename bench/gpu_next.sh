@@ -2,7 +2,7 @@
 # What the next device session should run first, each part one device call of under 10 minutes:
 #   part 24 (next): what session 30 could not run (no device left): the graph GPU tests on the final WideNorm code,
 #           then WideNorm at a small, host-bound batch (1B, 1 x 512: graphed_layers with the "norm copied" A/B,
-#           eager and graphed rows; WideNorm adds ~40 us of host time a norm), then train_gpu's 8B lorakit row
+#           eager and graphed rows; WideNorm adds ~35 us of host time a norm), then train_gpu's 8B lorakit row
 #           alone (its peak was 22.5 GiB after PEFT's rows on the same model, against 22.26 in graphed_layers);
 #   part 23: the table on the machine: train_gpu.py (floor, PEFT's three settings, lorakit's
 #           rows) on 1B with 2 rounds and a profile, then on 8B with checkpointing;
